@@ -1,0 +1,63 @@
+"""The gpugate API: `create_app(settings)` builds it; its lifespan opens and closes the
+Redis clients and the HTTP client to Ollama. Nothing connects at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from api import errors
+from api.limits import BodyLimit
+from api.metrics import Metrics, RequestMetrics
+from api.routes import admin, inference, jobs, service
+from api.state import Gate
+from api.tiers import Keyring
+from shared import store
+from shared.scripts import Scripts
+from shared.settings import Settings
+
+log = logging.getLogger("gpugate.api")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    keyring = Keyring.from_settings(settings)  # a bad keys file stops start-up here
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = store.connect(settings.redis_url)
+        blocking_redis = store.connect(settings.redis_url, blocking=True)
+        http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        app.state.gate = Gate(
+            settings=settings,
+            redis=redis,
+            blocking_redis=blocking_redis,
+            scripts=Scripts.register(redis),
+            http=http,
+            keyring=keyring,
+            trusted=settings.trusted_networks,
+            metrics=metrics,
+        )
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await blocking_redis.aclose()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="gpugate",
+        summary="Admission gateway for Ollama GPUs",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (inference, jobs, service, admin):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,86 @@
+"""Reading, waiting on and cancelling jobs, for their owner only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from api.events import wait_for_end
+from api.queue import read_backlog
+from api.state import Gate
+from shared import keys
+from shared.errors import Conflict, NotFound
+from shared.estimates import Backlog
+from shared.jobs import Job
+from shared.store import redis_errors
+
+_NOT_FOUND = "No such job."
+
+
+@dataclass(frozen=True)
+class JobView:
+    job: Job
+    queue_position: int | None
+    backlog: Backlog
+
+    def public(self) -> dict[str, Any]:
+        estimate = None
+        if self.queue_position is not None:
+            estimate = round(self.backlog.start_in_s(self.queue_position), 3)
+        return self.job.public(self.queue_position, estimate)
+
+
+async def read_job(gate: Gate, owner: str, job_id: str) -> JobView:
+    """The job as its owner sees it; another key's job does not exist."""
+    with redis_errors():
+        async with gate.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.zrank(keys.QUEUED, job_id)
+            raw, rank = await pipe.execute()
+        if not raw or raw.get(b"owner", b"").decode() != owner:
+            raise NotFound(_NOT_FOUND)
+        backlog = await read_backlog(gate)
+    return JobView(Job.from_hash(raw), rank, backlog)
+
+
+async def wait_job(gate: Gate, owner: str, job_id: str, wait_s: float) -> JobView:
+    """The job once it has finished, or after `wait_s` seconds, whichever comes first."""
+    view = await read_job(gate, owner, job_id)
+    if view.job.status.finished or wait_s <= 0:
+        return view
+    await wait_for_end(gate.blocking_redis, job_id, wait_s)
+    return await read_job(gate, owner, job_id)
+
+
+async def cancel_job(
+    gate: Gate,
+    owner: str,
+    job_id: str,
+    *,
+    code: str = "cancelled",
+    message: str = "Cancelled by its owner.",
+    only_if_queued: bool = False,
+) -> str:
+    """Cancel the job; returns the status it had (`queued` or `running`).
+
+    With `only_if_queued`, a running job is left to finish (a sync call that timed out).
+    """
+    with redis_errors():
+        reply = await gate.scripts.cancel(
+            args=[
+                job_id,
+                owner,
+                code,
+                message,
+                gate.settings.result_ttl * 1000,
+                int(only_if_queued),
+            ]
+        )
+    verdict = reply[0].decode()
+    if verdict == "not_found":
+        raise NotFound(_NOT_FOUND)
+    if verdict == "finished":
+        raise Conflict(f"The job has already finished ({reply[1].decode()}).")
+    if verdict == "running":
+        return "running"
+    return str(reply[1].decode())

@@ -1,0 +1,140 @@
+"""Prometheus metrics. Per-process counters (requests, rejections) live here; queue-wide
+gauges and the queue-wait and job-duration histograms are read from Redis at scrape time,
+so every API instance reports the same truth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from api.queue import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+REJECTIONS = {
+    "rate_limited": "rate_limit_exceeded",
+    "queue_full": "queue_full",
+    "queue_full_key": "queue_full_key",
+    "no_worker": "no_worker",
+}
+
+
+class _QueueCollector(Collector):
+    """Yields the last snapshot read from Redis (set just before each scrape)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot
+        if snap is None:
+            return
+        backlog = snap.backlog
+        yield _gauge("gpugate_queue_depth", "Jobs admitted and not yet running.", backlog.depth)
+        yield _gauge("gpugate_running_jobs", "Jobs holding a GPU slot.", backlog.running)
+        yield _gauge("gpugate_gpu_concurrency", "The global GPU-slot cap.", backlog.cap)
+        yield _gauge("gpugate_workers_alive", "Workers with a recent heartbeat.", len(snap.workers))
+        yield _gauge(
+            "gpugate_estimated_wait_seconds",
+            "Estimated queue wait of a job admitted now.",
+            backlog.queue_wait_s(),
+        )
+        yield _gauge(
+            "gpugate_mean_job_seconds", "Measured mean job duration (EWMA).", backlog.mean_job_s
+        )
+        jobs = CounterMetricFamily(
+            "gpugate_jobs", "Jobs by final status, across all workers.", labels=["status"]
+        )
+        for status in ("admitted", "succeeded", "failed", "cancelled", "requeued"):
+            jobs.add_metric([status], snap.stats.get(f"jobs_{status}", 0.0))
+        yield jobs
+        errors = CounterMetricFamily(
+            "gpugate_ollama_errors",
+            "Failed Ollama calls by kind, across all workers.",
+            labels=["kind"],
+        )
+        for kind in ("ollama_error", "backend_error", "timeout"):
+            errors.add_metric([kind], snap.stats.get(f"errors_{kind}", 0.0))
+        yield errors
+        for name, doc in (
+            ("queue_wait_seconds", "Time from admission to the start on a GPU slot."),
+            ("job_duration_seconds", "Time a job held its GPU slot."),
+        ):
+            raw = snap.histograms.get(name, {})
+            bounds = sorted((k for k in raw if k not in ("sum", "+Inf")), key=float)
+            buckets = [(b, raw[b]) for b in bounds] + [("+Inf", raw.get("+Inf", 0.0))]
+            yield HistogramMetricFamily(
+                f"gpugate_{name}", doc, buckets=buckets, sum_value=raw.get("sum", 0.0)
+            )
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gpugate_requests",
+            "HTTP requests by route and status (this API process).",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "gpugate_rejections",
+            "Requests refused at admission, by reason (this API process).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REJECTIONS.values():
+            self.rejections.labels(reason)
+        self.queue = _QueueCollector()
+        self.registry.register(self.queue)
+
+    def admission(self, outcome: str) -> None:
+        reason = REJECTIONS.get(outcome)
+        if reason is not None:
+            self.rejections.labels(reason).inc()
+
+    def render(self, snapshot: Snapshot) -> bytes:
+        self.queue.snapshot = snapshot
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware counting responses by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(path, str(status)).inc()

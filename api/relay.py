@@ -1,0 +1,167 @@
+"""The answer to a synchronous call: wait for the job, relay what Ollama said.
+
+`JobRelay` is an ASGI response. It waits on the job's event stream; a streamed answer is
+relayed chunk by chunk as the worker publishes it (headers go out once Ollama has
+answered), anything else once the job ends. Meanwhile it listens for the client leaving:
+a disconnect cancels the job, queued or running. A call that outlives
+GPUGATE_SYNC_TIMEOUT before Ollama answers gets 504; a job still queued is cancelled, a
+running one finishes and stays readable by its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from api.events import JobEvents, StreamGap
+from api.jobs import cancel_job, read_job
+from api.state import Gate
+from shared.errors import BackendError, Conflict, GatewayError, GatewayTimeout
+from shared.jobs import Job, JobStatus
+
+log = logging.getLogger("gpugate.api")
+
+
+def _error_response(error: GatewayError, headers: dict[str, str]) -> Response:
+    return JSONResponse(error.body(), error.status, headers={**headers, **error.headers})
+
+
+def outcome_response(job: Job, headers: dict[str, str]) -> Response:
+    """A finished job as the synchronous caller's answer."""
+    if job.http_status is not None and job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        # Ollama answered: its status and body, unchanged (also its own errors).
+        return Response(
+            job.result.encode(), job.http_status, headers, media_type=job.content_type or None
+        )
+    error = job.error or {}
+    if job.status is JobStatus.CANCELLED:
+        if error.get("code") == "deadline_exceeded":
+            return _error_response(
+                GatewayTimeout(
+                    "The job was still queued when GPUGATE_SYNC_TIMEOUT passed.",
+                    job_id=job.id,
+                    status=job.status.value,
+                ),
+                headers,
+            )
+        return _error_response(Conflict("The job was cancelled.", job_id=job.id), headers)
+    message = str(error.get("message", "Ollama failed."))
+    return _error_response(BackendError(message, job_id=job.id), headers)
+
+
+class JobRelay(Response):
+    """A Response to FastAPI; what it sends is decided while it runs."""
+
+    def __init__(self, gate: Gate, owner: str, job_id: str, headers: dict[str, str]) -> None:
+        self.background = None
+        self.status_code = 200
+        self.gate = gate
+        self.owner = owner
+        self.job_id = job_id
+        self.relay_headers = {**headers, "X-Gpugate-Job-Id": job_id}
+        self.deadline = time.monotonic() + gate.settings.sync_timeout
+        self.finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.create_task(self._relay(send))
+        left = asyncio.create_task(_client_left(receive))
+        done, _ = await asyncio.wait({relay, left}, return_when=asyncio.FIRST_COMPLETED)
+        if relay in done:
+            left.cancel()
+            await asyncio.gather(left, return_exceptions=True)
+            relay.result()
+            return
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+        if not self.finished:
+            await asyncio.shield(self._cancel("client_disconnected", "The client disconnected."))
+
+    async def _cancel(self, code: str, message: str) -> None:
+        with contextlib.suppress(GatewayError):
+            await cancel_job(self.gate, self.owner, self.job_id, code=code, message=message)
+
+    async def _relay(self, send: Send) -> None:
+        started = False
+        events = JobEvents(self.gate.blocking_redis, self.job_id, self.deadline)
+        try:
+            async for event in events:
+                if event.kind == "head":
+                    started = True
+                    events.deadline = None  # a stream that began is not cut short
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": int(event.text("status")),
+                            "headers": _raw_headers(
+                                {**self.relay_headers, "content-type": event.text("ctype")}
+                            ),
+                        }
+                    )
+                elif event.kind == "chunk":
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": event.fields[b"data"],
+                            "more_body": True,
+                        }
+                    )
+                elif event.kind == "end":
+                    self.finished = True
+        except StreamGap as exc:
+            log.error("job %s: stream relay incomplete: %s", self.job_id, exc)
+            if not started:
+                raise
+            self.finished = True
+        if started:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        response = await self._final_response()
+        await response({"type": "http"}, _no_receive, send)
+
+    async def _final_response(self) -> Response:
+        if not self.finished:
+            status = await self._timeout()
+            error = GatewayTimeout(
+                "The job did not finish within GPUGATE_SYNC_TIMEOUT.",
+                job_id=self.job_id,
+                status=status,
+            )
+            return _error_response(error, self.relay_headers)
+        view = await read_job(self.gate, self.owner, self.job_id)
+        return outcome_response(view.job, self.relay_headers)
+
+    async def _timeout(self) -> str:
+        """The sync deadline passed: cancel the job if still queued; say what it is now."""
+        try:
+            previous = await cancel_job(
+                self.gate,
+                self.owner,
+                self.job_id,
+                code="deadline_exceeded",
+                message="The job was still queued when GPUGATE_SYNC_TIMEOUT passed.",
+                only_if_queued=True,
+            )
+        except Conflict:
+            return (await read_job(self.gate, self.owner, self.job_id)).job.status.value
+        self.finished = True
+        return "running" if previous == "running" else "cancelled"
+
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+
+async def _client_left(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _no_receive() -> dict[str, object]:
+    return {"type": "http.disconnect"}

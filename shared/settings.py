@@ -1,0 +1,153 @@
+"""Settings for every gpugate process, read once from `GPUGATE_*` variables and `.env`."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(second|minute|hour|day)s?\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A refill rate such as `60/minute`."""
+
+    amount: float
+    period_s: int
+
+    @property
+    def per_second(self) -> float:
+        return self.amount / self.period_s
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.match(text)
+        if match is None:
+            raise ValueError(f"{text!r} is not a rate like '60/minute' (second|minute|hour|day)")
+        amount = float(match.group(1))
+        if amount <= 0:
+            raise ValueError(f"{text!r}: the rate must be above zero")
+        return cls(amount, _PERIOD_S[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = next(name for name, s in _PERIOD_S.items() if s == self.period_s)
+        return f"{self.amount:g}/{unit}"
+
+
+class Settings(BaseSettings):
+    """The SPEC's settings table; invalid values stop the process at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUGATE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ollama_url: str = "http://127.0.0.1:11434"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    rate_limit: str = "60/minute"
+    burst: int = Field(10, ge=1)
+    health_rate_limit: str = "600/minute"
+    gpu_concurrency: int = Field(2, ge=1, le=1024)
+    worker_concurrency: int = Field(4, ge=1, le=1024)
+    max_queue_depth: int = Field(64, ge=1)
+    keys_file: Path | None = None
+    require_api_key: bool = False
+    admin_key: SecretStr | None = None
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    sync_timeout: float = Field(300, gt=0)
+    job_timeout: float = Field(600, gt=0)
+    result_ttl: int = Field(3600, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1)
+    # Beyond the SPEC's table: operational knobs with safe defaults.
+    lease_ttl: float = Field(10, gt=0, le=300)
+    """Seconds a worker's claim on a job and its GPU slot lives without renewal."""
+    max_attempts: int = Field(3, ge=1, le=20)
+    """Runs of one job before a job whose worker keeps dying is failed."""
+    ollama_retries: int = Field(2, ge=0, le=10)
+    """Extra tries of an Ollama call refused or failing with 5xx, before any byte is relayed."""
+    shutdown_grace: float = Field(30, ge=0)
+    """Seconds a worker given SIGTERM lets running jobs finish."""
+    metrics_token: SecretStr | None = None
+    """When set, `/metrics` requires `Authorization: Bearer <token>`."""
+    log_level: str = "info"
+
+    @field_validator("rate_limit", "health_rate_limit")
+    @classmethod
+    def _valid_rate(cls, value: str) -> str:
+        Rate.parse(value)
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("ollama_url")
+    @classmethod
+    def _valid_http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("admin_key", "metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _keys_file_exists(self) -> Settings:
+        if self.keys_file is not None and not self.keys_file.is_file():
+            raise ValueError(f"GPUGATE_KEYS_FILE: no such file {self.keys_file}")
+        return self
+
+    @property
+    def rate(self) -> Rate:
+        return Rate.parse(self.rate_limit)
+
+    @property
+    def health_rate(self) -> Rate:
+        return Rate.parse(self.health_rate_limit)
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(cidr, strict=False) for cidr in self.trusted_proxies]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as `GPUGATE_*` names, secrets masked (for `doctor`, logs)."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr) or name in ("admin_key", "metrics_token"):
+                value = None if value is None else "********"
+            elif name == "redis_url":
+                value = re.sub(r"//([^@/]*)@", "//***@", str(value))
+            out[f"GPUGATE_{name.upper()}"] = value if value is None else str(value)
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings once per process; a bad value raises naming its variable."""
+    return Settings(**overrides)
