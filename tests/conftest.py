@@ -74,9 +74,10 @@ class Stack:
 
         def enough() -> bool:
             checks = httpx.get(self.url + "/ready", timeout=5).json().get("checks", {})
-            return str(checks.get("workers", "")).startswith(f"{want} alive")
+            alive = str(checks.get("workers", "0")).split()[0]
+            return alive.isdigit() and int(alive) >= want
 
-        wait_until(enough, timeout=20, what=f"{want} live workers on /ready")
+        wait_until(enough, timeout=20, what=f"at least {want} live workers on /ready")
 
     def stop(self) -> None:
         for proc in [*self.workers, *([self.api] if self.api else [])]:
@@ -86,32 +87,57 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
-@pytest.fixture
-def make_stack(redis_proc: Process, sim_proc: Process) -> Iterator[StackFactory]:
-    """Start a stack with GPUGATE_* overrides, on a flushed Redis; stopped after the test."""
-    stacks: list[Stack] = []
-
-    def make(*, workers: int = 1, ollama_url: str | None = None, **settings: object) -> Stack:
-        flush(redis_proc)
-        env = {
-            "GPUGATE_REDIS_URL": redis_proc.url,
-            "GPUGATE_OLLAMA_URL": ollama_url or sim_proc.url,
-            "GPUGATE_LEASE_TTL": "2",
-            "GPUGATE_LOG_LEVEL": "warning",
-        }
-        env.update({f"GPUGATE_{k.upper()}": str(v) for k, v in settings.items()})
-        stack = Stack(redis_proc.url, env["GPUGATE_OLLAMA_URL"], env)
-        stacks.append(stack)
+def build_stack(
+    redis_proc: Process,
+    sim_proc: Process,
+    *,
+    workers: int = 1,
+    ollama_url: str | None = None,
+    **settings: object,
+) -> Stack:
+    """Flush Redis, then start an API and `workers` workers with GPUGATE_* overrides."""
+    flush(redis_proc)
+    env = {
+        "GPUGATE_REDIS_URL": redis_proc.url,
+        "GPUGATE_OLLAMA_URL": ollama_url or sim_proc.url,
+        "GPUGATE_LEASE_TTL": "2",
+        "GPUGATE_LOG_LEVEL": "warning",
+    }
+    env.update({f"GPUGATE_{k.upper()}": str(v) for k, v in settings.items()})
+    stack = Stack(redis_proc.url, env["GPUGATE_OLLAMA_URL"], env)
+    try:
         for _ in range(workers):
             stack.add_worker()
         stack.api = start_api(env)
         if workers:
             stack.wait_for_workers()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture
+def make_stack(redis_proc: Process, sim_proc: Process) -> Iterator[StackFactory]:
+    """Start a stack with GPUGATE_* overrides, on a flushed Redis; stopped after the test."""
+    stacks: list[Stack] = []
+
+    def make(**kwargs: object) -> Stack:
+        stack = build_stack(redis_proc, sim_proc, **kwargs)  # type: ignore[arg-type]
+        stacks.append(stack)
         return stack
 
     yield make
     for stack in stacks:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_proc: Process, sim_proc: Process) -> Iterator[Stack]:
+    """A default stack shared by a module's tests (each test uses a fresh key)."""
+    stack = build_stack(redis_proc, sim_proc)
+    yield stack
+    stack.stop()
 
 
 def flush(redis_proc: Process) -> None:
