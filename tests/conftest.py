@@ -3,6 +3,7 @@ all real processes on free loopback ports, stopped by PID."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,13 +30,6 @@ def sim_proc() -> Iterator[Process]:
     proc.stop()
 
 
-@pytest.fixture
-def rdb(redis_proc: Process) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url)
-    yield client
-    client.close()
-
-
 def sim_stats(sim: Process) -> dict[str, object]:
     return dict(httpx.get(sim.url + "/sim/stats", timeout=5).json())
 
@@ -59,6 +53,10 @@ class Stack:
     def url(self) -> str:
         assert self.api is not None
         return self.api.url
+
+    def redis(self) -> redis.Redis:
+        """A client on this stack's own database (close it after use)."""
+        return redis.Redis.from_url(self.redis_url)
 
     def add_worker(self) -> Process:
         proc = start_worker(self.env)
@@ -95,16 +93,18 @@ def build_stack(
     ollama_url: str | None = None,
     **settings: object,
 ) -> Stack:
-    """Flush Redis, then start an API and `workers` workers with GPUGATE_* overrides."""
-    flush(redis_proc)
+    """Start an API and `workers` workers with GPUGATE_* overrides, on a Redis database of
+    their own (flushed), so that stacks alive at the same time never share state."""
+    redis_url = f"redis://127.0.0.1:{redis_proc.port}/{next(_databases)}"
+    flush(redis_url)
     env = {
-        "GPUGATE_REDIS_URL": redis_proc.url,
+        "GPUGATE_REDIS_URL": redis_url,
         "GPUGATE_OLLAMA_URL": ollama_url or sim_proc.url,
         "GPUGATE_LEASE_TTL": "2",
         "GPUGATE_LOG_LEVEL": "warning",
     }
     env.update({f"GPUGATE_{k.upper()}": str(v) for k, v in settings.items()})
-    stack = Stack(redis_proc.url, env["GPUGATE_OLLAMA_URL"], env)
+    stack = Stack(redis_url, env["GPUGATE_OLLAMA_URL"], env)
     try:
         for _ in range(workers):
             stack.add_worker()
@@ -140,10 +140,13 @@ def stack(redis_proc: Process, sim_proc: Process) -> Iterator[Stack]:
     stack.stop()
 
 
-def flush(redis_proc: Process) -> None:
-    client = redis.Redis.from_url(redis_proc.url)
+_databases = itertools.cycle(range(1, 256))
+
+
+def flush(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
     try:
-        client.flushall()
+        client.flushdb()
     finally:
         client.close()
 

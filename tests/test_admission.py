@@ -42,9 +42,10 @@ async def _burst(url: str, n: int, path: str, body: dict[str, object]) -> list[h
 
 
 def test_sixty_concurrent_requests_never_exceed_the_gpu_cap(
-    make_stack: StackFactory, slow_sim: Process, rdb: redis.Redis
+    make_stack: StackFactory, slow_sim: Process
 ) -> None:
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=2, max_queue_depth=8)
+    rdb = stack.redis()
     responses = asyncio.run(_burst(stack.url, 60, "/api/generate", GEN))
 
     statuses = sorted(r.status_code for r in responses)
@@ -65,6 +66,7 @@ def test_sixty_concurrent_requests_never_exceed_the_gpu_cap(
     wait_until(lambda: all_jobs_ended(rdb), timeout=10, what="every admitted job to end")
     assert rdb.zcard(keys.QUEUED) == 0
     assert rdb.zcard(keys.RUNNING) == 0
+    rdb.close()
 
 
 def test_queue_full_does_not_spend_the_keys_token(
@@ -122,9 +124,7 @@ def test_the_queue_endpoint_reports_depth_running_and_cap(
     with stack.client("q") as client:
         for _ in range(3):
             client.post("/v1/jobs", json={"endpoint": "/api/generate", "body": GEN})
-        wait_until(
-            lambda: client.get("/v1/queue").json()["running"] == 1, what="one running job"
-        )
+        wait_until(lambda: client.get("/v1/queue").json()["running"] == 1, what="one running job")
         queue = client.get("/v1/queue").json()
     assert queue["gpu_concurrency"] == 1
     assert queue["max_queue_depth"] == 5
