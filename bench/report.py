@@ -1,0 +1,50 @@
+"""Writes a benchmark's section into BENCHMARKS.md with the command, date, versions, machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+PACKAGES = ("fastapi", "uvicorn", "arq", "redis", "httpx", "starlette")
+
+
+def environment() -> str:
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
+    try:
+        redis_v = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, check=True
+        ).stdout.split()[2]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        redis_v = "unknown"
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- machine: {os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {platform.platform()}\n"
+        f"- Python {sys.version.split()[0]}, {redis_v}, {versions}\n"
+    )
+
+
+def write_section(name: str, command: str, body: str) -> None:
+    """Replace (or append) the section between the markers of benchmark `name`."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    section = f"{start}\n`{command}`\n\n{environment()}\n{body.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section + "\n"
+    BENCHMARKS.write_text(text)
