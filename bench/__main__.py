@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks and record their figures in BENCHMARKS.md.
 
-    python -m bench            all benchmarks
-    python -m bench latency    one of them
+python -m bench            all benchmarks
+python -m bench latency    one of them
 """
 
 from __future__ import annotations

@@ -54,9 +54,10 @@ def measure(
 
     def loop(i: int) -> None:
         headers = {"X-API-Key": f"bench-{i}"}
-        with httpx.Client(base_url=direct_url, timeout=30) as d, httpx.Client(
-            base_url=gateway_url, timeout=30, headers=headers
-        ) as g:
+        with (
+            httpx.Client(base_url=direct_url, timeout=30) as d,
+            httpx.Client(base_url=gateway_url, timeout=30, headers=headers) as g,
+        ):
             for _ in range(5):  # warm connections
                 call(d), call(g)
             for _ in range(n):
@@ -91,7 +92,8 @@ def run(n: int = 300) -> str:
         wait_until(
             lambda: "1 alive" in httpx.get(api.url + "/ready").text, timeout=20, what="worker"
         )
-        for label, call in (("non-streamed, full response", _full), ("streamed, first chunk", _first_chunk)):
+        calls = (("non-streamed, full response", _full), ("streamed, first chunk", _first_chunk))
+        for label, call in calls:
             for clients in (1, GPU_CONCURRENCY):
                 s = measure(sim.url, api.url, call, clients, n // clients)
                 d50, d99 = _pct(s["direct"], 50), _pct(s["direct"], 99)

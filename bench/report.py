@@ -46,5 +46,8 @@ def write_section(name: str, command: str, body: str) -> None:
     section = f"{start}\n`{command}`\n\n{environment()}\n{body.strip()}\n{end}"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text += "\n" + section + "\n"
     BENCHMARKS.write_text(text)

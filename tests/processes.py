@@ -137,6 +137,8 @@ def start_redis(port: int | None = None) -> Process:
         "no",
         "--protected-mode",
         "yes",
+        "--databases",
+        "256",  # one database per test stack (tests/conftest.py)
     ]
     proc = _spawn("redis", argv)
     proc.port = port
