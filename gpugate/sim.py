@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DESCRIPTION = "An Ollama simulator: Ollama's HTTP API without a GPU."
 OLLAMA_VERSION = "0.6.0"
@@ -798,13 +798,29 @@ class Simulator:
             return
         self.stats.enter()
         outcome = "failed"
+        status = 200
+        left = False
+
+        async def send_counted(message: Message) -> None:
+            # Generation is over before the last byte is written (as on a GPU): the
+            # request stops counting then, so a client that has the whole answer can
+            # never see it still counted.
+            nonlocal status, left
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif not left and not message.get("more_body", False):
+                left = True
+                self.stats.leave("completed" if status < 400 else "failed")
+            await send(message)
+
         try:
-            outcome = await self._serve(api, body, receive, send)
+            outcome = await self._serve(api, body, receive, send_counted)
         except asyncio.CancelledError:  # the server is shutting down
             outcome = "cancelled"
             raise
         finally:
-            self.stats.leave(outcome)
+            if not left:
+                self.stats.leave(outcome)
 
     async def _serve(self, api: Api, body: bytes, receive: Receive, send: Send) -> str:
         try:
@@ -825,15 +841,26 @@ class Simulator:
             await self._answer_action(job, send, clock)
             return
         await self.slots.acquire()
+        released = False
+
+        async def send_releasing(message: Message) -> None:
+            nonlocal released
+            if not released and message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    released = True
+                    self.slots.release()
+            await send(message)
+
         try:
             clock.loaded = time.monotonic_ns()
             self._touch(job.model)
             if job.stream:
-                await self._stream(job, send, clock)
+                await self._stream(job, send_releasing, clock)
             else:
-                await self._whole(job, send, clock)
+                await self._whole(job, send_releasing, clock)
         finally:
-            self.slots.release()
+            if not released:
+                self.slots.release()
 
     async def _answer_action(self, job: Job, send: Send, clock: Clock) -> None:
         """An empty prompt (un)loads the model: one object, no slot, no tokens."""

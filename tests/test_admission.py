@@ -52,7 +52,7 @@ def test_sixty_concurrent_requests_never_exceed_the_gpu_cap(
     assert set(statuses) <= {200, 429}, statuses
     served = [r for r in responses if r.status_code == 200]
     rejected = [r for r in responses if r.status_code == 429]
-    assert len(served) >= 10  # the two running and the eight queued at least
+    assert len(served) >= 8  # at least the eight queue places (more if jobs started meanwhile)
     assert rejected, "a burst of 60 against 2 slots and 8 places must overflow"
     for r in rejected:
         body = r.json()
@@ -75,7 +75,7 @@ def test_queue_full_does_not_spend_the_keys_token(
     sim_configure(slow_sim, token_delay_s=0.5)
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1, max_queue_depth=1)
     with stack.client() as filler, stack.client(key) as probe:
-        # occupy the slot and the one queue place with async jobs of another key
+        # occupy the slot, then the one queue place, with async jobs of other keys
         for i in range(2):
             r = filler.post(
                 "/v1/jobs",
@@ -83,6 +83,8 @@ def test_queue_full_does_not_spend_the_keys_token(
                 headers={"X-API-Key": f"filler-{i}"},
             )
             assert r.status_code == 202, r.text
+            if i == 0:
+                wait_until(lambda: sim_stats(slow_sim)["in_flight"] == 1, what="the first running")
         wait_until(
             lambda: filler.get("/v1/queue").json()["queue_depth"] >= 1,
             what="one job waiting",
@@ -106,6 +108,8 @@ def test_queue_full_retry_after_grows_with_the_backlog_and_mean_job_time(
                 headers={"X-API-Key": f"k-{i}"},
             )
             assert r.status_code == 202
+            if i == 0:
+                wait_until(lambda: sim_stats(slow_sim)["in_flight"] == 1, what="the first running")
         wait_until(lambda: client.get("/v1/queue").json()["queue_depth"] == 2, what="depth 2")
         full = client.post(
             "/v1/jobs", json={"endpoint": "/api/generate", "body": GEN}, headers={"X-API-Key": "x"}
