@@ -71,10 +71,11 @@ def _with_limits(error: GatewayError, rate_limit: RateLimit) -> GatewayError:
 async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
     """Admit `request` for `who` and enqueue it, or raise the SPEC's 429/409/503."""
     settings, tier = gate.settings, who.tier
-    idem = ""
-    if request.idempotency_key:
+    idem = digest = ""
+    if request.idempotency_key:  # the request is compared only when a key may replay it
         idem = keys.idempotency(who.owner, body_digest(request.idempotency_key))
-    digest = body_digest(json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True))
+        canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
+        digest = body_digest(canonical)
     with redis_errors():
         reply = await gate.scripts.admit(
             args=[

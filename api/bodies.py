@@ -4,7 +4,6 @@ to judge and is relayed as sent."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
@@ -14,38 +13,38 @@ from shared.errors import InvalidRequest
 ModelName = Annotated[StrictStr, Field(min_length=1, max_length=512)]
 
 
-class _Inference(BaseModel):
+class Inference(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: ModelName
     stream: StrictBool | None = None
 
 
-class ChatCompletionBody(_Inference):
+class ChatCompletionBody(Inference):
     """OpenAI `POST /v1/chat/completions`."""
 
     messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
 
 
-class CompletionBody(_Inference):
+class CompletionBody(Inference):
     """OpenAI `POST /v1/completions`."""
 
     prompt: StrictStr | list[StrictStr]
 
 
-class GenerateBody(_Inference):
+class GenerateBody(Inference):
     """Ollama `POST /api/generate`."""
 
     prompt: StrictStr | None = None
 
 
-class ChatBody(_Inference):
+class ChatBody(Inference):
     """Ollama `POST /api/chat`."""
 
     messages: list[dict[str, Any]] | None = None
 
 
-BODIES: dict[str, type[_Inference]] = {
+BODIES: dict[str, type[Inference]] = {
     "/v1/chat/completions": ChatCompletionBody,
     "/v1/completions": CompletionBody,
     "/api/generate": GenerateBody,
@@ -66,10 +65,9 @@ class JobBody(BaseModel):
     """Past this many seconds, a job still queued is cancelled (`deadline_exceeded`)."""
 
 
-def streams(endpoint: str, body: dict[str, Any]) -> bool:
+def streams(endpoint: str, stream: bool | None) -> bool:
     """Ollama streams by default on /api/*, OpenAI-compatible endpoints do not."""
-    stream = body.get("stream")
-    return endpoint.startswith("/api/") if stream is None else bool(stream)
+    return endpoint.startswith("/api/") if stream is None else stream
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> str:
@@ -86,13 +84,3 @@ def check_inference(endpoint: str, body: dict[str, Any], prefix: str = "") -> No
         BODIES[endpoint].model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc, prefix)) from exc
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}", status=400) from exc
-    if not isinstance(value, dict):
-        raise InvalidRequest("The body must be a JSON object.", status=400)
-    return value

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.events import wait_for_end
-from api.queue import read_backlog
+from api.queue import backlog_from, queue_backlog
 from api.state import Gate
 from shared import keys
 from shared.errors import Conflict, NotFound
@@ -36,11 +36,11 @@ async def read_job(gate: Gate, owner: str, job_id: str) -> JobView:
         async with gate.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.zrank(keys.QUEUED, job_id)
-            raw, rank = await pipe.execute()
-        if not raw or raw.get(b"owner", b"").decode() != owner:
-            raise NotFound(_NOT_FOUND)
-        backlog = await read_backlog(gate)
-    return JobView(Job.from_hash(raw), rank, backlog)
+            queue_backlog(pipe)
+            raw, rank, *backlog = await pipe.execute()
+    if not raw or raw.get(b"owner", b"").decode() != owner:
+        raise NotFound(_NOT_FOUND)
+    return JobView(Job.from_hash(raw), rank, backlog_from(backlog, gate.settings.gpu_concurrency))
 
 
 async def wait_job(gate: Gate, owner: str, job_id: str, wait_s: float) -> JobView:

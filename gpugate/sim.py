@@ -523,40 +523,44 @@ def _include_usage(api: Api, data: Mapping[str, Any]) -> bool:
     return stream_options.get("include_usage") is True
 
 
+def _openai_job(
+    api: Api,
+    data: Mapping[str, Any],
+    material: str,
+    prompt_tokens: int,
+    id_prefix: str,
+    action: str | None = None,
+) -> Job:
+    """The fields both OpenAI-compatible endpoints read the same way."""
+    max_tokens = get_field(api, data, "max_tokens", int, 0)
+    return Job(
+        api=api,
+        model=get_field(api, data, "model", str, ""),
+        material=material,
+        prompt_tokens=prompt_tokens,
+        num_predict=max_tokens if max_tokens > 0 else None,
+        stream=get_field(api, data, "stream", bool, False),
+        include_usage=_include_usage(api, data),
+        action=action,
+        request_id=f"{id_prefix}-{random.randrange(999)}",
+    )
+
+
 def parse_openai_chat(data: Mapping[str, Any]) -> Job:
     api = Api.OPENAI_CHAT
     messages = get_field(api, data, "messages", list, [])
     if not messages:
         raise ApiError(400, "[] is too short - 'messages'", INVALID_REQUEST)
     material, prompt_tokens = _conversation(messages)
-    max_tokens = get_field(api, data, "max_tokens", int, 0)
-    return Job(
-        api=api,
-        model=get_field(api, data, "model", str, ""),
-        material=material,
-        prompt_tokens=prompt_tokens,
-        num_predict=max_tokens if max_tokens > 0 else None,
-        stream=get_field(api, data, "stream", bool, False),
-        include_usage=_include_usage(api, data),
-        request_id=f"chatcmpl-{random.randrange(999)}",
-    )
+    return _openai_job(api, data, material, prompt_tokens, "chatcmpl")
 
 
 def parse_openai_completion(data: Mapping[str, Any]) -> Job:
     api = Api.OPENAI_COMPLETION
     prompt = get_field(api, data, "prompt", str, "")
     material, prompt_tokens = _prompt_material("", prompt, get_field(api, data, "suffix", str, ""))
-    max_tokens = get_field(api, data, "max_tokens", int, 0)
-    return Job(
-        api=api,
-        model=get_field(api, data, "model", str, ""),
-        material=material,
-        prompt_tokens=prompt_tokens,
-        num_predict=max_tokens if max_tokens > 0 else None,
-        stream=get_field(api, data, "stream", bool, False),
-        include_usage=_include_usage(api, data),
-        action=None if prompt else "load",
-        request_id=f"cmpl-{random.randrange(999)}",
+    return _openai_job(
+        api, data, material, prompt_tokens, "cmpl", action=None if prompt else "load"
     )
 
 

@@ -49,6 +49,18 @@ ARQ_RESULT = "arq:result:"
 ARQ_FUNCTION = "run_job"
 
 
+def run_id(job_id: str, attempt: int) -> str:
+    """One attempt at a job; also its arq job id (prelude.lua builds the same)."""
+    return f"{job_id}.{attempt}"
+
+
+def split_run(run: str | bytes) -> tuple[str, int]:
+    """(job id, attempt) of a run id."""
+    text = run.decode() if isinstance(run, bytes) else run
+    job_id, attempt = text.rsplit(".", 1)
+    return job_id, int(attempt)
+
+
 def job(job_id: str) -> str:
     return JOB + job_id
 

@@ -177,7 +177,9 @@ def test_higher_priority_jobs_start_before_waiting_lower_ones(
         workers=1, ollama_url=slow_sim.url, gpu_concurrency=1, keys_file=_keys_file(tmp_path)
     )
     with stack.client() as client:
-        free = [submit(client, "free-a") for _ in range(3)]
+        free = [submit(client, "free-a")]
+        wait_until(lambda: sim_stats(slow_sim)["in_flight"] == 1, what="the first job running")
+        free += [submit(client, "free-a") for _ in range(2)]
         pro = submit(client, "pro")
         for job_id, key in [*((j, "free-a") for j in free), (pro, "pro")]:
             client.get(f"/v1/jobs/{job_id}", params={"wait": 20}, headers={"X-API-Key": key})
@@ -199,7 +201,9 @@ def test_a_key_over_its_queued_quota_is_refused_while_others_are_admitted(
         workers=1, ollama_url=slow_sim.url, gpu_concurrency=1, keys_file=_keys_file(tmp_path)
     )
     with stack.client() as client:
-        for _ in range(4):  # one runs, three wait: free-a's quota
+        submit(client, "free-a")  # one runs ...
+        wait_until(lambda: sim_stats(slow_sim)["in_flight"] == 1, what="the first job running")
+        for _ in range(3):  # ... and three wait: free-a's quota
             submit(client, "free-a")
         wait_until(lambda: client.get("/v1/queue").json()["queue_depth"] == 3, what="3 queued")
         over = client.post(

@@ -28,7 +28,7 @@ SLOT_RECHECK_S = 1.0
 
 async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
     state: WorkerState = ctx["gate"]
-    run_id = f"{job_id}.{attempt}"
+    run_id = keys.run_id(job_id, attempt)
     held = state.hold(run_id, job_id)
     try:
         work = await wait_for_slot(state, held, attempt)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api.admission import JobRequest, admit
-from api.bodies import ChatBody, ChatCompletionBody, CompletionBody, GenerateBody, streams
+from api.bodies import (
+    ChatBody,
+    ChatCompletionBody,
+    CompletionBody,
+    GenerateBody,
+    Inference,
+    streams,
+)
 from api.identity import identify
 from api.ratelimit import check_cheap_limit
 from api.relay import JobRelay
@@ -19,7 +24,7 @@ from shared.errors import BackendError
 router = APIRouter()
 
 
-async def run_sync(request: Request, endpoint: str) -> Response:
+async def run_sync(request: Request, endpoint: str, body: Inference) -> Response:
     """Admit, queue and relay one synchronous call (the body goes to Ollama as sent)."""
     g = gate(request)
     who = identify(request, g.keyring, g.trusted, g.settings.require_api_key)
@@ -27,7 +32,7 @@ async def run_sync(request: Request, endpoint: str) -> Response:
     job = JobRequest(
         endpoint=endpoint,
         body=raw.decode(),
-        stream=streams(endpoint, json.loads(raw)),
+        stream=streams(endpoint, body.stream),
         sync=True,
         deadline_s=g.settings.sync_timeout,
     )
@@ -37,22 +42,22 @@ async def run_sync(request: Request, endpoint: str) -> Response:
 
 @router.post("/v1/chat/completions", tags=["openai"])
 async def chat_completions(request: Request, body: ChatCompletionBody) -> Response:
-    return await run_sync(request, "/v1/chat/completions")
+    return await run_sync(request, "/v1/chat/completions", body)
 
 
 @router.post("/v1/completions", tags=["openai"])
 async def completions(request: Request, body: CompletionBody) -> Response:
-    return await run_sync(request, "/v1/completions")
+    return await run_sync(request, "/v1/completions", body)
 
 
 @router.post("/api/generate", tags=["ollama"])
 async def generate(request: Request, body: GenerateBody) -> Response:
-    return await run_sync(request, "/api/generate")
+    return await run_sync(request, "/api/generate", body)
 
 
 @router.post("/api/chat", tags=["ollama"])
 async def chat(request: Request, body: ChatBody) -> Response:
-    return await run_sync(request, "/api/chat")
+    return await run_sync(request, "/api/chat", body)
 
 
 async def passthrough(request: Request, path: str) -> Response:
