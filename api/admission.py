@@ -9,13 +9,24 @@ import math
 import time
 from dataclasses import dataclass
 
+from api.fallback import OUTAGE_NOTE
 from api.identity import Identity
 from api.state import Gate
 from shared import keys
-from shared.errors import Conflict, GatewayError, QueueFull, RateLimited, Unavailable
+from shared.errors import (
+    Conflict,
+    GatewayError,
+    QueueFull,
+    RateLimited,
+    RedisUnavailable,
+    Unavailable,
+)
 from shared.estimates import Backlog
 from shared.jobs import new_job_id, record_ttl_ms
 from shared.store import redis_errors
+
+BREAKER_RETRY_AFTER_S = 5
+"""Workers probe Ollama every second while the breaker is open; it closes on an answer."""
 
 
 @dataclass(frozen=True)
@@ -76,30 +87,34 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
         idem = keys.idempotency(who.owner, body_digest(request.idempotency_key))
         canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
         digest = body_digest(canonical)
-    with redis_errors():
-        reply = await gate.scripts.admit(
-            args=[
-                who.owner,
-                tier.rate.per_second / 1000,
-                tier.burst,
-                settings.max_queue_depth,
-                tier.max_queued,
-                tier.priority_boost_ms,
-                new_job_id(),
-                request.endpoint,
-                request.body,
-                int(request.stream),
-                int(request.sync),
-                int((request.deadline_s or 0) * 1000),
-                who.name,
-                idem,
-                digest,
-                settings.result_ttl * 1000,
-                int(settings.lease_ttl * 3000),
-                settings.gpu_concurrency,
-                record_ttl_ms(settings.result_ttl),
-            ]
-        )
+    try:
+        with redis_errors():
+            reply = await gate.scripts.admit(
+                args=[
+                    who.owner,
+                    tier.rate.per_second / 1000,
+                    tier.burst,
+                    settings.max_queue_depth,
+                    tier.max_queued,
+                    tier.priority_boost_ms,
+                    new_job_id(),
+                    request.endpoint,
+                    request.body,
+                    int(request.stream),
+                    int(request.sync),
+                    int((request.deadline_s or 0) * 1000),
+                    who.name,
+                    idem,
+                    digest,
+                    settings.result_ttl * 1000,
+                    int(settings.lease_ttl * 3000),
+                    settings.gpu_concurrency,
+                    record_ttl_ms(settings.result_ttl),
+                ]
+            )
+    except RedisUnavailable as exc:
+        raise refuse_during_outage(gate, who, exc) from exc
+    gate.redis_outage.recovered()
     outcome, job_id = reply[0].decode(), reply[1].decode()
     tokens = float(reply[2])
     rate_limit = RateLimit(
@@ -129,6 +144,26 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
         error = QueueFull(backlog.start_in_s(max(rank, 0)), backlog.depth, scope="key")
     elif outcome == "conflict":
         error = Conflict("This Idempotency-Key was used with a different request body.")
+    elif outcome == "backend_down":
+        error = Unavailable(
+            "Ollama is not answering (circuit breaker open); try again shortly.",
+            retry_after_s=BREAKER_RETRY_AFTER_S,
+        )
     else:  # no_worker
         error = Unavailable("No gpugate worker is alive to run the job.", retry_after_s=5)
     raise _with_limits(error, rate_limit)
+
+
+def refuse_during_outage(gate: Gate, who: Identity, exc: RedisUnavailable) -> GatewayError:
+    """Nothing can be queued without Redis: `503`, or `429` from this process's own
+    bucket for a key that is over its rate (api/fallback.py)."""
+    gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
+    tier = who.tier
+    decision = gate.local_buckets.take(who.owner, tier.rate.per_second, tier.burst)
+    rate_limit = RateLimit(
+        limit=tier.burst,
+        remaining=decision.remaining,
+        reset_epoch_s=math.ceil(time.time() + decision.full_in_s),
+    )
+    error: GatewayError = RateLimited(decision.next_token_s) if not decision.allowed else exc
+    return _with_limits(error, rate_limit)

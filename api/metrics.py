@@ -27,6 +27,7 @@ REJECTIONS = {
     "queue_full": "queue_full",
     "queue_full_key": "queue_full_key",
     "no_worker": "no_worker",
+    "backend_down": "backend_down",
 }
 
 
@@ -45,6 +46,11 @@ class _QueueCollector(Collector):
         yield _gauge("gpugate_running_jobs", "Jobs holding a GPU slot.", backlog.running)
         yield _gauge("gpugate_gpu_concurrency", "The global GPU-slot cap.", backlog.cap)
         yield _gauge("gpugate_workers_alive", "Workers with a recent heartbeat.", len(snap.workers))
+        yield _gauge(
+            "gpugate_breaker_open",
+            "1 while the circuit breaker refuses new work because Ollama is not answering.",
+            int(snap.breaker_open),
+        )
         yield _gauge(
             "gpugate_estimated_wait_seconds",
             "Estimated queue wait of a job admitted now.",

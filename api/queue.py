@@ -49,6 +49,7 @@ class Snapshot:
     backlog: Backlog
     workers: list[dict[str, Any]]
     stats: dict[str, float]
+    breaker_open: bool = False
     histograms: dict[str, dict[str, float]] = field(default_factory=dict)
     running_jobs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -69,11 +70,12 @@ async def read_snapshot(gate: Gate) -> Snapshot:
             pipe.zrange(keys.WORKERS, 0, -1, withscores=True)
             pipe.hgetall(keys.STATS)
             pipe.zrange(keys.RUNNING, 0, -1, withscores=True)
+            pipe.exists(keys.BREAKER)
             for name in HISTOGRAMS:
                 pipe.hgetall(keys.histogram(name))
             replies = await pipe.execute()
         backlog = backlog_from(replies[:BACKLOG_REPLIES], gate.settings.gpu_concurrency)
-        now, workers, stats, running, *hists = replies[BACKLOG_REPLIES:]
+        now, workers, stats, running, breaker, *hists = replies[BACKLOG_REPLIES:]
         now_ms = now[0] * 1000 + now[1] // 1000
         live = [(w.decode(), int(s)) for w, s in workers if now_ms - s <= stale_ms]
         runs = [(*keys.split_run(run), started) for run, started in running]
@@ -96,6 +98,7 @@ async def read_snapshot(gate: Gate) -> Snapshot:
             for (worker_id, beat), info in zip(live, worker_infos, strict=True)
         ],
         stats=_floats(stats),
+        breaker_open=bool(breaker),
         histograms={name: _floats(h) for name, h in zip(HISTOGRAMS, hists, strict=True)},
         running_jobs=[
             {

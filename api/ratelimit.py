@@ -6,6 +6,7 @@ import logging
 
 from starlette.requests import HTTPConnection
 
+from api.fallback import OUTAGE_NOTE
 from api.identity import client_id
 from api.state import Gate
 from shared import keys
@@ -18,19 +19,21 @@ log = logging.getLogger("gpugate.api")
 async def check_cheap_limit(gate: Gate, conn: HTTPConnection) -> None:
     """Spend one token of the client's /health bucket, or raise 429.
 
-    Liveness must not depend on Redis: when it is down, the limit is not enforced here.
+    Liveness must not depend on Redis: while it is down, the bucket is this process's own.
     """
     rate = gate.settings.health_rate
+    name, burst = "health:" + client_id(conn, gate.trusted), max(1, int(rate.amount))
     try:
         with redis_errors():
             allowed, _left, _full_ms, next_ms = await gate.scripts.bucket(
-                args=[
-                    keys.bucket("health:" + client_id(conn, gate.trusted)),
-                    rate.per_second / 1000,
-                    max(1, int(rate.amount)),
-                ]
+                args=[keys.bucket(name), rate.per_second / 1000, burst]
             )
-    except RedisUnavailable:
+    except RedisUnavailable as exc:
+        gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
+        decision = gate.local_buckets.take(name, rate.per_second, burst)
+        if not decision.allowed:
+            raise RateLimited(decision.next_token_s) from exc
         return
+    gate.redis_outage.recovered()
     if not allowed:
         raise RateLimited(int(next_ms) / 1000)

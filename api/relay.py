@@ -5,7 +5,8 @@ relayed chunk by chunk as the worker publishes it (headers go out once Ollama ha
 answered), anything else once the job ends. Meanwhile it listens for the client leaving:
 a disconnect cancels the job, queued or running. A call that outlives
 GPUGATE_SYNC_TIMEOUT before Ollama answers gets 504; a job still queued is cancelled, a
-running one finishes and stays readable by its id.
+running one finishes and stays readable by its id. If Redis goes away while it waits, the
+caller gets 503 with the job's id: the job itself is safe in Redis and runs when it is back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from starlette.types import Receive, Scope, Send
 from api.events import JobEvents, StreamGap
 from api.jobs import cancel_job, read_job
 from api.state import Gate
-from shared.errors import BackendError, Conflict, GatewayError, GatewayTimeout
+from shared.errors import (
+    BackendError,
+    Conflict,
+    GatewayError,
+    GatewayTimeout,
+    RedisUnavailable,
+)
 from shared.jobs import Job, JobStatus
 
 log = logging.getLogger("gpugate.api")
@@ -116,6 +123,18 @@ class JobRelay(Response):
             log.error("job %s: stream relay incomplete: %s", self.job_id, exc)
             if not started:
                 raise
+            self.finished = True
+        except RedisUnavailable as exc:
+            if not started:
+                self.finished = True  # nothing to cancel without Redis; the job lives on
+                unavailable = JSONResponse(
+                    {**exc.body(), "job_id": self.job_id},
+                    exc.status,
+                    headers={**self.relay_headers, **exc.headers},
+                )
+                await unavailable({"type": "http"}, _no_receive, send)
+                return
+            log.warning("job %s: Redis went away mid-stream; the stream ends early", self.job_id)
             self.finished = True
         if started:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

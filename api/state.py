@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import httpx
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from api.fallback import LocalBuckets
 from api.identity import Network
 from api.metrics import Metrics
 from api.tiers import Keyring
+from shared.outage import Outage
 from shared.scripts import Scripts
 from shared.settings import Settings
 
@@ -28,6 +31,11 @@ class Gate:
     keyring: Keyring
     trusted: list[Network]
     metrics: Metrics
+    local_buckets: LocalBuckets = field(default_factory=LocalBuckets)
+    """The rate limit while Redis is unreachable (api/fallback.py)."""
+    redis_outage: Outage = field(
+        default_factory=lambda: Outage(logging.getLogger("gpugate.api"), "Redis")
+    )
 
 
 def gate(conn: HTTPConnection) -> Gate:

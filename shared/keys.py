@@ -33,6 +33,7 @@ WORKER = PREFIX + "worker:"  # + worker id: HASH host, pid, started_at, heartbea
 STATS = PREFIX + "stats"  # HASH: mean job time, counters by outcome and rejection reason
 HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum and count
 BUCKET = PREFIX + "bucket:"  # + owner: HASH tokens, ts (token bucket)
+BREAKER = PREFIX + "breaker"  # STRING while the circuit breaker is open (Ollama down), PX
 IDEMPOTENCY = PREFIX + "idem:"  # + owner + ":" + sha256(key): STRING job id + body digest
 
 WAKE_CHANNEL = PREFIX + "wake"  # a job was enqueued: idle workers poll arq now

@@ -31,6 +31,7 @@ _CONSTANTS = {
     "K_WORKER": keys.WORKER,
     "K_STATS": keys.STATS,
     "K_HISTOGRAM": keys.HISTOGRAM,
+    "K_BREAKER": keys.BREAKER,
     "K_BUCKET": keys.BUCKET,
     "K_WAKE_CHANNEL": keys.WAKE_CHANNEL,
     "K_SLOTS_CHANNEL": keys.SLOTS_CHANNEL,

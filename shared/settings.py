@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     """Runs of one job before a job whose worker keeps dying is failed."""
     ollama_retries: int = Field(2, ge=0, le=10)
     """Extra tries of an Ollama call refused or failing with 5xx, before any byte is relayed."""
+    breaker_threshold: int = Field(3, ge=1, le=1000)
+    """Jobs failing in a row on Ollama (unreachable, 5xx, hung) that open the breaker."""
+    breaker_cooldown: float = Field(30, gt=0, le=3600)
+    """Longest the breaker stays open without a worker seeing Ollama answer."""
     shutdown_grace: float = Field(30, ge=0)
     """Seconds a worker given SIGTERM lets running jobs finish."""
     metrics_token: SecretStr | None = None

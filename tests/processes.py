@@ -114,13 +114,16 @@ def _wait_http(proc: Process, path: str, timeout: float = 20.0) -> None:
     wait_until(ready, timeout=timeout, what=f"{proc.name} to answer {path}")
 
 
-def start_redis(port: int | None = None) -> Process:
-    """A private redis-server on a free port, persisting nothing."""
+def start_redis(port: int | None = None, *, data_dir: str | None = None) -> Process:
+    """A private redis-server on a free port; persisting nothing unless given `data_dir`,
+    then with an append-only file synced on every write (restart it on the same port and
+    `data_dir` and it has everything back)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
     port = port or free_port()
-    data_dir = tempfile.mkdtemp(prefix="gpugate-redis-data-")
+    persist = data_dir is not None
+    data_dir = data_dir or tempfile.mkdtemp(prefix="gpugate-redis-data-")
     argv = [
         binary,
         "--port",
@@ -130,7 +133,9 @@ def start_redis(port: int | None = None) -> Process:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if persist else "no",
+        "--appendfsync",
+        "always",
         "--dir",
         data_dir,
         "--daemonize",

@@ -3,6 +3,8 @@
 A run never raises into arq (an exception in arq's machinery can stop the worker, see
 ../shared/ARQ.md); every ending is recorded by `finish.lua`. When the worker stops or
 loses the run, it expires the run's lease so the reaper re-queues the job at once.
+Through a Redis outage a run keeps waiting for its slot, and a finished run keeps its
+outcome in memory until Redis takes it (or the run's lease was taken back meanwhile).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from shared import keys
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import JobStatus
+from shared.store import DRIVER_ERRORS
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerState
 
@@ -24,6 +27,8 @@ log = logging.getLogger("gpugate.worker")
 
 SLOT_RECHECK_S = 1.0
 """A run waiting for a slot asks again this often even without a message (lost messages)."""
+REDIS_RETRY_S = 0.5
+"""While Redis is unreachable, a run retries its next step this often."""
 
 
 async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
@@ -51,16 +56,20 @@ async def wait_for_slot(state: WorkerState, held: Held, attempt: int) -> Work | 
             await expire_lease(state, held.run_id)
             return None
         changed = state.slots_changed.current()
-        reply = await state.scripts.take_slot(
-            args=[
-                held.job_id,
-                attempt,
-                state.worker_id,
-                state.lease_ms,
-                settings.gpu_concurrency,
-                settings.result_ttl * 1000,
-            ]
-        )
+        try:
+            reply = await state.scripts.take_slot(
+                args=[
+                    held.job_id,
+                    attempt,
+                    state.worker_id,
+                    state.lease_ms,
+                    settings.gpu_concurrency,
+                    settings.result_ttl * 1000,
+                ]
+            )
+        except DRIVER_ERRORS:
+            await asyncio.sleep(REDIS_RETRY_S)
+            continue
         verdict = reply[0].decode()
         if verdict == "run":
             return Work(held.job_id, reply[1].decode(), reply[2].decode(), reply[3] == b"1")
@@ -96,8 +105,10 @@ async def run(state: WorkerState, held: Held, attempt: int, work: Work) -> None:
     if held.lost:
         return
     duration_ms = (time.monotonic() - started) * 1000
-    await state.scripts.finish(
-        args=[
+    opened = await record(
+        state,
+        held,
+        [
             work.job_id,
             attempt,
             outcome.status.value,
@@ -109,8 +120,29 @@ async def run(state: WorkerState, held: Held, attempt: int, work: Work) -> None:
             f"{duration_ms:.3f}",
             EWMA_WEIGHT,
             "" if outcome.error is None else outcome.error.get("code", ""),
-        ]
+            settings.breaker_threshold,
+            int(settings.breaker_cooldown * 1000),
+        ],
     )
+    if opened:
+        log.warning(
+            "Ollama failed %d jobs in a row (last: %s); circuit breaker open: new work is "
+            "refused until Ollama answers again",
+            settings.breaker_threshold,
+            outcome.error and outcome.error.get("message"),
+        )
+
+
+async def record(state: WorkerState, held: Held, finish_args: list[Any]) -> bool:
+    """Run `finish.lua`, retrying through a Redis outage while the run is still ours.
+    True if this ending opened the circuit breaker."""
+    while not held.lost:
+        try:
+            _status, opened = await state.scripts.finish(args=finish_args)
+            return bool(opened)
+        except DRIVER_ERRORS:
+            await asyncio.sleep(REDIS_RETRY_S)
+    return False
 
 
 async def expire_lease(state: WorkerState, run_id: str) -> None:

@@ -58,39 +58,28 @@ async def heartbeat_once(state: WorkerState, started_at: float) -> None:
 async def heartbeat_loop(state: WorkerState) -> None:
     started_at = time.time()
     interval = heartbeat_interval_s(state)
-    failing = False
     while True:
         try:
             await heartbeat_once(state, started_at)
-            if failing:
-                log.warning("Redis is back; heartbeats resumed")
-                failing = False
+            state.redis_outage.recovered()
         except (*DRIVER_ERRORS, RedisError) as exc:
-            if not failing:
-                log.warning("heartbeat failed (%s); retrying", exc)
-                failing = True
+            state.redis_outage.failed(exc, "waiting for it")
         await asyncio.sleep(interval)
 
 
 async def listen(state: WorkerState) -> None:
     """Subscribe to wake, slot and cancel messages; resubscribe after any Redis failure."""
-    failing = False
     while True:
         try:
             async with state.pubsub_redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(keys.WAKE_CHANNEL, keys.SLOTS_CHANNEL, keys.CANCEL_CHANNEL)
-                if failing:
-                    log.warning("Redis is back; listening again")
-                    failing = False
                 # Messages may have been missed while (re)subscribing: look again.
                 state.wake.set()
                 state.slots_changed.fire()
                 async for message in pubsub.listen():
                     dispatch(state, message["channel"], message["data"])
         except (*DRIVER_ERRORS, RedisError) as exc:
-            if not failing:
-                log.warning("pub/sub connection failed (%s); reconnecting", exc)
-                failing = True
+            state.redis_outage.failed(exc, "waiting for it")
             await asyncio.sleep(RETRY_S)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -12,8 +13,11 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from shared.outage import Outage
 from shared.scripts import Scripts
 from shared.settings import Settings
+
+log = logging.getLogger("gpugate.worker")
 
 
 class Signal:
@@ -65,6 +69,8 @@ class WorkerState:
     """Set when arq should look at its queue now (a job was enqueued, or one of ours ended)."""
     draining: bool = False
     """SIGTERM: hand back runs not yet started, let running ones finish."""
+    redis_outage: Outage = field(default_factory=lambda: Outage(log, "Redis"))
+    """Shared by the worker's loops, so an outage is logged once per worker."""
 
     @property
     def lease_ms(self) -> int:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from api.metrics import REJECTIONS
 from api.queue import read_snapshot
 from api.state import Gate, gate
 from shared import keys
@@ -44,10 +45,8 @@ async def status(request: Request) -> dict[str, Any]:
         "running_jobs": snap.running_jobs,
         "workers": snap.workers,
         "mean_job_seconds": round(snap.backlog.mean_job_s, 3),
-        "rejections": {
-            reason: snap.stats.get(f"rejected_{reason}", 0)
-            for reason in ("rate_limited", "queue_full", "queue_full_key", "no_worker")
-        },
+        "rejections": {reason: snap.stats.get(f"rejected_{reason}", 0) for reason in REJECTIONS},
+        "ollama_breaker": "open" if snap.breaker_open else "closed",
         "jobs": {
             k.removeprefix("jobs_"): v for k, v in snap.stats.items() if k.startswith("jobs_")
         },

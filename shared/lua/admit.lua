@@ -1,6 +1,7 @@
 -- The admission decision and the enqueue, in one atomic step.
--- Order: idempotency replay, a live worker, the key's token bucket, the backlog (global,
--- then the key's own quota). A queue_full rejection does not spend the token.
+-- Order: idempotency replay, a live worker, the circuit breaker (Ollama down), the key's
+-- token bucket, the backlog (global, then the key's own quota). Only admission spends the
+-- key's token.
 -- ARGV: 1 owner, 2 rate per ms, 3 burst, 4 max queue depth, 5 max queued for this key,
 --       6 priority boost ms, 7 job id, 8 endpoint, 9 body (JSON text), 10 stream 0|1,
 --       11 sync 0|1, 12 deadline ms from now (0: none), 13 owner name,
@@ -38,6 +39,7 @@ if idem ~= '' then
   end
 end
 if live_workers(now, stale) == 0 then return answer('no_worker', '', -1) end
+if redis.call('EXISTS', K_BREAKER) == 1 then return answer('backend_down', '', -1) end
 if tokens < 1 then return answer('rate_limited', '', -1) end
 if redis.call('ZCARD', K_QUEUED) >= max_depth then return answer('queue_full', '', -1) end
 local mine = redis.call('SMEMBERS', K_QUEUED_BY .. owner)
