@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test lint bench redis-server clean
+.PHONY: run test lint bench redis-server wrk clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 # Tests and the private Redis of `make run` need a redis-server binary (Debian's package).
@@ -18,6 +18,13 @@ redis-server:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else echo "redis-server is missing: install Debian's redis-server package" >&2; exit 1; fi; }
+
+# The load tool of bench/admission (Debian's package).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) >/dev/null; \
+	  else echo "wrk is missing: install Debian's wrk package" >&2; exit 1; fi; }
 
 run: $(STAMP) redis-server
 	$(VENV)/bin/gpugate up
@@ -30,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) redis-server
+bench: $(STAMP) redis-server wrk
 	$(PY) -m bench
 
 clean:

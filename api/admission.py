@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from api.fallback import OUTAGE_NOTE
 from api.identity import Identity
 from api.state import Gate
-from shared import keys
+from shared import keys, scripts
 from shared.errors import (
     Conflict,
     GatewayError,
@@ -45,6 +45,7 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class Admitted:
+    owner: str
     job_id: str
     replayed: bool
     """An Idempotency-Key named a job admitted before: this is that job."""
@@ -89,8 +90,9 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
         digest = body_digest(canonical)
     try:
         with redis_errors():
-            reply = await gate.scripts.admit(
-                args=[
+            reply = await gate.lane.script(
+                scripts.source("admit"),
+                [
                     who.owner,
                     tier.rate.per_second / 1000,
                     tier.burst,
@@ -110,7 +112,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
                     int(settings.lease_ttl * 3000),
                     settings.gpu_concurrency,
                     record_ttl_ms(settings.result_ttl),
-                ]
+                ],
             )
     except RedisUnavailable as exc:
         raise refuse_during_outage(gate, who, exc) from exc
@@ -133,7 +135,12 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
     gate.metrics.admission(outcome)
     if outcome in ("admitted", "existing"):
         return Admitted(
-            job_id, outcome == "existing", rank if rank >= 0 else None, backlog, rate_limit
+            who.owner,
+            job_id,
+            outcome == "existing",
+            rank if rank >= 0 else None,
+            backlog,
+            rate_limit,
         )
     error: GatewayError
     if outcome == "rate_limited":

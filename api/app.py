@@ -11,12 +11,14 @@ import httpx
 from fastapi import FastAPI
 
 from api import errors
+from api.edge import AdmissionEdge
 from api.limits import BodyLimit
 from api.metrics import Metrics, RequestMetrics
 from api.routes import admin, inference, jobs, service
 from api.state import Gate
 from api.tiers import Keyring
 from shared import store
+from shared.lane import Lane
 from shared.scripts import Scripts
 from shared.settings import Settings
 
@@ -32,11 +34,13 @@ def create_app(settings: Settings) -> FastAPI:
         redis = store.connect(settings.redis_url)
         blocking_redis = store.connect(settings.redis_url, blocking=True)
         http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        lane = Lane(settings.redis_url)
         app.state.gate = Gate(
             settings=settings,
             redis=redis,
             blocking_redis=blocking_redis,
             scripts=Scripts.register(redis),
+            lane=lane,
             http=http,
             keyring=keyring,
             trusted=settings.trusted_networks,
@@ -46,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await http.aclose()
+            lane.close()
             await blocking_redis.aclose()
             await redis.aclose()
 
@@ -58,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     for module in (inference, jobs, service, admin):
         app.include_router(module.router)
+    app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

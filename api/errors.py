@@ -21,25 +21,25 @@ _HTTP_CODES = {
 }
 
 
-def _json(error: GatewayError) -> JSONResponse:
+def error_response(error: GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), error.status, headers=error.headers)
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return _json(exc)
+    return error_response(exc)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
-        return _json(InvalidRequest("The body is not valid JSON.", status=400))
+        return error_response(InvalidRequest("The body is not valid JSON.", status=400))
     parts = []
     for err in errors:
         loc = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
         parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
-    return _json(InvalidRequest("; ".join(parts)))
+    return error_response(InvalidRequest("; ".join(parts)))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

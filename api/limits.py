@@ -8,6 +8,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import RequestTooLarge
 
+BODY = "gpugate.body"
+"""Scope key of the whole request body, once read (`api.edge` admits from it)."""
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -36,6 +39,7 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        scope[BODY] = body
         replayed = False
 
         async def replay() -> Message:

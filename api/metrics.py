@@ -119,6 +119,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+EDGE_ROUTE = "gpugate.route"
+"""Scope key naming the route of a request that `api.edge` answered before routing."""
+
+
 class RequestMetrics:
     """ASGI middleware counting responses by route template and status."""
 
@@ -142,5 +146,5 @@ class RequestMetrics:
             await self.app(scope, receive, record)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = getattr(route, "path", None) or scope.get(EDGE_ROUTE, "unmatched")
             self.metrics.requests.labels(path, str(status)).inc()

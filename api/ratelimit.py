@@ -9,7 +9,7 @@ from starlette.requests import HTTPConnection
 from api.fallback import OUTAGE_NOTE
 from api.identity import client_id
 from api.state import Gate
-from shared import keys
+from shared import keys, scripts
 from shared.errors import RateLimited, RedisUnavailable
 from shared.store import redis_errors
 
@@ -25,8 +25,8 @@ async def check_cheap_limit(gate: Gate, conn: HTTPConnection) -> None:
     name, burst = "health:" + client_id(conn, gate.trusted), max(1, int(rate.amount))
     try:
         with redis_errors():
-            allowed, _left, _full_ms, next_ms = await gate.scripts.bucket(
-                args=[keys.bucket(name), rate.per_second / 1000, burst]
+            allowed, _left, _full_ms, next_ms = await gate.lane.script(
+                scripts.source("bucket"), [keys.bucket(name), rate.per_second / 1000, burst]
             )
     except RedisUnavailable as exc:
         gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)

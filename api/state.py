@@ -13,6 +13,7 @@ from api.fallback import LocalBuckets
 from api.identity import Network
 from api.metrics import Metrics
 from api.tiers import Keyring
+from shared.lane import Lane
 from shared.outage import Outage
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -26,6 +27,8 @@ class Gate:
     blocking_redis: Redis
     """XREAD BLOCK waits for job events; no read timeout."""
     scripts: Scripts
+    lane: Lane
+    """The pipelined connection of the per-request scripts (admission, /health bucket)."""
     http: httpx.AsyncClient
     """Metadata calls straight to Ollama."""
     keyring: Keyring

@@ -1,4 +1,8 @@
-"""Synchronous inference, OpenAI-compatible and Ollama-native, and the metadata passthrough."""
+"""Synchronous inference, OpenAI-compatible and Ollama-native, and the metadata passthrough.
+
+Inference requests are admitted before they get here (api/edge.py); each route's `body`
+parameter is what FastAPI validates, and what the OpenAPI schema shows.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,8 @@ import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from api.admission import JobRequest, admit
-from api.bodies import (
-    ChatBody,
-    ChatCompletionBody,
-    CompletionBody,
-    GenerateBody,
-    Inference,
-    streams,
-)
-from api.identity import identify
+from api.bodies import ChatBody, ChatCompletionBody, CompletionBody, GenerateBody
+from api.edge import admission
 from api.ratelimit import check_cheap_limit
 from api.relay import JobRelay
 from api.state import gate
@@ -24,40 +20,30 @@ from shared.errors import BackendError
 router = APIRouter()
 
 
-async def run_sync(request: Request, endpoint: str, body: Inference) -> Response:
-    """Admit, queue and relay one synchronous call (the body goes to Ollama as sent)."""
-    g = gate(request)
-    who = identify(request, g.keyring, g.trusted, g.settings.require_api_key)
-    raw = await request.body()
-    job = JobRequest(
-        endpoint=endpoint,
-        body=raw.decode(),
-        stream=streams(endpoint, body.stream),
-        sync=True,
-        deadline_s=g.settings.sync_timeout,
-    )
-    admitted = await admit(g, who, job)
-    return JobRelay(g, who.owner, admitted.job_id, admitted.rate_limit.headers())
+def run_sync(request: Request) -> Response:
+    """Relay the job of one synchronous call, admitted at the edge (api/edge.py)."""
+    admitted = admission(request)
+    return JobRelay(gate(request), admitted.owner, admitted.job_id, admitted.rate_limit.headers())
 
 
 @router.post("/v1/chat/completions", tags=["openai"])
 async def chat_completions(request: Request, body: ChatCompletionBody) -> Response:
-    return await run_sync(request, "/v1/chat/completions", body)
+    return run_sync(request)
 
 
 @router.post("/v1/completions", tags=["openai"])
 async def completions(request: Request, body: CompletionBody) -> Response:
-    return await run_sync(request, "/v1/completions", body)
+    return run_sync(request)
 
 
 @router.post("/api/generate", tags=["ollama"])
 async def generate(request: Request, body: GenerateBody) -> Response:
-    return await run_sync(request, "/api/generate", body)
+    return run_sync(request)
 
 
 @router.post("/api/chat", tags=["ollama"])
 async def chat(request: Request, body: ChatBody) -> Response:
-    return await run_sync(request, "/api/chat", body)
+    return run_sync(request)
 
 
 async def passthrough(request: Request, path: str) -> Response:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import JSONResponse
 
-from api.admission import JobRequest, admit
 from api.bodies import JobBody, check_inference
+from api.edge import MAX_IDEMPOTENCY_KEY, admission
 from api.identity import identify
 from api.jobs import cancel_job, read_job, wait_job
 from api.state import gate
@@ -21,21 +20,13 @@ router = APIRouter(tags=["jobs"])
 async def submit_job(
     request: Request,
     body: JobBody,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None,
 ) -> JSONResponse:
-    g = gate(request)
-    who = identify(request, g.keyring, g.trusted, g.settings.require_api_key)
+    # Admitted at the edge (api/edge.py); `body` and `idempotency_key` are declared here
+    # for FastAPI's validation and the OpenAPI schema.
     check_inference(body.endpoint, body.body, prefix="body.")
-    job = JobRequest(
-        endpoint=body.endpoint,
-        body=json.dumps({**body.body, "stream": False}),  # jobs always run unstreamed
-        stream=False,
-        sync=False,
-        deadline_s=body.deadline_s,
-        idempotency_key=idempotency_key,
-    )
-    admitted = await admit(g, who, job)
-    view = await read_job(g, who.owner, admitted.job_id)
+    admitted = admission(request)
+    view = await read_job(gate(request), admitted.owner, admitted.job_id)
     return JSONResponse(
         view.public(),
         202,

@@ -1,0 +1,63 @@
+"""The pipelined Redis connection of the admission path (`shared/lane.py`), against a
+real redis-server: replies in order, scripts after a flush, the database of the URL, and
+a Redis that stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import redis
+from redis import exceptions as rx
+
+from shared.lane import Lane
+from tests.processes import Process, start_redis
+
+
+async def test_concurrent_commands_get_their_own_replies(redis_proc: Process) -> None:
+    lane = Lane(redis_proc.url.rsplit("/", 1)[0] + "/250")
+    try:
+        names = [f"lane-test-{i}" for i in range(200)]
+        await asyncio.gather(*(lane.execute("SET", name, name) for name in names))
+        replies = await asyncio.gather(*(lane.execute("GET", name) for name in names))
+        assert replies == [name.encode() for name in names]
+        with redis.Redis.from_url(redis_proc.url.rsplit("/", 1)[0] + "/250") as rdb:
+            assert rdb.get("lane-test-7") == b"lane-test-7"  # the URL's database
+            rdb.flushdb()
+    finally:
+        lane.close()
+
+
+async def test_a_script_runs_again_after_redis_forgot_it(redis_proc: Process) -> None:
+    lane = Lane(redis_proc.url)
+    source = "return tonumber(ARGV[1]) + 1"
+    try:
+        assert await lane.script(source, [41]) == 42
+        await lane.execute("SCRIPT", "FLUSH")
+        assert await lane.script(source, [1]) == 2  # NOSCRIPT, then the whole script
+        with pytest.raises(rx.ResponseError):
+            await lane.execute("NOT-A-COMMAND")
+    finally:
+        lane.close()
+
+
+async def test_a_redis_that_stops_answering_times_out_and_is_used_again_after() -> None:
+    proc = start_redis()
+    lane = Lane(proc.url, timeout_s=0.5)
+    try:
+        assert await lane.execute("PING") == b"PONG"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(rx.TimeoutError):
+                await lane.execute("PING")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert await lane.execute("PING") == b"PONG"  # a new connection
+        proc.stop()
+        with pytest.raises(rx.ConnectionError):
+            await lane.execute("PING")
+    finally:
+        lane.close()
+        proc.stop()
