@@ -44,11 +44,15 @@ async def read_job(gate: Gate, owner: str, job_id: str) -> JobView:
 
 
 async def wait_job(gate: Gate, owner: str, job_id: str, wait_s: float) -> JobView:
-    """The job once it has finished, or after `wait_s` seconds, whichever comes first."""
+    """The job once it has finished, or after `wait_s` seconds, whichever comes first.
+
+    Each wait holds a Redis connection; when `MAX_WAITERS` reads already wait in this
+    process, the job is answered as it is now (reading a job costs no token)."""
     view = await read_job(gate, owner, job_id)
-    if view.job.status.finished or wait_s <= 0:
+    if view.job.status.finished or wait_s <= 0 or gate.waiters.locked():
         return view
-    await wait_for_end(gate.blocking_redis, job_id, wait_s)
+    async with gate.waiters:
+        await wait_for_end(gate.blocking_redis, job_id, wait_s)
     return await read_job(gate, owner, job_id)
 
 

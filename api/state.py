@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -17,6 +18,9 @@ from shared.lane import Lane
 from shared.outage import Outage
 from shared.scripts import Scripts
 from shared.settings import Settings
+
+MAX_WAITERS = 256
+"""`?wait=` reads that may wait at once in one API process; each holds a Redis connection."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Gate:
     keyring: Keyring
     trusted: list[Network]
     metrics: Metrics
+    waiters: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_WAITERS))
+    """`?wait=` reads waiting at once (api/jobs.py)."""
     local_buckets: LocalBuckets = field(default_factory=LocalBuckets)
     """The rate limit while Redis is unreachable (api/fallback.py)."""
     redis_outage: Outage = field(

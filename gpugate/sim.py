@@ -315,7 +315,8 @@ def now_rfc3339() -> str:
 
 def reply_tokens(model: str, material: str, count: int) -> list[str]:
     """The reply's tokens: a function of (model, request material) only."""
-    seed = hashlib.sha256(f"{model_key(model)}\x00{material}".encode()).digest()
+    text = f"{model_key(model)}\x00{material}"
+    seed = hashlib.sha256(text.encode(errors="surrogatepass")).digest()
     tokens = []
     for index in range(count):
         digest = hashlib.sha256(seed + index.to_bytes(4, "big")).digest()
@@ -329,7 +330,7 @@ def count_tokens(text: str) -> int:
 
 
 def fake_context(material: str, length: int) -> list[int]:
-    seed = hashlib.sha256(material.encode()).digest()
+    seed = hashlib.sha256(material.encode(errors="surrogatepass")).digest()
     return [(seed[i % 32] * 521 + i * 7919) % 128000 for i in range(length)]
 
 
@@ -447,11 +448,17 @@ def get_field(api: Api, data: Mapping[str, Any], name: str, kind: type, default:
     raise ApiError(400, message, INVALID_REQUEST)
 
 
+MAX_NUM_PREDICT = 1 << 31
+"""Ollama reads num_predict as an int32; anything larger (even infinity) is no limit."""
+
+
 def _num_predict(options: Mapping[str, Any]) -> int | None:
     value = options.get("num_predict")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return int(value) if value > 0 else None
+    if value != value or value <= 0:  # NaN, zero, negative: no limit
+        return None
+    return int(min(value, MAX_NUM_PREDICT))
 
 
 def _message_text(content: Any) -> str:

@@ -383,3 +383,16 @@ async def test_slot_gate_takes_back_a_slot_handed_to_a_cancelled_waiter() -> Non
     late = asyncio.create_task(gate.acquire())  # queues behind nobody: gets the free slot
     await asyncio.wait_for(late, timeout=1)
     assert stats.running == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "llama3.2", "prompt": "\\ud800", "stream": false}',  # a lone surrogate
+        '{"model": "llama3.2", "prompt": "x", "stream": false, "options": {"num_predict": 1e400}}',
+    ],
+)
+def test_odd_but_valid_json_is_answered_not_a_500(url: str, raw: str) -> None:
+    r = httpx.post(url + "/api/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["done"] is True

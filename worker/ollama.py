@@ -19,7 +19,7 @@ import httpx
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.jobs import JobStatus
+from shared.jobs import INFERENCE_ENDPOINTS, JobStatus
 
 log = logging.getLogger("gpugate.worker")
 
@@ -120,6 +120,9 @@ async def call(
     retries: int,
 ) -> Outcome:
     """Run `work` on Ollama, retrying refused connections and 5xx before anything is relayed."""
+    if work.endpoint not in INFERENCE_ENDPOINTS:  # only a writer of Redis could put it there
+        message = f"Refused to call Ollama at {work.endpoint!r}: not an inference endpoint."
+        return Outcome(JobStatus.FAILED, error={"code": "invalid_request", "message": message})
     attempt = 0
     while True:
         try:
