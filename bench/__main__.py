@@ -1,16 +1,21 @@
 """`make bench`: run the benchmarks and record their figures in BENCHMARKS.md.
 
 python -m bench            all benchmarks
-python -m bench latency    one of them
+python -m bench latency    one of them (latency, admission, overload, soak)
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import latency
+from bench import admission, latency, overload, soak
 
-BENCHES = {"latency": latency.main}
+BENCHES = {
+    "latency": latency.main,
+    "admission": admission.main,
+    "overload": overload.main,
+    "soak": soak.main,
+}
 
 
 def main() -> None:
