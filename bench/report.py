@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-PACKAGES = ("fastapi", "uvicorn", "arq", "redis", "httpx", "starlette")
+PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "arq", "redis", "hiredis", "httpx")
 
 
 def environment() -> str:
@@ -21,7 +21,7 @@ def environment() -> str:
     try:
         redis_v = subprocess.run(
             ["redis-server", "--version"], capture_output=True, text=True, check=True
-        ).stdout.split()[2]
+        ).stdout.split()[2].removeprefix("v=")
     except (OSError, subprocess.CalledProcessError, IndexError):
         redis_v = "unknown"
     cpu = "unknown CPU"
@@ -36,7 +36,7 @@ def environment() -> str:
     return (
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
         f"- machine: {os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {platform.platform()}\n"
-        f"- Python {sys.version.split()[0]}, {redis_v}, {versions}\n"
+        f"- Python {sys.version.split()[0]}, redis-server {redis_v}, {versions}\n"
     )
 
 

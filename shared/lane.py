@@ -84,7 +84,7 @@ class Lane:
         except OSError as exc:  # refused, unreachable
             raise rx.ConnectionError(f"Redis unreachable: {exc}") from exc
         if isinstance(reply, rx.ResponseError):
-            raise reply
+            raise _error(reply)
         return reply
 
     async def script(self, source: str, args: Sequence[Any]) -> Any:
@@ -134,6 +134,15 @@ class Lane:
                 protocol.transport.close()  # type: ignore[union-attr]
                 raise rx.ConnectionError(f"Redis refused {command[0]}: {reply}")
         return protocol
+
+
+def _error(reply: rx.ResponseError) -> rx.RedisError:
+    """A Redis error reply as redis-py would raise it, where the difference matters: a
+    Redis still loading its data is unavailable (503), not broken."""
+    message = str(reply)
+    if message.startswith("LOADING"):
+        return rx.BusyLoadingError(message)
+    return reply
 
 
 def _sha1(source: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis import exceptions as rx
 
-from shared.lane import Lane
+from shared.lane import Lane, _error
 from tests.processes import Process, start_redis
 
 
@@ -61,3 +61,11 @@ async def test_a_redis_that_stops_answering_times_out_and_is_used_again_after() 
     finally:
         lane.close()
         proc.stop()
+
+
+def test_a_redis_still_loading_its_data_is_unavailable_not_an_error() -> None:
+    """After a restart Redis answers LOADING until its data is read: a 503, as redis-py
+    raises it (the soak found these as 500s)."""
+    loading = _error(rx.ResponseError("LOADING Redis is loading the dataset in memory"))
+    assert isinstance(loading, rx.BusyLoadingError)
+    assert type(_error(rx.ResponseError("ERR unknown command"))) is rx.ResponseError

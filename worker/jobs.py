@@ -99,6 +99,14 @@ async def run(state: WorkerState, held: Held, attempt: int, work: Work) -> None:
         if events.started:
             await events.chunk(stream_error_chunk(work.endpoint, message))
         outcome = backend_failure(message, code="timeout")
+    except DRIVER_ERRORS as exc:  # a streamed chunk could not be written
+        outcome = Outcome(
+            JobStatus.FAILED,
+            error={
+                "code": "redis_unavailable",
+                "message": f"Redis went away while relaying the stream ({exc.__class__.__name__})",
+            },
+        )
     except Exception as exc:  # a bug of ours must not take the worker down
         log.exception("job %s failed unexpectedly", work.job_id)
         outcome = backend_failure(f"gateway worker error: {exc.__class__.__name__}")

@@ -76,10 +76,11 @@ class GateWorker(Worker):
                 self.orphans.clear()
             await super()._poll_iteration()
         except store.DRIVER_ERRORS as exc:
+            # arq's loop may not touch Redis on every turn: the heartbeat, which does,
+            # is the one to say when Redis is back.
             self.state.redis_outage.failed(exc, "waiting for it")
             await asyncio.sleep(REDIS_RETRY_S)
             return
-        self.state.redis_outage.recovered()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.state.wake.wait(), IDLE_POLL_S)
 
