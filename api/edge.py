@@ -87,7 +87,7 @@ class AdmissionEdge:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        plan = PLANS.get(scope["path"]) if scope["type"] == "http" else None
+        plan = PLANS.get(_route_path(scope)) if scope["type"] == "http" else None
         if plan is None or scope["method"] != "POST" or BODY not in scope:
             await self.app(scope, receive, send)
             return
@@ -101,10 +101,17 @@ class AdmissionEdge:
             who = identify(conn, gate.keyring, gate.trusted, gate.settings.require_api_key)
             scope[ADMITTED] = await admit(gate, who, request)
         except GatewayError as error:
-            scope[EDGE_ROUTE] = scope["path"]  # for the request metrics
+            scope[EDGE_ROUTE] = _route_path(scope)  # for the request metrics
             await error_response(error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes see: without the `root_path` a server may have put in front."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def admission(conn: HTTPConnection) -> Admitted:

@@ -9,7 +9,9 @@ import httpx
 import pytest
 import redis
 
+from api.app import create_app
 from shared import keys
+from shared.settings import Settings
 from tests.conftest import StackFactory, sim_configure, sim_stats
 from tests.processes import Process, start_sim, wait_until
 
@@ -134,3 +136,24 @@ def test_the_queue_endpoint_reports_depth_running_and_cap(
     assert queue["max_queue_depth"] == 5
     assert queue["queue_depth"] == 2
     assert queue["estimated_wait_seconds"] > 0
+
+
+async def test_admission_at_the_edge_also_works_under_a_root_path(
+    make_stack: StackFactory, key: str
+) -> None:
+    """Behind a path prefix (uvicorn --root-path), ASGI paths carry the prefix: the edge
+    must still recognise the inference routes and admit there."""
+    stack = make_stack()
+    app = create_app(Settings(redis_url=stack.redis_url, ollama_url=stack.ollama_url))
+    transport = httpx.ASGITransport(app=app, root_path="/gw")
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gpugate") as client,
+    ):
+        r = await client.post(
+            "/gw/v1/jobs",
+            json={"endpoint": "/api/generate", "body": {"model": "llama3.2"}},
+            headers={"X-API-Key": key},
+        )
+        assert r.status_code == 202, r.text
+        assert r.headers["X-RateLimit-Remaining"] == "9"
