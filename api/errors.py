@@ -37,7 +37,8 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         return error_response(InvalidRequest("The body is not valid JSON.", status=400))
     parts = []
     for err in errors:
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        where = [str(p) for p in err.get("loc", ())]  # ("body", "messages", 0, ...)
+        loc = ".".join(where[1:]) or "".join(where[:1])  # a missing body is named "body"
         parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
     return error_response(InvalidRequest("; ".join(parts)))
 

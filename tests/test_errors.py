@@ -50,6 +50,13 @@ def test_missing_model_names_the_field(stack: Stack, key: str) -> None:
     assert "model" in str(body["message"])
 
 
+def test_a_missing_body_is_named(stack: Stack, key: str) -> None:
+    with stack.client(key) as client:
+        r = client.post("/api/generate")
+    body = assert_error(r, 422, "invalid_request")
+    assert body["message"] == "body: Field required"
+
+
 def test_wrong_type_names_the_field(stack: Stack, key: str) -> None:
     with stack.client(key) as client:
         r = client.post("/api/generate", json={"model": "llama3.2", "stream": "yes"})
