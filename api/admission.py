@@ -88,6 +88,8 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
         idem = keys.idempotency(who.owner, body_digest(request.idempotency_key))
         canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
         digest = body_digest(canonical)
+    if not gate.redis_outage.should_try():  # known to be down: answer at once
+        raise refuse_during_outage(gate, who, RedisUnavailable())
     try:
         with redis_errors():
             reply = await gate.lane.script(
@@ -115,6 +117,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
                 ],
             )
     except RedisUnavailable as exc:
+        gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
         raise refuse_during_outage(gate, who, exc) from exc
     gate.redis_outage.recovered()
     outcome, job_id = reply[0].decode(), reply[1].decode()
@@ -164,7 +167,6 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
 def refuse_during_outage(gate: Gate, who: Identity, exc: RedisUnavailable) -> GatewayError:
     """Nothing can be queued without Redis: `503`, or `429` from this process's own
     bucket for a key that is over its rate (api/fallback.py)."""
-    gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
     tier = who.tier
     decision = gate.local_buckets.take(who.owner, tier.rate.per_second, tier.burst)
     rate_limit = RateLimit(

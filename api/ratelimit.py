@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from starlette.requests import HTTPConnection
 
 from api.fallback import OUTAGE_NOTE
@@ -13,8 +11,6 @@ from shared import keys, scripts
 from shared.errors import RateLimited, RedisUnavailable
 from shared.store import redis_errors
 
-log = logging.getLogger("gpugate.api")
-
 
 async def check_cheap_limit(gate: Gate, conn: HTTPConnection) -> None:
     """Spend one token of the client's /health bucket, or raise 429.
@@ -23,17 +19,19 @@ async def check_cheap_limit(gate: Gate, conn: HTTPConnection) -> None:
     """
     rate = gate.settings.health_rate
     name, burst = "health:" + client_id(conn, gate.trusted), max(1, int(rate.amount))
-    try:
-        with redis_errors():
-            allowed, _left, _full_ms, next_ms = await gate.lane.script(
-                scripts.source("bucket"), [keys.bucket(name), rate.per_second / 1000, burst]
-            )
-    except RedisUnavailable as exc:
-        gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
-        decision = gate.local_buckets.take(name, rate.per_second, burst)
-        if not decision.allowed:
-            raise RateLimited(decision.next_token_s) from exc
-        return
-    gate.redis_outage.recovered()
-    if not allowed:
-        raise RateLimited(int(next_ms) / 1000)
+    if gate.redis_outage.should_try():
+        try:
+            with redis_errors():
+                allowed, _left, _full_ms, next_ms = await gate.lane.script(
+                    scripts.source("bucket"), [keys.bucket(name), rate.per_second / 1000, burst]
+                )
+        except RedisUnavailable as exc:
+            gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
+        else:
+            gate.redis_outage.recovered()
+            if not allowed:
+                raise RateLimited(int(next_ms) / 1000)
+            return
+    decision = gate.local_buckets.take(name, rate.per_second, burst)
+    if not decision.allowed:
+        raise RateLimited(decision.next_token_s)

@@ -3,6 +3,8 @@ Ollama refusing or hanging. Each test breaks a real process and watches the gate
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -194,3 +196,35 @@ def test_a_hung_ollama_call_ends_at_the_job_timeout_and_frees_its_slot(
     finally:
         stack.stop()
         backend.stop()
+
+
+def test_a_redis_that_hangs_costs_one_caller_a_second_not_every_caller(
+    slow_sim: Process,
+) -> None:
+    """SIGSTOP: Redis accepts connections but never answers. Requests that need it get 503
+    within the 2 s timeout; while it is known to hang, answers come at once (one caller a
+    second tries again); /health stays fast; after SIGCONT everything carries on."""
+    redis_proc = start_redis()
+    stack = build_stack(redis_proc, slow_sim)
+    try:
+        with stack.client("owner") as client:
+            assert client.post("/api/generate", json=GENERATE).status_code == 200
+            os.kill(redis_proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                r = client.post("/api/generate", json=GENERATE)
+                assert r.status_code == 503 and time.monotonic() - started < 3
+                started = time.monotonic()
+                for _ in range(5):
+                    assert client.post("/api/generate", json=GENERATE).status_code == 503
+                    assert client.get("/health").status_code == 200
+                assert time.monotonic() - started < 1  # no one waited for Redis again
+            finally:
+                os.kill(redis_proc.pid, signal.SIGCONT)
+            wait_until(
+                lambda: client.post("/api/generate", json=GENERATE).status_code == 200,
+                what="requests to be served once Redis answers again",
+            )
+    finally:
+        stack.stop()
+        redis_proc.stop()
