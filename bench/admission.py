@@ -178,7 +178,7 @@ def park_worker(api: Process, key: str) -> None:
     """Admit one job and wait until the worker runs it: the simulator never answers it, so
     the one GPU slot and the worker's one place stay taken and nothing else leaves the queue."""
     with httpx.Client(base_url=api.url, timeout=10) as client:
-        expect(post(client, key), 202, "\"id\"", f"parking job {key}")
+        expect(post(client, key), 202, '"id"', f"parking job {key}")
     wait_until(lambda: queue(api)["running"] == 1, timeout=20, what="the parked job to run")
 
 

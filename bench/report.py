@@ -19,9 +19,13 @@ PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "arq", "redis", "hire
 def environment() -> str:
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
     try:
-        redis_v = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, check=True
-        ).stdout.split()[2].removeprefix("v=")
+        redis_v = (
+            subprocess.run(
+                ["redis-server", "--version"], capture_output=True, text=True, check=True
+            )
+            .stdout.split()[2]
+            .removeprefix("v=")
+        )
     except (OSError, subprocess.CalledProcessError, IndexError):
         redis_v = "unknown"
     cpu = "unknown CPU"
