@@ -9,10 +9,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from api.fallback import OUTAGE_NOTE
 from api.identity import Identity
 from api.state import Gate
-from shared import keys, scripts
+from shared import keys
 from shared.errors import (
     Conflict,
     GatewayError,
@@ -23,7 +22,6 @@ from shared.errors import (
 )
 from shared.estimates import Backlog
 from shared.jobs import new_job_id, record_ttl_ms
-from shared.store import redis_errors
 
 BREAKER_RETRY_AFTER_S = 5
 """Workers probe Ollama every second while the breaker is open; it closes on an answer."""
@@ -88,38 +86,32 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
         idem = keys.idempotency(who.owner, body_digest(request.idempotency_key))
         canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
         digest = body_digest(canonical)
-    if not gate.redis_outage.should_try():  # known to be down: answer at once
-        raise refuse_during_outage(gate, who, RedisUnavailable())
-    try:
-        with redis_errors():
-            reply = await gate.lane.script(
-                scripts.source("admit"),
-                [
-                    who.owner,
-                    tier.rate.per_second / 1000,
-                    tier.burst,
-                    settings.max_queue_depth,
-                    tier.max_queued,
-                    tier.priority_boost_ms,
-                    new_job_id(),
-                    request.endpoint,
-                    request.body,
-                    int(request.stream),
-                    int(request.sync),
-                    int((request.deadline_s or 0) * 1000),
-                    who.name,
-                    idem,
-                    digest,
-                    settings.result_ttl * 1000,
-                    int(settings.lease_ttl * 3000),
-                    settings.gpu_concurrency,
-                    record_ttl_ms(settings.result_ttl),
-                ],
-            )
-    except RedisUnavailable as exc:
-        gate.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
-        raise refuse_during_outage(gate, who, exc) from exc
-    gate.redis_outage.recovered()
+    reply = await gate.request_script(
+        "admit",
+        [
+            who.owner,
+            tier.rate.per_second / 1000,
+            tier.burst,
+            settings.max_queue_depth,
+            tier.max_queued,
+            tier.priority_boost_ms,
+            new_job_id(),
+            request.endpoint,
+            request.body,
+            int(request.stream),
+            int(request.sync),
+            int((request.deadline_s or 0) * 1000),
+            who.name,
+            idem,
+            digest,
+            settings.result_ttl * 1000,
+            int(settings.lease_ttl * 3000),
+            settings.gpu_concurrency,
+            record_ttl_ms(settings.result_ttl),
+        ],
+    )
+    if reply is None:
+        raise refuse_during_outage(gate, who)
     outcome, job_id = reply[0].decode(), reply[1].decode()
     tokens = float(reply[2])
     rate_limit = RateLimit(
@@ -164,7 +156,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
     raise _with_limits(error, rate_limit)
 
 
-def refuse_during_outage(gate: Gate, who: Identity, exc: RedisUnavailable) -> GatewayError:
+def refuse_during_outage(gate: Gate, who: Identity) -> GatewayError:
     """Nothing can be queued without Redis: `503`, or `429` from this process's own
     bucket for a key that is over its rate (api/fallback.py)."""
     tier = who.tier
@@ -174,5 +166,7 @@ def refuse_during_outage(gate: Gate, who: Identity, exc: RedisUnavailable) -> Ga
         remaining=decision.remaining,
         reset_epoch_s=math.ceil(time.time() + decision.full_in_s),
     )
-    error: GatewayError = RateLimited(decision.next_token_s) if not decision.allowed else exc
+    error: GatewayError = (
+        RateLimited(decision.next_token_s) if not decision.allowed else RedisUnavailable()
+    )
     return _with_limits(error, rate_limit)

@@ -496,32 +496,26 @@ def parse_generate(data: Mapping[str, Any]) -> Job:
     prompt = get_field(api, data, "prompt", str, "")
     system = get_field(api, data, "system", str, "")
     suffix = get_field(api, data, "suffix", str, "")
-    options = get_field(api, data, "options", dict, {})
-    material, prompt_tokens = _prompt_material(system, prompt, suffix)
-    return Job(
-        api=api,
-        model=get_field(api, data, "model", str, ""),
-        material=material,
-        prompt_tokens=prompt_tokens,
-        num_predict=_num_predict(options),
-        stream=get_field(api, data, "stream", bool, True),
-        action=None if prompt else _native_action(data),
-    )
+    return _native_job(api, data, _prompt_material(system, prompt, suffix), bool(prompt))
 
 
 def parse_chat(data: Mapping[str, Any]) -> Job:
     api = Api.CHAT
     messages = get_field(api, data, "messages", list, [])
-    options = get_field(api, data, "options", dict, {})
-    material, prompt_tokens = _conversation(messages)
+    return _native_job(api, data, _conversation(messages), bool(messages))
+
+
+def _native_job(api: Api, data: Mapping[str, Any], prompt: tuple[str, int], has_input: bool) -> Job:
+    """An Ollama-native request; one with no prompt or messages loads or unloads the model."""
+    material, prompt_tokens = prompt
     return Job(
         api=api,
         model=get_field(api, data, "model", str, ""),
         material=material,
         prompt_tokens=prompt_tokens,
-        num_predict=_num_predict(options),
+        num_predict=_num_predict(get_field(api, data, "options", dict, {})),
         stream=get_field(api, data, "stream", bool, True),
-        action=None if messages else _native_action(data),
+        action=None if has_input else _native_action(data),
     )
 
 

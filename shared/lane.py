@@ -21,6 +21,7 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import hiredis
@@ -145,8 +146,6 @@ def _error(reply: rx.ResponseError) -> rx.RedisError:
     return reply
 
 
+@cache
 def _sha1(source: str) -> str:
-    return _SHAS.get(source) or _SHAS.setdefault(source, hashlib.sha1(source.encode()).hexdigest())
-
-
-_SHAS: dict[str, str] = {}
+    return hashlib.sha1(source.encode()).hexdigest()

@@ -30,6 +30,19 @@ def sim_proc() -> Iterator[Process]:
     proc.stop()
 
 
+def slow_sim_fixture(token_delay_s: float) -> Callable[[], Iterator[Process]]:
+    """A module's `slow_sim` fixture: a simulator of its own, 5 tokens at `token_delay_s`
+    each, so that tests can act while a job holds its slot (`slow_sim = slow_sim_fixture(0.2)`)."""
+
+    @pytest.fixture
+    def slow_sim() -> Iterator[Process]:
+        proc = start_sim("--tokens", "5", "--token-delay", str(token_delay_s), "--parallel", "64")
+        yield proc
+        proc.stop()
+
+    return slow_sim
+
+
 def sim_stats(sim: Process) -> dict[str, object]:
     return dict(httpx.get(sim.url + "/sim/stats", timeout=5).json())
 

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
-import pytest
 import redis
 
 from api.app import create_app
 from shared import keys
 from shared.settings import Settings
-from tests.conftest import StackFactory, sim_configure, sim_stats
-from tests.processes import Process, start_sim, wait_until
+from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from tests.processes import Process, wait_until
 
 GEN = {"model": "llama3.2", "prompt": "hello", "stream": False}
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[Process]:
-    """5 tokens at 50 ms each: a job holds its slot for about a quarter second."""
-    proc = start_sim("--tokens", "5", "--token-delay", "0.05", "--parallel", "64")
-    yield proc
-    proc.stop()
+# 5 tokens at 50 ms: a job holds its slot for about a quarter second.
+slow_sim = slow_sim_fixture(0.05)
 
 
 def all_jobs_ended(rdb: redis.Redis) -> bool:

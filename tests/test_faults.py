@@ -8,24 +8,18 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.conftest import Stack, build_stack, sim_stats
+from tests.conftest import Stack, build_stack, sim_stats, slow_sim_fixture
 from tests.processes import Process, start_redis, start_sim, wait_until
 
 JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"}}
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[Process]:
-    """Jobs of about half a second each, so the tests can act while one runs."""
-    proc = start_sim("--tokens", "5", "--token-delay", "0.1", "--parallel", "8")
-    yield proc
-    proc.stop()
+# Jobs of about half a second, so that the tests can act while one runs.
+slow_sim = slow_sim_fixture(0.1)
 
 
 def submit(client: httpx.Client, n: int) -> list[str]:

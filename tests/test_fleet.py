@@ -6,26 +6,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
-from tests.conftest import StackFactory, sim_configure, sim_stats
-from tests.processes import Process, start_sim, wait_until
+from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from tests.processes import Process, wait_until
 
 GEN = {"model": "llama3.2", "prompt": "hello", "stream": False}
 ADMIN = {"X-Admin-Key": "admin-secret"}
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[Process]:
-    proc = start_sim("--tokens", "5", "--token-delay", "0.05", "--parallel", "64")
-    yield proc
-    proc.stop()
+slow_sim = slow_sim_fixture(0.05)
 
 
 def submit(client: httpx.Client, key: str, body: dict[str, object] | None = None) -> str:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from tests.conftest import Stack, StackFactory, sim_configure, sim_stats
-from tests.processes import Process, start_sim, wait_until
+from tests.conftest import Stack, StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from tests.processes import Process, wait_until
 
 GEN = {"model": "llama3.2", "prompt": "hello"}
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[Process]:
-    proc = start_sim("--tokens", "5", "--token-delay", "0.2", "--parallel", "64")
-    yield proc
-    proc.stop()
+slow_sim = slow_sim_fixture(0.2)
 
 
 def submit(client, body=None, **kwargs):  # type: ignore[no-untyped-def]

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import ollama
 import openai
 import pytest
 
-from tests.conftest import Stack, StackFactory, sim_configure, sim_stats
-from tests.processes import Process, start_sim, wait_until
+from tests.conftest import Stack, StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from tests.processes import Process, wait_until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[Process]:
-    """0.2 s per token, 5 tokens: a reply takes about a second."""
-    proc = start_sim("--tokens", "5", "--token-delay", "0.2", "--parallel", "64")
-    yield proc
-    proc.stop()
+slow_sim = slow_sim_fixture(0.2)  # 5 tokens at 0.2 s: a reply takes about a second
 
 
 @pytest.fixture
