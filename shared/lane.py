@@ -12,23 +12,41 @@ Failures look like redis-py's (`ConnectionError`, `TimeoutError`, `rx.ResponseEr
 `shared.store.redis_errors` turns them into 503 as for any other Redis call. A command
 that times out closes the connection (later replies would be out of step), failing the
 commands still waiting on it; the next command connects again.
+
+With a `redis+sentinel://` URL, every (re)connection first asks the Sentinels, one after
+the other, where the master is (`SENTINEL get-master-addr-by-name`); the happy path costs
+nothing more. A lost connection (the master killed) fails the commands waiting on it and
+the next command connects to whatever master the Sentinels name then. A READONLY reply
+(the master was demoted) retires the connection: no new command goes on it, those in
+flight get their replies; the Sentinel that named it is asked last from then on, and the
+refused command, which Redis did not run, is sent once more to the master named now.
+A promoted replica has no scripts cached: `script()` sends the whole script once.
+
+`wait_replicas()` is Redis WAIT for the calling task's writes. It runs on a second
+connection to the same server, so that a WAIT that blocks (replicas slow or gone) does
+not hold up the lane's other commands, and calls that arrive while one WAIT is out share
+the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import Any, overload
 
 import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import SSLConnection, parse_url
 
-from shared.store import SOCKET_TIMEOUT_S
+from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
+from shared.store import SOCKET_TIMEOUT_S, WAIT_BARRIER_CHANNEL, MasterDemoted
+
+Address = tuple[str, int] | str  # host and port, or a unix socket path
 
 
 class _Protocol(asyncio.Protocol):
@@ -37,6 +55,8 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.address: Address = ""
+        self.named_by: tuple[str, int] | None = None  # the Sentinel that gave `address`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -47,6 +67,8 @@ class _Protocol(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # its caller may have given up (cancelled)
                 future.set_result(reply)
+        if self.lost is not None and not self.waiting and self.transport is not None:
+            self.transport.close()  # retired, and the last reply is in
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = rx.ConnectionError(f"Redis connection lost: {exc or 'closed by the server'}")
@@ -63,24 +85,59 @@ class _Protocol(asyncio.Protocol):
         self.transport.write(hiredis.pack_command(tuple(args)))
         return future
 
+    def retire(self, reason: Exception) -> None:
+        """Send nothing more here; close once the commands in flight have their replies."""
+        if self.lost is None:
+            self.lost = reason
+        if not self.waiting and self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+_WROTE_ON: contextvars.ContextVar[tuple[Lane, _Protocol] | None] = contextvars.ContextVar(
+    "lane_wrote_on", default=None
+)
+"""The connection that carried the current task's last command (for `wait_replicas`)."""
+
 
 class Lane:
-    """One pipelined connection to the Redis at `url` (redis://, rediss://, unix://)."""
+    """One pipelined connection to the Redis at `url` (redis://, rediss://, unix://, or
+    the master that the Sentinels of a redis+sentinel:// URL name)."""
 
     def __init__(self, url: str, timeout_s: float = SOCKET_TIMEOUT_S) -> None:
-        self.options = parse_url(url)
+        self.sentinel: SentinelURL | None = parse_sentinel(url)
+        self.options: dict[str, Any]
+        if self.sentinel is None:
+            self.options = dict(parse_url(url))
+        else:
+            self.options = {
+                "username": self.sentinel.username,
+                "password": self.sentinel.password,
+                "db": self.sentinel.db,
+            }
+            self._sentinels = list(self.sentinel.sentinels)  # the one that answered first
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self._waiter: _Protocol | None = None  # the WAIT connection
+        self._waiter_connecting = asyncio.Lock()
+        self._rounds: dict[tuple[_Protocol, int, int], asyncio.Future[int]] = {}
+        self._round_runner: asyncio.Task[None] | None = None
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply; a Redis error reply is raised."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                protocol = await self._connected()
-                reply = await protocol.send(args)
+                reply = await self._send(args)
+                if _readonly(reply) and self.sentinel is not None:
+                    reply = await self._send(args)  # to the master the Sentinels name now
+                    if _readonly(reply):
+                        raise MasterDemoted(f"the Sentinels still name a replica: {reply}")
         except TimeoutError as exc:  # Redis did not answer in time (or not at all)
-            self.close()
+            self._drop()
             raise rx.TimeoutError(f"Redis did not answer within {self.timeout_s:g}s") from exc
         except OSError as exc:  # refused, unreachable
             raise rx.ConnectionError(f"Redis unreachable: {exc}") from exc
@@ -88,19 +145,83 @@ class Lane:
             raise _error(reply)
         return reply
 
-    async def script(self, source: str, args: Sequence[Any]) -> Any:
-        """Run a Lua script by its SHA; after a Redis restart, send it whole once."""
+    @overload
+    async def script(self, source: str, args: Sequence[Any], /) -> Any: ...
+    @overload
+    async def script(self, source: str, keys: Sequence[str], args: Sequence[Any], /) -> Any: ...
+    async def script(
+        self, source: str, keys_or_args: Sequence[Any], args: Sequence[Any] | None = None, /
+    ) -> Any:
+        """Run a Lua script by its SHA (`script(source, args)` or `script(source, keys,
+        args)`); after a Redis restart or a failover, send it whole once."""
+        keys: Sequence[Any] = keys_or_args if args is not None else ()
+        argv: Sequence[Any] = args if args is not None else keys_or_args
         try:
-            return await self.execute("EVALSHA", _sha1(source), 0, *args)
+            return await self.execute("EVALSHA", _sha1(source), len(keys), *keys, *argv)
         except rx.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self.execute("EVAL", source, 0, *args)
+            return await self.execute("EVAL", source, len(keys), *keys, *argv)
+
+    async def wait_replicas(self, replicas: int, timeout_ms: int) -> int:
+        """How many replicas acknowledged this task's writes through the lane (Redis
+        WAIT): as soon as `replicas` did, or after `timeout_ms` with how many did.
+
+        "This task's writes" are those up to its last `execute`/`script` call, in the same
+        asyncio task (a command run in a task of its own, e.g. by `asyncio.gather`, is not
+        seen: call it directly). If the connection that carried them is gone (the master
+        failed), nobody can tell whether they survived: `ConnectionError`."""
+        if timeout_ms < 1:
+            raise ValueError("WAIT with no timeout would block for ever: give timeout_ms >= 1")
+        last = _WROTE_ON.get()
+        if last is None or last[0] is not self:
+            raise RuntimeError("wait_replicas: this task sent no command through this lane")
+        wrote_on = last[1]
+        key = (wrote_on, replicas, timeout_ms)
+        round_ = self._rounds.get(key)
+        if round_ is None:  # nobody waits for a WAIT not yet sent: start one
+            round_ = self._rounds[key] = asyncio.get_running_loop().create_future()
+            round_.add_done_callback(_retrieve)
+            if self._round_runner is None or self._round_runner.done():
+                self._round_runner = asyncio.create_task(self._run_rounds())
+        bound_s = 2 * (self.timeout_s + timeout_ms / 1000)  # the WAIT in flight, then ours
+        try:
+            async with asyncio.timeout(bound_s):
+                return await asyncio.shield(round_)
+        except TimeoutError as exc:
+            raise rx.TimeoutError(f"Redis did not answer WAIT within {bound_s:g}s") from exc
 
     def close(self) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+        self._drop()
+        if self._waiter is not None:
+            self._waiter.close()
+        self._waiter = None
+        if self._round_runner is not None:
+            self._round_runner.cancel()
+        for round_ in self._rounds.values():
+            if not round_.done():
+                round_.set_exception(rx.ConnectionError("the lane was closed"))
+        self._rounds.clear()
+
+    def _drop(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
         self._protocol = None
+
+    async def _send(self, args: Sequence[Any]) -> Any:
+        protocol = await self._connected()
+        reply = await protocol.send(args)
+        if _readonly(reply) and self.sentinel is not None:
+            self._demoted(protocol, reply)
+        else:
+            _WROTE_ON.set((self, protocol))
+        return reply
+
+    def _demoted(self, protocol: _Protocol, reply: rx.ResponseError) -> None:
+        if protocol.lost is None and protocol.named_by in self._sentinels:
+            self._sentinels.remove(protocol.named_by)  # it is behind: ask it last
+            self._sentinels.append(protocol.named_by)
+        protocol.retire(MasterDemoted(f"{protocol.address} is a replica now: {reply}"))
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol
@@ -112,17 +233,29 @@ class Lane:
             return self._protocol
 
     async def _connect(self) -> _Protocol:
+        if self.sentinel is None:
+            opts = self.options
+            address: Address = opts.get("path") or (
+                opts.get("host", "localhost"),
+                opts.get("port", 6379),
+            )
+            return await self._open(address)
+        address, named_by = await self._find_master(self.sentinel)
+        protocol = await self._open(address)
+        protocol.named_by = named_by
+        return protocol
+
+    async def _open(self, address: Address) -> _Protocol:
         loop = asyncio.get_running_loop()
         opts = self.options
         protocol: _Protocol
-        if "path" in opts:
-            _, protocol = await loop.create_unix_connection(_Protocol, opts["path"])
+        if isinstance(address, str):
+            _, protocol = await loop.create_unix_connection(_Protocol, address)
         else:
             secure = opts.get("connection_class") is SSLConnection
             tls = ssl.create_default_context() if secure else None
-            _, protocol = await loop.create_connection(
-                _Protocol, opts.get("host", "localhost"), opts.get("port", 6379), ssl=tls
-            )
+            _, protocol = await loop.create_connection(_Protocol, *address, ssl=tls)
+        protocol.address = address
         setup: list[Sequence[Any]] = []
         if opts.get("password"):
             user = opts.get("username")
@@ -132,9 +265,113 @@ class Lane:
         for command in setup:
             reply = await protocol.send(command)
             if isinstance(reply, rx.ResponseError):
-                protocol.transport.close()  # type: ignore[union-attr]
+                protocol.close()
                 raise rx.ConnectionError(f"Redis refused {command[0]}: {reply}")
         return protocol
+
+    async def _find_master(self, target: SentinelURL) -> tuple[tuple[str, int], tuple[str, int]]:
+        """The master's address as the first Sentinel that knows it names it, and that
+        Sentinel, which goes first next time."""
+        each_s = self.timeout_s / (len(self._sentinels) + 1)
+        errors: list[str] = []
+        for sentinel in list(self._sentinels):
+            try:
+                async with asyncio.timeout(each_s):
+                    reply = await self._ask_sentinel(sentinel, target)
+            except (OSError, TimeoutError, rx.RedisError) as exc:
+                errors.append(f"{sentinel[0]}:{sentinel[1]}: {exc.__class__.__name__} {exc}")
+                continue
+            if not isinstance(reply, list) or len(reply) != 2:
+                errors.append(f"{sentinel[0]}:{sentinel[1]}: does not know the master")
+                continue
+            self._sentinels.remove(sentinel)
+            self._sentinels.insert(0, sentinel)
+            return (reply[0].decode(), int(reply[1])), sentinel
+        raise rx.ConnectionError(
+            f"no Sentinel named the master {target.master_name!r}: {'; '.join(errors)}"
+        )
+
+    async def _ask_sentinel(self, sentinel: tuple[str, int], target: SentinelURL) -> Any:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(_Protocol, *sentinel)
+        commands: list[Sequence[Any]] = []
+        if target.password:
+            user = (target.username,) if target.username else ()
+            commands.append(("AUTH", *user, target.password))
+        commands.append(("SENTINEL", "get-master-addr-by-name", target.master_name))
+        try:
+            *auth, reply = await asyncio.gather(*(protocol.send(c) for c in commands))
+        finally:
+            protocol.close()
+        for refused in auth:  # a Sentinel without a password takes none
+            if isinstance(refused, rx.ResponseError) and not no_password_set(str(refused)):
+                raise rx.AuthenticationError(str(refused))
+        if isinstance(reply, rx.ResponseError):
+            raise reply
+        return reply
+
+    # --- Redis WAIT, on a connection of its own ----------------------------------------
+
+    async def _run_rounds(self) -> None:
+        while self._rounds:
+            rounds, self._rounds = self._rounds, {}
+            for (wrote_on, replicas, timeout_ms), round_ in rounds.items():
+                try:
+                    acked = await self._wait_once(wrote_on, replicas, timeout_ms)
+                except asyncio.CancelledError:  # close()
+                    for left in rounds.values():
+                        if not left.done():
+                            left.set_exception(rx.ConnectionError("the lane was closed"))
+                    raise
+                except Exception as exc:
+                    if not round_.done():
+                        round_.set_exception(exc)
+                else:
+                    if not round_.done():
+                        round_.set_result(acked)
+
+    async def _wait_once(self, wrote_on: _Protocol, replicas: int, timeout_ms: int) -> int:
+        """A barrier write then WAIT, on a connection to the server that ran the writes:
+        the barrier's replication offset is past theirs."""
+        if wrote_on.lost is not None:
+            raise rx.ConnectionError(f"the connection of the writes is gone: {wrote_on.lost}")
+        try:
+            async with asyncio.timeout(self.timeout_s + timeout_ms / 1000):
+                waiter = await self._waiter_to(wrote_on.address)
+                barrier = waiter.send(("PUBLISH", WAIT_BARRIER_CHANNEL, ""))
+                waited = waiter.send(("WAIT", replicas, timeout_ms))
+                replies = await asyncio.gather(barrier, waited)
+        except TimeoutError as exc:
+            if self._waiter is not None:
+                self._waiter.close()
+            raise rx.TimeoutError("Redis did not answer WAIT in time") from exc
+        except OSError as exc:
+            raise rx.ConnectionError(f"Redis unreachable: {exc}") from exc
+        for reply in replies:
+            if isinstance(reply, rx.ResponseError):
+                raise _error(reply)
+        if wrote_on.lost is not None:  # the server may have died and come back meanwhile
+            raise rx.ConnectionError(f"the connection of the writes is gone: {wrote_on.lost}")
+        return int(replies[1])
+
+    async def _waiter_to(self, address: Address) -> _Protocol:
+        async with self._waiter_connecting:
+            waiter = self._waiter
+            if waiter is None or waiter.lost is not None or waiter.address != address:
+                if waiter is not None:
+                    waiter.close()
+                self._waiter = waiter = await self._open(address)
+            return waiter
+
+
+def _readonly(reply: Any) -> bool:
+    return isinstance(reply, rx.ResponseError) and str(reply).startswith("READONLY")
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    """Mark a WAIT round's error as seen, in case every caller gave up waiting for it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _error(reply: rx.ResponseError) -> rx.RedisError:

@@ -1,36 +1,68 @@
-"""Redis connections, and the one place where driver errors become `RedisUnavailable`."""
+"""Redis connections, and the one place where driver errors become `RedisUnavailable`.
+
+`connect(url)` takes `redis://`, `rediss://`, `unix://` as redis-py does, and
+`redis+sentinel://…/MASTER_NAME` (`shared/redis_url.py`): the client then asks the
+Sentinels for the master at every new connection and follows a failover by itself.
+When the master is killed, commands fail (`ConnectionError`, 503) until the Sentinels
+promote a replica, and the next connection goes to the new master. A master demoted to
+a replica answers writes with READONLY: the connection is dropped, the Sentinel that
+named it is asked last from then on, and the command is sent once more to the master
+the Sentinels name now (a command refused with READONLY was not run, so this is safe).
+
+`wait_replicas()` is Redis WAIT for the writes made before it; `replication()` is what
+`gpugate doctor` shows of the master and its replicas.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.backoff import NoBackoff
 
 from shared.errors import RedisUnavailable
+from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
 
 SOCKET_TIMEOUT_S = 2.0
 """A request that needs Redis fails within this bound instead of hanging while it is down."""
 
 DRIVER_ERRORS = (
-    redis_exceptions.ConnectionError,
+    redis_exceptions.ConnectionError,  # MasterNotFoundError and MasterDemoted among them
     redis_exceptions.TimeoutError,
     redis_exceptions.BusyLoadingError,
     OSError,
 )
 
+WAIT_BARRIER_CHANNEL = "gpugate:wait-barrier"
+"""A PUBLISH here (nobody listens) is a write that replicates without touching a key: the
+connection that sends it has then "written" everything the master had run before, which
+is what Redis WAIT waits for (`wait_replicas`)."""
+
+
+class MasterDemoted(redis_exceptions.ConnectionError):
+    """The server we took for the master answered READONLY: a failover made it a replica."""
+
 
 def connect(url: str, *, blocking: bool = False) -> Redis:
     """A client for `url`; `blocking` clients have no read timeout (XREAD BLOCK, pub/sub)."""
-    client: Redis = Redis.from_url(
-        url,
-        socket_connect_timeout=SOCKET_TIMEOUT_S,
-        socket_timeout=None if blocking else SOCKET_TIMEOUT_S,
-        health_check_interval=0 if blocking else 30,
-        retry_on_timeout=False,
-    )
-    return client
+    options: dict[str, Any] = {
+        "socket_connect_timeout": SOCKET_TIMEOUT_S,
+        "socket_timeout": None if blocking else SOCKET_TIMEOUT_S,
+        "health_check_interval": 0 if blocking else 30,
+        "retry_on_timeout": False,
+    }
+    target = parse_sentinel(url)
+    if target is None:
+        client: Redis = Redis.from_url(url, **options)
+        return client
+    return _master_for(target, options)
 
 
 @contextmanager
@@ -40,3 +72,216 @@ def redis_errors() -> Iterator[None]:
         yield
     except DRIVER_ERRORS as exc:
         raise RedisUnavailable() from exc
+
+
+# --- Redis WAIT ------------------------------------------------------------------------
+
+
+class _WaitsForReplicas(Protocol):
+    async def wait_replicas(self, replicas: int, timeout_ms: int) -> int: ...
+
+
+async def wait_replicas(client: Redis | _WaitsForReplicas, replicas: int, timeout_ms: int) -> int:
+    """How many replicas acknowledged the writes made before this call (Redis WAIT):
+    returns as soon as `replicas` did, or after `timeout_ms` with how many did.
+
+    `client` is the `Lane` that carried the write (it waits on a connection of its own,
+    for the writes of the calling task: `Lane.wait_replicas`), or a `Redis` client, which
+    sends a barrier write and WAIT on one connection: every write the master ran before
+    them is covered, which includes the caller's own if no failover came in between.
+    A non-blocking `Redis` client gives up after `SOCKET_TIMEOUT_S`, so `timeout_ms`
+    must stay below it. Driver errors are raised as usual (`redis_errors()`)."""
+    if timeout_ms < 1:
+        raise ValueError("WAIT with no timeout would block for ever: give timeout_ms >= 1")
+    if not isinstance(client, Redis):
+        return await client.wait_replicas(replicas, timeout_ms)
+    read_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    if read_timeout is not None and timeout_ms >= read_timeout * 1000:
+        raise ValueError(f"WAIT {timeout_ms} ms outlasts this client's {read_timeout}s timeout")
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.publish(WAIT_BARRIER_CHANNEL, b"")
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        _, acked = await pipe.execute()
+    return int(acked)
+
+
+# --- what `gpugate doctor` shows ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    address: str  # host:port, as the replica announced itself
+    state: str  # online, wait_bgsave, send_bulk, …
+    offset: int  # replication offset the replica acknowledged
+    lag_bytes: int  # master_repl_offset - offset
+    lag_s: int  # seconds since the replica's last acknowledgement
+
+
+@dataclass(frozen=True)
+class SentinelView:
+    address: str
+    master: str | None  # the master's host:port as this Sentinel names it
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Replication:
+    """The master `url` leads to, its replicas (INFO replication on it) and, for a
+    `redis+sentinel://` URL, what each Sentinel says the master is."""
+
+    master: str  # host:port (or the unix socket path)
+    role: str  # "master", or "slave" when a plain URL names a replica
+    master_repl_offset: int
+    replicas: tuple[ReplicaState, ...]
+    sentinels: tuple[SentinelView, ...] = ()
+
+
+async def replication(url: str) -> Replication:
+    """Where `url` leads and how replication stands there; driver errors are raised."""
+    target = parse_sentinel(url)
+    views: tuple[SentinelView, ...] = ()
+    client = connect(url)
+    try:
+        if target is not None:
+            pool = client.connection_pool
+            assert isinstance(pool, _MasterPool)
+            host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            master = f"{host}:{port}"
+            views = tuple([await _sentinel_view(s, target.master_name) for s in pool.sentinels()])
+        else:
+            kwargs = client.connection_pool.connection_kwargs
+            master = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        info = await client.info("replication")
+    finally:
+        await client.aclose()
+    offset = int(info.get("master_repl_offset", 0))
+    replicas = tuple(
+        ReplicaState(
+            address=f"{entry['ip']}:{entry['port']}",
+            state=str(entry.get("state", "")),
+            offset=int(entry.get("offset", 0)),
+            lag_bytes=offset - int(entry.get("offset", 0)),
+            lag_s=int(entry.get("lag", 0)),
+        )
+        for name, entry in sorted(info.items())
+        if name.startswith("slave") and isinstance(entry, dict)
+    )
+    return Replication(master, str(info.get("role")), offset, replicas, views)
+
+
+async def _sentinel_view(sentinel: Redis, master_name: str) -> SentinelView:
+    kwargs = sentinel.connection_pool.connection_kwargs
+    address = f"{kwargs['host']}:{kwargs['port']}"
+    try:
+        reply = await sentinel.execute_command(  # type: ignore[no-untyped-call]
+            "SENTINEL", "get-master-addr-by-name", master_name
+        )
+    except (OSError, redis_exceptions.RedisError) as exc:
+        return SentinelView(address, None, f"{exc.__class__.__name__}: {exc}")
+    if not reply:
+        return SentinelView(address, None, f"does not know {master_name!r}")
+    host, port = (item.decode() if isinstance(item, bytes) else str(item) for item in reply)
+    return SentinelView(address, f"{host}:{port}")
+
+
+# --- Sentinel plumbing ----------------------------------------------------------------
+
+
+def _master_for(target: SentinelURL, options: dict[str, Any]) -> Redis:
+    sentinels = _Sentinels(target)
+    client: Redis = sentinels.master_for(
+        target.master_name,
+        connection_pool_class=_MasterPool,
+        connection_class=_MasterConnection,
+        username=target.username,
+        password=target.password,
+        db=target.db,
+        # One more try, only after READONLY: the command was refused, not run.
+        retry=Retry(NoBackoff(), 1, supported_errors=(MasterDemoted,)),
+        retry_on_error=[MasterDemoted],
+        **options,
+    )
+    return client
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, with our clients for the Sentinels: their own timeouts (a
+    blocking master client still gives up on a silent Sentinel) and the URL's password,
+    dropped for a Sentinel that has none."""
+
+    def __init__(self, target: SentinelURL) -> None:
+        super().__init__([])  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        self.sentinels = [
+            Redis.from_pool(
+                ConnectionPool(
+                    connection_class=_SentinelNodeConnection,
+                    host=host,
+                    port=port,
+                    username=target.username,
+                    password=target.password,
+                    socket_connect_timeout=SOCKET_TIMEOUT_S,
+                    socket_timeout=SOCKET_TIMEOUT_S,
+                )
+            )
+            for host, port in target.sentinels
+        ]
+
+    async def aclose(self) -> None:
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
+class _SentinelNodeConnection(Connection):
+    async def on_connect(self) -> None:
+        try:
+            await super().on_connect()
+        except redis_exceptions.AuthenticationError as exc:
+            if not no_password_set(str(exc)):
+                raise
+            self.username = self.password = None  # this Sentinel takes no password
+            await super().on_connect()
+
+
+class _MasterPool(SentinelConnectionPool):
+    def sentinels(self) -> list[Redis]:
+        found: list[Redis] = self.sentinel_manager.sentinels
+        return found
+
+    def demoted(self, address: tuple[str, int]) -> None:
+        """The master at `address` answered READONLY. redis-py keeps the Sentinel that
+        answered last in front: that one is behind, so ask it last from now on."""
+        if self.master_address == address:
+            sentinels = self.sentinel_manager.sentinels
+            sentinels.append(sentinels.pop(0))
+            self.master_address = None
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client is closing, not just moving to a new master
+            await self.sentinel_manager.aclose()
+
+
+class _MasterConnection(SentinelManagedConnection):
+    async def read_response(
+        self,
+        disable_decoding: bool = False,
+        timeout: float | None = None,
+        *,
+        disconnect_on_error: float | None = True,  # sic: redis-py's annotation
+        push_request: bool | None = False,
+    ) -> Any:
+        try:
+            # redis-py's SentinelManagedConnection turns READONLY into a plain
+            # ConnectionError; skip it to tell a demotion from a lost connection.
+            return await Connection.read_response(
+                self,
+                disable_decoding=disable_decoding,
+                timeout=timeout,
+                disconnect_on_error=bool(disconnect_on_error),
+                push_request=push_request,
+            )
+        except redis_exceptions.ReadOnlyError as exc:
+            address = (self.host, self.port)
+            await self.disconnect()
+            self.connection_pool.demoted(address)
+            raise MasterDemoted(f"{address[0]}:{address[1]} is a replica now") from exc
