@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -18,7 +20,14 @@ from gpugate.sim import SlotGate, Stats
 from tests.processes import Process, start_sim, wait_until
 
 MODEL = "llama3.2"
-DEFAULTS = {"tokens": 8, "token_delay_s": 0.001, "parallel": 4, "fail_mode": "none"}
+DEFAULTS = {
+    "tokens": 8,
+    "token_delay_s": 0.001,
+    "parallel": 4,
+    "fail_mode": "none",
+    "load_time_s": 0,
+    "max_loaded": 0,
+}
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
@@ -142,6 +151,253 @@ def test_openai_sdk_completions_and_models(url: str) -> None:
     assert models == ["llama3.2:latest", "qwen2.5:0.5b"]
 
 
+def anthropic_client(url: str, **kwargs: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, **kwargs)
+
+
+def text_of(message: anthropic.types.Message) -> str:
+    block = message.content[0]
+    assert isinstance(block, anthropic.types.TextBlock)
+    return block.text
+
+
+def norm(vector: list[float]) -> float:
+    return math.sqrt(sum(value * value for value in vector))
+
+
+def test_ollama_sdk_embed_and_embeddings(url: str) -> None:
+    with ollama.Client(host=url) as client:
+        one = client.embed(model=MODEL, input="Why is the sky blue?")
+        two = client.embed(model=MODEL, input=["Why is the sky blue?", "hello"])
+        other_model = client.embed(model="qwen2.5:0.5b", input="Why is the sky blue?")
+        cut = client.embed(model=MODEL, input="Why is the sky blue?", dimensions=64)
+        older = client.embeddings(model=MODEL, prompt="Why is the sky blue?")
+        nothing = client.embed(model=MODEL, input=[])
+    vector = list(one.embeddings[0])
+    assert len(vector) == 384 and abs(norm(vector) - 1) < 1e-5
+    assert one.model == MODEL and one.prompt_eval_count == 5
+    assert one.total_duration and one.load_duration and one.total_duration >= one.load_duration
+    assert list(two.embeddings[0]) == vector and list(two.embeddings[1]) != vector
+    assert two.prompt_eval_count == 6
+    assert list(other_model.embeddings[0]) != vector
+    assert len(cut.embeddings[0]) == 64 and abs(norm(list(cut.embeddings[0])) - 1) < 1e-5
+    assert max(abs(a - b) for a, b in zip(older.embedding, vector, strict=True)) < 1e-7
+    assert nothing.embeddings == []  # an empty input only loads the model
+    assert stats(url)["completed"] == 6
+
+
+def test_openai_sdk_embeddings(url: str) -> None:
+    with openai_client(url) as client:
+        default = client.embeddings.create(model=MODEL, input=["Why is the sky blue?", "hi"])
+        floats = client.embeddings.create(
+            model=MODEL, input="Why is the sky blue?", encoding_format="float"
+        )
+    raw = httpx.post(url + "/v1/embeddings", json={"model": MODEL, "input": "x"}).json()
+    assert isinstance(raw["data"][0]["embedding"], list)  # float unless base64 is asked
+    encoded = httpx.post(
+        url + "/v1/embeddings",
+        json={"model": MODEL, "input": "x", "encoding_format": "base64"},
+    ).json()
+    assert isinstance(encoded["data"][0]["embedding"], str)
+    assert [d.index for d in default.data] == [0, 1] and default.model == MODEL
+    assert default.usage.prompt_tokens == default.usage.total_tokens == 6
+    by_base64, by_float = default.data[0].embedding, floats.data[0].embedding
+    assert len(by_base64) == 384
+    assert max(abs(a - b) for a, b in zip(by_base64, by_float, strict=True)) < 1e-7
+    with ollama.Client(host=url) as native:
+        same = native.embed(model=MODEL, input="Why is the sky blue?").embeddings[0]
+    assert max(abs(a - b) for a, b in zip(by_float, same, strict=True)) < 1e-7
+
+
+def test_openai_sdk_models_retrieve(url: str) -> None:
+    with openai_client(url) as client:
+        model = client.models.retrieve(MODEL)
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("nope")
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "library")
+
+
+def test_openai_sdk_responses(url: str) -> None:
+    with openai_client(url) as client:
+        whole = client.responses.create(model=MODEL, input="Why is the sky blue?")
+        events = list(
+            client.responses.create(model=MODEL, input="Why is the sky blue?", stream=True)
+        )
+        capped = client.responses.create(
+            model=MODEL, input="Why is the sky blue?", max_output_tokens=3, instructions="Be brief."
+        )
+    assert (
+        whole.object == "response" and whole.status == "completed" and whole.id.startswith("resp_")
+    )
+    assert len(whole.output_text.split()) == 8
+    assert whole.usage and whole.usage.output_tokens == 8
+    assert whole.usage.total_tokens == whole.usage.input_tokens + 8
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[4:12] == ["response.output_text.delta"] * 8
+    assert kinds[12:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.output_text == whole.output_text
+    assert done.response.usage == whole.usage
+    assert len(capped.output_text.split()) == 3  # the instructions change the reply
+    assert capped.instructions == "Be brief." and capped.max_output_tokens == 3
+    assert capped.usage and capped.usage.output_tokens == 3
+
+
+def test_anthropic_sdk_messages(url: str) -> None:
+    messages: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": "Why is the sky blue?"}
+    ]
+    with anthropic_client(url) as client:
+        whole = client.messages.create(model=MODEL, max_tokens=100, messages=messages)
+        events = list(
+            client.messages.create(model=MODEL, max_tokens=100, messages=messages, stream=True)
+        )
+        capped = client.messages.create(model=MODEL, max_tokens=3, messages=messages)
+        with client.messages.stream(model=MODEL, max_tokens=100, messages=messages) as stream:
+            streamed = stream.get_final_message()
+    assert whole.id.startswith("msg_") and whole.role == "assistant" and whole.model == MODEL
+    assert whole.stop_reason == "end_turn" and whole.usage.output_tokens == 8
+    text = text_of(whole)
+    assert len(text.split()) == 8
+    kinds = [event.type for event in events]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 8,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start, delta = events[0], events[-2]
+    assert (
+        start.type == "message_start"
+        and start.message.usage.input_tokens == whole.usage.input_tokens
+    )
+    assert delta.type == "message_delta" and delta.delta.stop_reason == "end_turn"
+    assert delta.usage.output_tokens == 8
+    assert text_of(streamed) == text
+    assert streamed.usage.input_tokens == whole.usage.input_tokens
+    assert capped.stop_reason == "max_tokens" and capped.usage.output_tokens == 3
+
+
+def test_token_counts_agree_across_apis(url: str) -> None:
+    """One conversation: the same reply and the same token counts on every chat API."""
+    conversation = [{"role": "user", "content": "Why is the sky blue?"}]
+    native = httpx.post(
+        url + "/api/chat", json={"model": MODEL, "messages": conversation, "stream": False}
+    ).json()
+    with openai_client(url) as oa, anthropic_client(url) as an:
+        chat = oa.chat.completions.create(model=MODEL, messages=MESSAGES)
+        response = oa.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "Why is the sky blue?"}]
+        )
+        message = an.messages.create(
+            model=MODEL,
+            max_tokens=100,
+            messages=[{"role": "user", "content": "Why is the sky blue?"}],
+        )
+    prompt, output = native["prompt_eval_count"], native["eval_count"]
+    assert chat.usage and (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
+        prompt,
+        output,
+    )
+    assert response.usage and (response.usage.input_tokens, response.usage.output_tokens) == (
+        prompt,
+        output,
+    )
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (prompt, output)
+    text = native["message"]["content"]
+    assert chat.choices[0].message.content == response.output_text == text
+    assert text_of(message) == text
+
+
+def test_errors_on_the_newer_paths(url: str) -> None:
+    with openai_client(url) as oa, pytest.raises(openai.NotFoundError) as not_found:
+        oa.responses.create(model="nope", input="hi")
+    assert not_found.value.body == {
+        "message": 'model "nope" not found, try pulling it first',
+        "type": "not_found_error",
+        "param": None,
+        "code": None,
+    }
+    with anthropic_client(url) as an, pytest.raises(anthropic.NotFoundError) as missing:
+        an.messages.create(
+            model="nope", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    body = missing.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"] == {
+        "type": "not_found_error",
+        "message": 'model "nope" not found, try pulling it first',
+    }
+    assert body["request_id"].startswith("req_")
+    no_max = httpx.post(
+        url + "/v1/messages", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert no_max.status_code == 400
+    assert no_max.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "max_tokens is required and must be positive",
+    }
+    bad_format = httpx.post(
+        url + "/v1/embeddings", json={"model": MODEL, "input": "x", "encoding_format": "int8"}
+    )
+    assert bad_format.status_code == 400
+    assert bad_format.json()["error"]["message"].startswith("Invalid value for 'encoding_format'")
+    bad_input = httpx.post(url + "/api/embed", json={"model": MODEL, "input": [1, 2]})
+    assert (bad_input.status_code, bad_input.json()) == (400, {"error": "invalid input type"})
+    unknown = httpx.post(url + "/api/embed", json={"model": "nope", "input": "x"})
+    assert unknown.json() == {"error": 'model "nope" not found, try pulling it first'}
+    bad_keep_alive = httpx.post(url + "/api/generate", json={"model": MODEL, "keep_alive": "soon"})
+    assert bad_keep_alive.json() == {"error": 'time: invalid duration "soon"'}
+    assert stats(url)["failed"] == 7
+
+
+def test_root_version_and_tags_answer_head_as_in_ollama(url: str) -> None:
+    for path in ("/", "/api/version", "/api/tags"):
+        head = httpx.head(url + path)
+        assert head.status_code == 200 and head.content == b"", path
+    assert httpx.head(url + "/api/ps").status_code == 405  # GET only, as in Gin
+    wrong = httpx.get(url + "/api/generate")
+    assert (wrong.status_code, wrong.text) == (405, "405 method not allowed")
+    assert httpx.get(url + "/api/nothing").text == "404 page not found"
+    shown = httpx.post(url + "/api/show", json={"model": "nope"})
+    assert (shown.status_code, shown.json()) == (404, {"error": "model 'nope:latest' not found"})
+    assert httpx.post(url + "/api/show", content=b"").json() == {"error": "missing request body"}
+
+
+def test_langchain_ollama(url: str) -> None:
+    import langchain_ollama
+
+    chat = langchain_ollama.ChatOllama(model=MODEL, base_url=url, validate_model_on_init=True)
+    embeddings = langchain_ollama.OllamaEmbeddings(model=MODEL, base_url=url)
+    try:
+        reply = chat.invoke("Why is the sky blue?")
+        streamed = "".join(str(chunk.content) for chunk in chat.stream("Why is the sky blue?"))
+        vector = embeddings.embed_query("hello")
+    finally:  # langchain keeps its ollama.Client open; close its sockets here
+        chat._client.close()
+        embeddings._client.close()
+    assert isinstance(reply.content, str) and len(reply.content.split()) == 8
+    assert streamed == reply.content
+    assert reply.usage_metadata and reply.usage_metadata["output_tokens"] == 8
+    assert len(vector) == 384
+
+
 # --- content, errors -------------------------------------------------------------------
 
 
@@ -221,6 +477,8 @@ def test_cli_options(one_slot_sim: Process) -> None:
         "token_delay_s": 0.05,
         "parallel": 1,
         "fail_mode": "none",
+        "load_time_s": 0.0,
+        "max_loaded": 0,
     }
     names = [m["name"] for m in httpx.get(one_slot_sim.url + "/api/tags").json()["models"]]
     assert names == ["llama3.2:latest", "tiny:1b"]
@@ -284,6 +542,26 @@ def test_disconnect_mid_stream_stops_the_request(url: str, path: str, body: Any)
     assert counters["running"] == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": MODEL, "input": "hi", "stream": True}),
+        ("/v1/messages", {"model": MODEL, "max_tokens": 999, "messages": MESSAGES, "stream": True}),
+        ("/api/pull", {"model": "some-model:7b"}),  # not inference: not counted, just answered
+    ],
+)
+def test_disconnect_mid_stream_on_the_newer_apis(url: str, path: str, body: Any) -> None:
+    configure(url, token_delay_s=0.05, tokens=200)
+    with httpx.Client(base_url=url) as client, client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        _lines = first_line(response)
+    wait_until(lambda: stats(url)["in_flight"] == 0, timeout=2, what="in_flight back to 0")
+    counters = stats(url)
+    inference = path.startswith("/v1/")
+    assert (counters["cancelled"], counters["completed"]) == ((1, 0) if inference else (0, 0))
+    assert counters["running"] == 0
+
+
 def test_disconnect_while_waiting_for_a_slot(url: str) -> None:
     configure(url, parallel=1, token_delay_s=0.05, tokens=200)
     body = {"model": MODEL, "prompt": "hi"}
@@ -311,6 +589,26 @@ def test_fail_mode_error500(url: str) -> None:
     assert stats(url)["failed"] == 3
 
 
+def test_fail_mode_error500_in_each_api_shape(url: str) -> None:
+    configure(url, fail_mode="error500")
+    with anthropic_client(url) as an, pytest.raises(anthropic.InternalServerError) as failed:
+        an.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    body = failed.value.body
+    assert isinstance(body, dict)
+    assert body["error"] == {"type": "api_error", "message": "simulated failure"}
+    with openai_client(url) as oa, pytest.raises(openai.InternalServerError) as oa_failed:
+        oa.responses.create(model=MODEL, input="hi")
+    assert oa_failed.value.body == {
+        "message": "simulated failure",
+        "type": "api_error",
+        "param": None,
+        "code": None,
+    }
+    embed = httpx.post(url + "/api/embed", json={"model": MODEL, "input": "hi"})
+    assert (embed.status_code, embed.json()) == (500, {"error": "simulated failure"})
+    assert stats(url)["failed"] == 3
+
+
 def test_fail_mode_hang(url: str) -> None:
     configure(url, fail_mode="hang")
     with pytest.raises(httpx.ReadTimeout):
@@ -331,8 +629,9 @@ def test_reset_zeroes_counters_and_maxima(url: str) -> None:
     before = stats(url)
     assert before["requests"] == before["completed"] == 1 and before["max_running"] == 1
     reset = httpx.post(url + "/sim/reset").json()
-    counters = {k: v for k, v in reset.items() if k != "config"}
+    counters = {k: v for k, v in reset.items() if k not in ("config", "loads_by_model")}
     assert counters == dict.fromkeys(counters, 0)
+    assert reset["loads_by_model"] == {}
 
 
 def test_config_changes_are_validated(url: str) -> None:
