@@ -1,5 +1,10 @@
-"""Admission: the key's token bucket and the GPU backlog, decided by one atomic script
-that also enqueues the job (`shared/lua/admit.lua`)."""
+"""Admission: the key's request and token buckets and the GPU backlog, decided by one
+atomic script that also enqueues the job (`shared/lua/admit.lua`).
+
+What it answers, success or not, carries the key's limits as headers: `X-RateLimit-*`
+(and `-Tokens` with a tpm tier) and the IETF draft-10 `RateLimit-Policy` / `RateLimit`
+structured fields, one item per policy in force.
+"""
 
 from __future__ import annotations
 
@@ -21,52 +26,94 @@ from shared.errors import (
     Unavailable,
 )
 from shared.estimates import Backlog
-from shared.jobs import new_job_id, record_ttl_ms
+from shared.jobs import JobStatus, job_object, record_ttl_ms
+from shared.scripts import AdmitOutcome, AdmitReply
 
 BREAKER_RETRY_AFTER_S = 5
-"""Workers probe Ollama every second while the breaker is open; it closes on an answer."""
+"""Workers probe a backend every second while its breaker is open; it closes on an answer."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One policy's state: a bucket of `capacity` refilled in `window_s` from empty."""
+
+    name: str
+    capacity: int
+    window_s: float
+    remaining: float
+    full_in_s: float
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    limit: int
-    remaining: int
-    reset_epoch_s: int
+    requests: Limit
+    tokens: Limit | None = None
 
     def headers(self) -> dict[str, str]:
-        return {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Remaining": str(self.remaining),
-            "X-RateLimit-Reset": str(self.reset_epoch_s),
+        requests = self.requests
+        out = {
+            "X-RateLimit-Limit": str(requests.capacity),
+            "X-RateLimit-Remaining": str(_whole(requests.remaining)),
+            "X-RateLimit-Reset": str(math.ceil(time.time() + requests.full_in_s)),
         }
+        limits = [requests]
+        if self.tokens is not None:
+            out["X-RateLimit-Limit-Tokens"] = str(self.tokens.capacity)
+            out["X-RateLimit-Remaining-Tokens"] = str(_whole(self.tokens.remaining))
+            limits.append(self.tokens)
+        out["RateLimit-Policy"] = ", ".join(
+            f'"{lim.name}";q={lim.capacity};w={math.ceil(lim.window_s)}' for lim in limits
+        )
+        out["RateLimit"] = ", ".join(
+            f'"{lim.name}";r={_whole(lim.remaining)};t={math.ceil(lim.full_in_s)}' for lim in limits
+        )
+        return out
 
 
-@dataclass(frozen=True)
-class Admitted:
-    owner: str
-    job_id: str
-    replayed: bool
-    """An Idempotency-Key named a job admitted before: this is that job."""
-    queue_position: int | None
-    backlog: Backlog
-    rate_limit: RateLimit
-
-    @property
-    def estimated_start_s(self) -> float | None:
-        if self.queue_position is None:
-            return None
-        return round(self.backlog.start_in_s(self.queue_position), 3)
+def _whole(value: float) -> int:
+    return max(0, math.floor(value))
 
 
 @dataclass(frozen=True)
 class JobRequest:
     endpoint: str
+    model: str
     body: str
     """The request body as JSON text, relayed to Ollama as it is."""
     stream: bool
     sync: bool
+    max_tokens: int = 0
+    """What the request names as its most output tokens (0: it names none)."""
     deadline_s: float | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An admitted request: its job is queued (or, replayed, the job admitted before)."""
+
+    owner: str
+    job_id: str
+    endpoint: str
+    status: JobStatus
+    created_at_ms: int
+    queue_position: int | None
+    backlog: Backlog
+    rate_limit: RateLimit
+
+    def job(self) -> dict[str, object]:
+        """The job object of the 202, without reading the job back."""
+        estimate = None
+        if self.queue_position is not None:
+            estimate = round(self.backlog.start_in_s(self.queue_position), 3)
+        return job_object(
+            self.job_id,
+            self.status,
+            self.endpoint,
+            self.created_at_ms,
+            queue_position=self.queue_position,
+            estimated_start_s=estimate,
+        )
 
 
 def body_digest(body: str) -> str:
@@ -78,82 +125,108 @@ def _with_limits(error: GatewayError, rate_limit: RateLimit) -> GatewayError:
     return error
 
 
-async def admit(gate: Gate, who: Identity, request: JobRequest) -> Admitted:
-    """Admit `request` for `who` and enqueue it, or raise the SPEC's 429/409/503."""
+async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:
+    """Admit `request` for `who` and enqueue it as `job_id`, or raise the SPEC's 429/409/503."""
     settings, tier = gate.settings, who.tier
     idem = digest = ""
     if request.idempotency_key:  # the request is compared only when a key may replay it
         idem = keys.idempotency(who.owner, body_digest(request.idempotency_key))
         canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
         digest = body_digest(canonical)
-    reply = await gate.request_script(
-        "admit",
-        [
-            who.owner,
-            tier.rate.per_second / 1000,
-            tier.burst,
-            settings.max_queue_depth,
-            tier.max_queued,
-            tier.priority_boost_ms,
-            new_job_id(),
-            request.endpoint,
-            request.body,
-            int(request.stream),
-            int(request.sync),
-            int((request.deadline_s or 0) * 1000),
-            who.name,
-            idem,
-            digest,
-            settings.result_ttl * 1000,
-            int(settings.lease_ttl * 3000),
-            settings.gpu_concurrency,
-            record_ttl_ms(settings.result_ttl),
-        ],
+    tpm = tier.tpm
+    reply = await gate.on_lane(
+        lambda scripts: scripts.admit(
+            owner=who.owner,
+            owner_name=who.name,
+            usage_name=who.usage_name,
+            rate_per_ms=tier.rate.per_second / 1000,
+            burst=tier.burst,
+            tpm_per_ms=tpm.per_second / 1000 if tpm else 0,
+            tpm_burst=int(tpm.amount) if tpm else 0,
+            reserve_tokens=request.max_tokens if tpm else 0,
+            max_depth=settings.max_queue_depth,
+            max_queued=tier.max_queued,
+            priority=tier.priority,
+            boost_ms=tier.priority_boost_ms,
+            weight=tier.weight,
+            job_id=job_id,
+            endpoint=request.endpoint,
+            model=request.model,
+            body=request.body,
+            stream=request.stream,
+            sync=request.sync,
+            deadline_ms=int((request.deadline_s or 0) * 1000),
+            idempotency_key=idem,
+            digest=digest,
+            result_ttl_ms=settings.result_ttl * 1000,
+            record_ttl_ms=record_ttl_ms(settings.result_ttl),
+            worker_stale_ms=settings.worker_stale_ms,
+            backends=gate.fleet,
+        )
     )
     if reply is None:
         raise refuse_during_outage(gate, who)
-    outcome, job_id = reply[0].decode(), reply[1].decode()
-    tokens = float(reply[2])
-    rate_limit = RateLimit(
-        limit=tier.burst,
-        remaining=max(0, math.floor(tokens)),
-        reset_epoch_s=math.ceil(time.time() + int(reply[3]) / 1000),
-    )
-    next_token_s = int(reply[4]) / 1000
+    rate_limit = _rate_limit(who, reply)
     backlog = Backlog(
-        depth=int(reply[5]),
-        running=int(reply[6]),
-        cap=int(reply[7]),
-        mean_job_ms=float(reply[8]) if reply[8] else None,
+        depth=reply.depth,
+        running=reply.running,
+        cap=reply.serving_cap or reply.cap,
+        mean_job_ms=reply.mean_job_ms,
     )
-    rank = int(reply[9])
-    gate.metrics.admission(outcome)
-    if outcome in ("admitted", "existing"):
+    gate.metrics.admission(reply.outcome)
+    if reply.outcome in (AdmitOutcome.ADMITTED, AdmitOutcome.EXISTING):
         return Admitted(
-            who.owner,
-            job_id,
-            outcome == "existing",
-            rank if rank >= 0 else None,
-            backlog,
-            rate_limit,
+            owner=who.owner,
+            job_id=reply.job_id,
+            endpoint=request.endpoint,
+            status=JobStatus(reply.status),
+            created_at_ms=reply.created_at_ms,
+            queue_position=reply.rank if reply.rank >= 0 else None,
+            backlog=backlog,
+            rate_limit=rate_limit,
         )
-    error: GatewayError
-    if outcome == "rate_limited":
-        error = RateLimited(next_token_s)
-    elif outcome == "queue_full":
-        error = QueueFull(backlog.room_in_s(settings.max_queue_depth), backlog.depth)
-    elif outcome == "queue_full_key":
-        error = QueueFull(backlog.start_in_s(max(rank, 0)), backlog.depth, scope="key")
-    elif outcome == "conflict":
-        error = Conflict("This Idempotency-Key was used with a different request body.")
-    elif outcome == "backend_down":
-        error = Unavailable(
-            "Ollama is not answering (circuit breaker open); try again shortly.",
+    raise _with_limits(_refusal(reply, backlog, settings.max_queue_depth), rate_limit)
+
+
+def _rate_limit(who: Identity, reply: AdmitReply) -> RateLimit:
+    tier = who.tier
+    requests = Limit(
+        "requests",
+        tier.burst,
+        tier.burst / tier.rate.per_second,
+        reply.tokens,
+        reply.full_in_ms / 1000,
+    )
+    tokens = None
+    if tier.tpm is not None and reply.budget is not None:
+        tokens = Limit(
+            "tokens",
+            int(tier.tpm.amount),
+            tier.tpm.period_s,
+            reply.budget,
+            reply.budget_full_in_ms / 1000,
+        )
+    return RateLimit(requests, tokens)
+
+
+def _refusal(reply: AdmitReply, backlog: Backlog, max_depth: int) -> GatewayError:
+    outcome = reply.outcome
+    if outcome is AdmitOutcome.RATE_LIMITED:
+        return RateLimited(reply.next_token_ms / 1000)
+    if outcome is AdmitOutcome.TOKEN_LIMITED:
+        return RateLimited(reply.budget_ready_in_ms / 1000, limit="tokens")
+    if outcome is AdmitOutcome.QUEUE_FULL:
+        return QueueFull(backlog.room_in_s(max_depth), backlog.depth)
+    if outcome is AdmitOutcome.QUEUE_FULL_KEY:
+        return QueueFull(backlog.start_in_s(max(reply.rank, 0)), backlog.depth, scope="key")
+    if outcome is AdmitOutcome.CONFLICT:
+        return Conflict("This Idempotency-Key was used with a different request body.")
+    if outcome is AdmitOutcome.BACKEND_DOWN:
+        return Unavailable(
+            "No Ollama backend is answering (circuit breakers open); try again shortly.",
             retry_after_s=BREAKER_RETRY_AFTER_S,
         )
-    else:  # no_worker
-        error = Unavailable("No gpugate worker is alive to run the job.", retry_after_s=5)
-    raise _with_limits(error, rate_limit)
+    return Unavailable("No gpugate worker is alive to run the job.", retry_after_s=5)
 
 
 def refuse_during_outage(gate: Gate, who: Identity) -> GatewayError:
@@ -161,12 +234,14 @@ def refuse_during_outage(gate: Gate, who: Identity) -> GatewayError:
     bucket for a key that is over its rate (api/fallback.py)."""
     tier = who.tier
     decision = gate.local_buckets.take(who.owner, tier.rate.per_second, tier.burst)
-    rate_limit = RateLimit(
-        limit=tier.burst,
-        remaining=decision.remaining,
-        reset_epoch_s=math.ceil(time.time() + decision.full_in_s),
+    requests = Limit(
+        "requests",
+        tier.burst,
+        tier.burst / tier.rate.per_second,
+        decision.remaining,
+        decision.full_in_s,
     )
     error: GatewayError = (
         RateLimited(decision.next_token_s) if not decision.allowed else RedisUnavailable()
     )
-    return _with_limits(error, rate_limit)
+    return _with_limits(error, RateLimit(requests))

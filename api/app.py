@@ -1,5 +1,10 @@
 """The gpugate API: `create_app(settings)` builds it; its lifespan opens and closes the
-Redis clients and the HTTP client to Ollama. Nothing connects at import."""
+Redis clients and the HTTP client to Ollama. Nothing connects at import.
+
+One request's path: api/edge.py (body, identity, admission: api/admission.py, which runs
+shared/lua/admit.lua through shared/scripts.py) → its route (api/routes/) → api/relay.py,
+which relays the job's events as the worker (worker/jobs.py) writes them.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,10 @@ import httpx
 from fastapi import FastAPI
 
 from api import errors
+from api.body_limit import BodyLimit
 from api.edge import AdmissionEdge
-from api.limits import BodyLimit
 from api.metrics import Metrics, RequestMetrics
-from api.routes import admin, inference, jobs, service
+from api.routes import admin, inference, jobs, models, service
 from api.state import Gate
 from api.tiers import Keyring
 from shared import store
@@ -39,8 +44,9 @@ def create_app(settings: Settings) -> FastAPI:
             settings=settings,
             redis=redis,
             blocking_redis=blocking_redis,
-            scripts=Scripts.register(redis),
+            scripts=Scripts(redis.execute_command),
             lane=lane,
+            lane_scripts=Scripts(lane.execute),
             http=http,
             keyring=keyring,
             trusted=settings.trusted_networks,
@@ -61,7 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (inference, jobs, service, admin):
+    for module in (inference, jobs, models, service, admin):
         app.include_router(module.router)
     app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

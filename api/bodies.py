@@ -1,16 +1,21 @@
-"""Request bodies, checked before anything is queued. Only what gpugate relies on is
-checked (the model, the stream flag, the messages or prompt); everything else is Ollama's
-to judge and is relayed as sent."""
+"""Request bodies, checked once, before anything is queued (api/edge.py). Only what gpugate
+relies on is checked (the model, the stream flag, what the endpoint cannot do without);
+everything else is Ollama's to judge and is relayed as sent.
+
+Bodies are JSON whatever the Content-Type (absent, form-encoded, text/plain: what
+`curl -d`, LiteLLM and `hey` send), as Ollama reads them.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from shared.errors import InvalidRequest
 
 ModelName = Annotated[StrictStr, Field(min_length=1, max_length=512)]
+TokenCount = Annotated[StrictInt, Field(ge=0)]
 
 
 class Inference(BaseModel):
@@ -18,6 +23,19 @@ class Inference(BaseModel):
 
     model: ModelName
     stream: StrictBool | None = None
+
+    def named_max_tokens(self) -> int:
+        """The most tokens the request may generate, when it names a limit (0: none)."""
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            value = getattr(self, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        options = getattr(self, "options", None)
+        if isinstance(options, dict):
+            value = options.get("num_predict")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
 
 
 class ChatCompletionBody(Inference):
@@ -32,6 +50,25 @@ class CompletionBody(Inference):
     prompt: StrictStr | list[StrictStr]
 
 
+class EmbeddingsBody(Inference):
+    """OpenAI `POST /v1/embeddings` and Ollama `POST /api/embed`: never streamed."""
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+class ResponsesBody(Inference):
+    """OpenAI Responses `POST /v1/responses`, as Ollama serves it."""
+
+    input: StrictStr | list[Any]
+
+
+class MessagesBody(Inference):
+    """Anthropic Messages `POST /v1/messages`, as Ollama serves it."""
+
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    max_tokens: TokenCount | None = None
+
+
 class GenerateBody(Inference):
     """Ollama `POST /api/generate`."""
 
@@ -44,14 +81,35 @@ class ChatBody(Inference):
     messages: list[dict[str, Any]] | None = None
 
 
+class LegacyEmbeddingsBody(Inference):
+    """Ollama `POST /api/embeddings` (its older embedding form)."""
+
+    prompt: StrictStr
+
+
 BODIES: dict[str, type[Inference]] = {
-    "/v1/chat/completions": ChatCompletionBody,
-    "/v1/completions": CompletionBody,
     "/api/generate": GenerateBody,
     "/api/chat": ChatBody,
+    "/api/embed": EmbeddingsBody,
+    "/api/embeddings": LegacyEmbeddingsBody,
+    "/v1/chat/completions": ChatCompletionBody,
+    "/v1/completions": CompletionBody,
+    "/v1/embeddings": EmbeddingsBody,
+    "/v1/responses": ResponsesBody,
+    "/v1/messages": MessagesBody,
 }
 
-InferenceEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat"]
+InferenceEndpoint = Literal[
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+]
 
 
 class JobBody(BaseModel):
@@ -65,22 +123,26 @@ class JobBody(BaseModel):
     """Past this many seconds, a job still queued is cancelled (`deadline_exceeded`)."""
 
 
-def streams(endpoint: str, stream: bool | None) -> bool:
-    """Ollama streams by default on /api/*, OpenAI-compatible endpoints do not."""
-    return endpoint.startswith("/api/") if stream is None else stream
-
-
 def field_errors(exc: ValidationError, prefix: str = "") -> str:
     """`messages: Field required; model: Input should be a valid string`."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "body")
-        parts.append(f"{prefix}{loc}: {err['msg']}" if loc else err["msg"])
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(
+            f"{prefix}{loc}: {err['msg']}" if loc else f"{prefix.rstrip('.')}: {err['msg']}"
+        )
     return "; ".join(parts)
 
 
-def check_inference(endpoint: str, body: dict[str, Any], prefix: str = "") -> None:
+def parse(model: type[BaseModel], raw: bytes | dict[str, Any], prefix: str = "") -> Any:
+    """`raw` validated by `model`, or the SPEC's 400 (not JSON) / 422 (naming the field)."""
+    if not raw and not isinstance(raw, dict):
+        raise InvalidRequest("body: Field required")
     try:
-        BODIES[endpoint].model_validate(body)
+        if isinstance(raw, dict):
+            return model.model_validate(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
+        if any(err["type"] == "json_invalid" for err in exc.errors()):
+            raise InvalidRequest("The body is not valid JSON.", status=400) from exc
         raise InvalidRequest(field_errors(exc, prefix)) from exc

@@ -27,6 +27,17 @@ class Identity:
     name: str
     """What logs and metrics show: the key's name, its fingerprint, or the IP."""
     tier: Tier
+    named: bool = False
+    """A key listed in the keys file (its `name` is then what usage reports)."""
+
+    @property
+    def usage_name(self) -> str:
+        """The name in /admin/usage and the per-key metrics: the keys file's `name`, else
+        `anonymous` (so the metrics' label values stay bounded)."""
+        return self.name if self.named else ANONYMOUS
+
+
+ANONYMOUS = "anonymous"
 
 
 def presented_key(conn: HTTPConnection) -> str | None:
@@ -67,7 +78,7 @@ def identify(
             entry = keyring.lookup(key)
             if entry is None:
                 raise InvalidApiKey("Unknown API key.")
-            return Identity(f"key:{entry.sha256}", entry.name, entry.tier)
+            return Identity(f"key:{entry.sha256}", entry.name, entry.tier, named=True)
         return Identity(f"key:{key_digest(key)}", f"key:{fingerprint(key)}", keyring.default)
     if require_key:
         raise InvalidApiKey("An API key is required (X-API-Key or Authorization: Bearer).")

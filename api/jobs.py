@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.events import wait_for_end
-from api.queue import backlog_from, queue_backlog
+from api.snapshot import backlog_from, queue_backlog
 from api.state import Gate
 from shared import keys
 from shared.errors import Conflict, NotFound
 from shared.estimates import Backlog
 from shared.jobs import Job
+from shared.scripts import CancelVerdict
 from shared.store import redis_errors
 
 _NOT_FOUND = "No such job."
@@ -36,11 +37,11 @@ async def read_job(gate: Gate, owner: str, job_id: str) -> JobView:
         async with gate.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.zrank(keys.QUEUED, job_id)
-            queue_backlog(pipe)
+            queue_backlog(pipe, gate.settings)
             raw, rank, *backlog = await pipe.execute()
     if not raw or raw.get(b"owner", b"").decode() != owner:
         raise NotFound(_NOT_FOUND)
-    return JobView(Job.from_hash(raw), rank, backlog_from(backlog, gate.settings.gpu_concurrency))
+    return JobView(Job.from_hash(raw), rank, backlog_from(backlog, gate.settings))
 
 
 async def wait_job(gate: Gate, owner: str, job_id: str, wait_s: float) -> JobView:
@@ -69,22 +70,16 @@ async def cancel_job(
 
     With `only_if_queued`, a running job is left to finish (a sync call that timed out).
     """
-    with redis_errors():
-        reply = await gate.scripts.cancel(
-            args=[
-                job_id,
-                owner,
-                code,
-                message,
-                gate.settings.result_ttl * 1000,
-                int(only_if_queued),
-            ]
-        )
-    verdict = reply[0].decode()
-    if verdict == "not_found":
+    reply = await gate.scripts.cancel(
+        job_id=job_id,
+        owner=owner,
+        code=code,
+        message=message,
+        result_ttl_ms=gate.settings.result_ttl * 1000,
+        only_if_queued=only_if_queued,
+    )
+    if reply.verdict is CancelVerdict.NOT_FOUND:
         raise NotFound(_NOT_FOUND)
-    if verdict == "finished":
-        raise Conflict(f"The job has already finished ({reply[1].decode()}).")
-    if verdict == "running":
-        return "running"
-    return str(reply[1].decode())
+    if reply.verdict is CancelVerdict.FINISHED:
+        raise Conflict(f"The job has already finished ({reply.status}).")
+    return reply.status

@@ -17,18 +17,19 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.scripts import AdmitOutcome
+
 if TYPE_CHECKING:
-    from api.queue import Snapshot
+    from api.snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-REJECTIONS = {
-    "rate_limited": "rate_limit_exceeded",
-    "queue_full": "queue_full",
-    "queue_full_key": "queue_full_key",
-    "no_worker": "no_worker",
-    "backend_down": "backend_down",
-}
+REJECTIONS = tuple(
+    outcome.value
+    for outcome in AdmitOutcome
+    if outcome not in (AdmitOutcome.ADMITTED, AdmitOutcome.EXISTING, AdmitOutcome.CONFLICT)
+)
+"""Why admission refused: one name each, in /metrics, /admin/status and Redis's stats."""
 
 
 class _QueueCollector(Collector):
@@ -44,13 +45,37 @@ class _QueueCollector(Collector):
         backlog = snap.backlog
         yield _gauge("gpugate_queue_depth", "Jobs admitted and not yet running.", backlog.depth)
         yield _gauge("gpugate_running_jobs", "Jobs holding a GPU slot.", backlog.running)
-        yield _gauge("gpugate_gpu_concurrency", "The global GPU-slot cap.", backlog.cap)
+        yield _gauge("gpugate_gpu_concurrency", "The fleet's GPU-slot cap (sum).", backlog.cap)
         yield _gauge("gpugate_workers_alive", "Workers with a recent heartbeat.", len(snap.workers))
         yield _gauge(
             "gpugate_breaker_open",
-            "1 while the circuit breaker refuses new work because Ollama is not answering.",
-            int(snap.breaker_open),
+            "1 while every backend's circuit breaker is open (new work is refused).",
+            int(not any(b.healthy for b in snap.queue.backends)),
         )
+        for name, doc, value in (
+            ("gpugate_backend_running", "Jobs holding a GPU slot on the backend.", "running"),
+            ("gpugate_backend_gpu_concurrency", "The backend's GPU-slot cap.", "gpu_concurrency"),
+            ("gpugate_backend_up", "1 unless the backend's circuit breaker is open.", "healthy"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["backend"])
+            for b in snap.queue.backends:
+                family.add_metric([b.name], float(b.public()[value]))
+            yield family
+        loads = CounterMetricFamily(
+            "gpugate_model_loads", "Model loads seen on a backend.", labels=["backend", "model"]
+        )
+        for (backend, model), count in sorted(snap.model_loads.items()):
+            loads.add_metric([backend, model], count)
+        yield loads
+        tokens = CounterMetricFamily(
+            "gpugate_key_tokens",
+            "Tokens served per named key (else `anonymous`), fleet-wide.",
+            labels=["key", "kind"],
+        )
+        for key, usage in sorted(snap.usage.items()):
+            for kind in ("input", "output"):
+                tokens.add_metric([key, kind], usage.get(f"{kind}_tokens", 0.0))
+        yield tokens
         yield _gauge(
             "gpugate_estimated_wait_seconds",
             "Estimated queue wait of a job admitted now.",
@@ -104,15 +129,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        for reason in REJECTIONS.values():
+        for reason in REJECTIONS:
             self.rejections.labels(reason)
         self.queue = _QueueCollector()
         self.registry.register(self.queue)
 
     def admission(self, outcome: str) -> None:
-        reason = REJECTIONS.get(outcome)
-        if reason is not None:
-            self.rejections.labels(reason).inc()
+        if outcome in REJECTIONS:
+            self.rejections.labels(outcome).inc()
 
     def render(self, snapshot: Snapshot) -> bytes:
         self.queue.snapshot = snapshot

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from api.events import JobEvents, StreamGap
+from api.events import Event, JobEvents, StreamGap
 from api.jobs import cancel_job, read_job
 from api.state import Gate
 from shared.errors import (
@@ -29,7 +31,7 @@ from shared.errors import (
     GatewayTimeout,
     RedisUnavailable,
 )
-from shared.jobs import Job, JobStatus
+from shared.jobs import JobStatus
 
 log = logging.getLogger("gpugate.api")
 
@@ -38,27 +40,48 @@ def _error_response(error: GatewayError, headers: dict[str, str]) -> Response:
     return JSONResponse(error.body(), error.status, headers={**headers, **error.headers})
 
 
-def outcome_response(job: Job, headers: dict[str, str]) -> Response:
+def outcome_response(
+    job_id: str,
+    status: JobStatus,
+    http_status: int | None,
+    content_type: str,
+    result: str,
+    error: dict[str, Any] | None,
+    headers: dict[str, str],
+) -> Response:
     """A finished job as the synchronous caller's answer."""
-    if job.http_status is not None and job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+    if http_status is not None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         # Ollama answered: its status and body, unchanged (also its own errors).
-        return Response(
-            job.result.encode(), job.http_status, headers, media_type=job.content_type or None
-        )
-    error = job.error or {}
-    if job.status is JobStatus.CANCELLED:
+        return Response(result.encode(), http_status, headers, media_type=content_type or None)
+    error = error or {}
+    if status is JobStatus.CANCELLED:
         if error.get("code") == "deadline_exceeded":
             return _error_response(
                 GatewayTimeout(
                     "The job was still queued when GPUGATE_SYNC_TIMEOUT passed.",
-                    job_id=job.id,
-                    status=job.status.value,
+                    job_id=job_id,
+                    status=status.value,
                 ),
                 headers,
             )
-        return _error_response(Conflict("The job was cancelled.", job_id=job.id), headers)
+        return _error_response(Conflict("The job was cancelled.", job_id=job_id), headers)
     message = str(error.get("message", "Ollama failed."))
-    return _error_response(BackendError(message, job_id=job.id), headers)
+    return _error_response(BackendError(message, job_id=job_id), headers)
+
+
+def _end_response(event: Event, job_id: str, headers: dict[str, str]) -> Response:
+    """The answer carried by a synchronous job's `end` event (finish.lua puts it there)."""
+    error = event.text("error")
+    http_status = event.text("http_status")
+    return outcome_response(
+        job_id,
+        JobStatus(event.text("status")),
+        int(http_status) if http_status else None,
+        event.text("content_type"),
+        event.text("result"),
+        json.loads(error) if error else None,
+        headers,
+    )
 
 
 class JobRelay(Response):
@@ -94,31 +117,33 @@ class JobRelay(Response):
 
     async def _relay(self, send: Send) -> None:
         started = False
+        end: Event | None = None
         events = JobEvents(self.gate.blocking_redis, self.job_id, self.deadline)
         try:
-            async for event in events:
-                if event.kind == "head":
-                    started = True
-                    events.deadline = None  # a stream that began is not cut short
+            async for batch in events:
+                chunks: list[bytes] = []
+                for event in batch:
+                    if event.kind == "head":
+                        started = True
+                        events.deadline = None  # a stream that began is not cut short
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": int(event.text("status")),
+                                "headers": _raw_headers(
+                                    {**self.relay_headers, "content-type": event.text("ctype")}
+                                ),
+                            }
+                        )
+                    elif event.kind == "chunk":
+                        chunks.append(event.fields[b"data"])
+                    elif event.kind == "end":
+                        self.finished = True
+                        end = event
+                if chunks:  # what piled up since the last read goes out together
                     await send(
-                        {
-                            "type": "http.response.start",
-                            "status": int(event.text("status")),
-                            "headers": _raw_headers(
-                                {**self.relay_headers, "content-type": event.text("ctype")}
-                            ),
-                        }
+                        {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
                     )
-                elif event.kind == "chunk":
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": event.fields[b"data"],
-                            "more_body": True,
-                        }
-                    )
-                elif event.kind == "end":
-                    self.finished = True
         except StreamGap as exc:
             log.error("job %s: stream relay incomplete: %s", self.job_id, exc)
             if not started:
@@ -139,10 +164,12 @@ class JobRelay(Response):
         if started:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        response = await self._final_response()
+        response = await self._final_response(end)
         await response({"type": "http"}, _no_receive, send)
 
-    async def _final_response(self) -> Response:
+    async def _final_response(self, end: Event | None) -> Response:
+        if end is not None and (b"http_status" in end.fields or b"error" in end.fields):
+            return _end_response(end, self.job_id, self.relay_headers)
         if not self.finished:
             status = await self._timeout()
             error = GatewayTimeout(
@@ -151,8 +178,16 @@ class JobRelay(Response):
                 status=status,
             )
             return _error_response(error, self.relay_headers)
-        view = await read_job(self.gate, self.owner, self.job_id)
-        return outcome_response(view.job, self.relay_headers)
+        job = (await read_job(self.gate, self.owner, self.job_id)).job
+        return outcome_response(
+            job.id,
+            job.status,
+            job.http_status,
+            job.content_type,
+            job.result,
+            job.error,
+            self.relay_headers,
+        )
 
     async def _timeout(self) -> str:
         """The sync deadline passed: cancel the job if still queued; say what it is now."""

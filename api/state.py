@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import httpx
 from redis.asyncio import Redis
@@ -16,15 +16,16 @@ from api.fallback import OUTAGE_NOTE, LocalBuckets
 from api.identity import Network
 from api.metrics import Metrics
 from api.tiers import Keyring
-from shared import scripts
+from shared.errors import RedisUnavailable
 from shared.lane import Lane
 from shared.outage import Outage
-from shared.scripts import Scripts
+from shared.scripts import Scripts, fleet_argv
 from shared.settings import Settings
-from shared.store import DRIVER_ERRORS
 
 MAX_WAITERS = 256
 """`?wait=` reads that may wait at once in one API process; each holds a Redis connection."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,12 @@ class Gate:
     blocking_redis: Redis
     """XREAD BLOCK waits for job events; no read timeout."""
     scripts: Scripts
+    """The scripts on `redis` (cancel)."""
     lane: Lane
     """The pipelined connection of the per-request scripts (admission, /health bucket)."""
+    lane_scripts: Scripts
     http: httpx.AsyncClient
-    """Metadata calls straight to Ollama."""
+    """Metadata and model-management calls straight to Ollama."""
     keyring: Keyring
     trusted: list[Network]
     metrics: Metrics
@@ -50,16 +53,20 @@ class Gate:
         default_factory=lambda: Outage(logging.getLogger("gpugate.api"), "Redis")
     )
 
-    async def request_script(self, name: str, args: Sequence[Any]) -> Any | None:
-        """Run a script of the request path (`admit`, `bucket`) on the lane; None while Redis
-        is unavailable. An outage is logged once, and while it lasts one caller a second
-        tries Redis again (shared/outage.py); the others are answered at once."""
+    @property
+    def fleet(self) -> tuple[str | int, ...]:
+        return fleet_argv(self.settings.backends)
+
+    async def on_lane(self, call: Callable[[Scripts], Awaitable[T]]) -> T | None:
+        """Run a script of the request path on the lane; None while Redis is unavailable.
+        An outage is logged once, and while it lasts one caller a second tries Redis again
+        (shared/outage.py); the others are answered at once."""
         if not self.redis_outage.should_try():
             return None
         try:
-            reply = await self.lane.script(scripts.source(name), args)
-        except DRIVER_ERRORS as exc:
-            self.redis_outage.failed(exc, OUTAGE_NOTE)
+            reply = await call(self.lane_scripts)
+        except RedisUnavailable as exc:
+            self.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
             return None
         self.redis_outage.recovered()
         return reply

@@ -26,6 +26,12 @@ class Tier:
     burst: int
     max_queued: int
     priority: int
+    weight: float = 1.0
+    """Fair-share weight among keys of equal priority."""
+    tpm: Rate | None = None
+    """Token limit: a bucket of `tpm.amount` tokens refilled over `tpm.period_s`."""
+    manage_models: bool = False
+    """May pull, push, create, copy and delete models."""
 
     @property
     def priority_boost_ms(self) -> int:
@@ -95,12 +101,23 @@ def _tier(name: str, raw: dict[str, Any], default: Tier) -> Tier:
             burst=int(raw.get("burst", default.burst)),
             max_queued=int(raw.get("max_queued", default.max_queued)),
             priority=int(raw.get("priority", 0)),
+            weight=float(raw.get("weight", 1)),
+            tpm=Rate.parse(str(raw["tpm"])) if raw.get("tpm") is not None else None,
+            manage_models=_flag(raw.get("manage_models", False)),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"tier {name!r}: {exc}") from exc
     if tier.burst < 1 or tier.max_queued < 1:
         raise ValueError(f"tier {name!r}: burst and max_queued must be at least 1")
+    if not tier.weight > 0:
+        raise ValueError(f"tier {name!r}: weight must be above zero")
     return tier
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"manage_models must be true or false, not {value!r}")
+    return value
 
 
 def load_keys_file(path: Path, default: Tier) -> Keyring:

@@ -79,7 +79,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 def cmd_concurrency(args: argparse.Namespace) -> None:
     from gpugate.doctor import concurrency
 
-    asyncio.run(concurrency(_settings(), args.n, reset=args.reset))
+    asyncio.run(concurrency(_settings(), args.n, backend=args.backend, reset=args.reset))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -101,9 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("doctor", help="versions, settings, Redis, Ollama, workers").set_defaults(
         func=cmd_doctor
     )
-    conc = sub.add_parser("concurrency", help="show, or set live, the global GPU cap")
+    conc = sub.add_parser("concurrency", help="show, or set live, a backend's GPU cap")
     conc.add_argument("n", nargs="?", type=int, help="the new cap (1..1024)")
-    conc.add_argument("--reset", action="store_true", help="back to GPUGATE_GPU_CONCURRENCY")
+    conc.add_argument("--reset", action="store_true", help="back to the configured cap")
+    conc.add_argument("--backend", help="the backend (needed when there are several)")
     conc.set_defaults(func=cmd_concurrency)
     args = parser.parse_args(argv)
     args.func(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -10,8 +11,11 @@ from typing import Any
 
 import httpx
 
+from api.snapshot import read_queue
 from shared import keys, store
-from shared.settings import Settings
+from shared.errors import InvalidRequest, RedisUnavailable
+from shared.fleet import backend_named, set_cap
+from shared.settings import Backend, Settings
 
 PACKAGES = (
     "gpugate",
@@ -55,34 +59,42 @@ async def _redis_facts(settings: Settings) -> dict[str, Any]:
                         **(json.loads(raw) if raw else {}),
                     }
                 )
-        cap = await redis.get(keys.CAP)
+        queue = await read_queue(redis, settings)
         return {
             "redis_version": info.get("redis_version"),
             "used_memory_human": info.get("used_memory_human"),
             "maxmemory_policy": info.get("maxmemory_policy"),
-            "gpu_concurrency": int(cap) if cap else settings.gpu_concurrency,
-            "gpu_concurrency_source": "live (Redis)" if cap else "GPUGATE_GPU_CONCURRENCY",
-            "queue_depth": await redis.zcard(keys.QUEUED),
-            "running": await redis.zcard(keys.RUNNING),
+            "gpu_concurrency": queue.backlog.cap,
+            "backends": [b.public() for b in queue.backends],
+            "queue_depth": queue.backlog.depth,
+            "running": queue.backlog.running,
             "workers": live,
         }
+    except RedisUnavailable as exc:
+        return {"error": f"Redis unreachable: {exc.__cause__ or exc}"}
     except store.DRIVER_ERRORS as exc:
         return {"error": f"Redis unreachable: {exc}"}
     finally:
         await redis.aclose()
 
 
-async def _ollama_facts(settings: Settings) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as http:
-        try:
-            version = (await http.get(settings.ollama_url + "/api/version")).json()
-            tags = (await http.get(settings.ollama_url + "/api/tags")).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            return {"error": f"Ollama unreachable: {exc.__class__.__name__}: {exc}"}
+async def _backend_facts(http: httpx.AsyncClient, backend: Backend) -> dict[str, Any]:
+    facts: dict[str, Any] = {"name": backend.name, "url": backend.url}
+    try:
+        version = (await http.get(backend.url + "/api/version")).json()
+        tags = (await http.get(backend.url + "/api/tags")).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {**facts, "error": f"Ollama unreachable: {exc.__class__.__name__}: {exc}"}
     return {
+        **facts,
         "version": version.get("version"),
         "models": [m.get("name") for m in tags.get("models", [])],
     }
+
+
+async def _ollama_facts(settings: Settings) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return list(await asyncio.gather(*(_backend_facts(http, b) for b in settings.backends)))
 
 
 async def doctor(settings: Settings) -> None:
@@ -96,25 +108,34 @@ async def doctor(settings: Settings) -> None:
     print(json.dumps(report, indent=2))
 
 
-async def concurrency(settings: Settings, cap: int | None, *, reset: bool = False) -> None:
+async def concurrency(
+    settings: Settings, cap: int | None, *, backend: str | None = None, reset: bool = False
+) -> None:
     if cap is not None and not 1 <= cap <= 1024:
         sys.exit("gpugate: the cap must be between 1 and 1024")
     redis = store.connect(settings.redis_url)
     try:
         if reset or cap is not None:
-            async with redis.pipeline(transaction=True) as pipe:
-                if reset:
-                    pipe.delete(keys.CAP)
-                else:
-                    pipe.set(keys.CAP, str(cap))
-                pipe.publish(keys.SLOTS_CHANNEL, "cap")
-                await pipe.execute()
-        current = await redis.get(keys.CAP)
-        running = await redis.zcard(keys.RUNNING)
-    except store.DRIVER_ERRORS as exc:
-        sys.exit(f"gpugate: Redis unreachable at {settings.masked()['GPUGATE_REDIS_URL']}: {exc}")
+            name = backend_named(settings, backend)
+            if reset:
+                await redis.delete(keys.backend_cap(name))
+            else:
+                await set_cap(redis, name, cap or 1)
+        queue = await read_queue(redis, settings)
+    except InvalidRequest as exc:
+        sys.exit(f"gpugate: {exc.message.replace('backend: ', '--backend: ')}")
+    except RedisUnavailable as exc:
+        url = settings.masked()["GPUGATE_REDIS_URL"]
+        sys.exit(f"gpugate: Redis unreachable at {url}: {exc.__cause__ or exc}")
     finally:
         await redis.aclose()
-    value = int(current) if current else settings.gpu_concurrency
-    source = "set live" if current else "from GPUGATE_GPU_CONCURRENCY"
-    print(f"gpu_concurrency={value} ({source}); running={running}")
+    for b in queue.backends:
+        configured = settings.backend(b.name)
+        source = (
+            "set live"
+            if configured and b.gpu_concurrency != configured.gpu_concurrency
+            else "configured"
+        )
+        print(f"{b.name}: gpu_concurrency={b.gpu_concurrency} ({source}); running={b.running}")
+    if len(queue.backends) > 1:
+        print(f"fleet: gpu_concurrency={queue.backlog.cap}; running={queue.backlog.running}")

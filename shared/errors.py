@@ -7,7 +7,7 @@ GatewayError                      code, status, message, headers, extra body fie
  ├── NotFound                     404 not_found
  ├── Conflict                     409 conflict
  ├── RequestTooLarge              413 request_too_large
- ├── RateLimited                  429 rate_limit_exceeded (Retry-After)
+ ├── RateLimited                  429 rate_limit_exceeded (Retry-After; `limit: tokens`)
  ├── QueueFull                    429 queue_full (Retry-After, queue_depth)
  ├── BackendError                 502 backend_error
  ├── Unavailable                  503 unavailable (Retry-After)
@@ -96,7 +96,11 @@ class RateLimited(_RetryLater):
     code = "rate_limit_exceeded"
     status = 429
 
-    def __init__(self, retry_after_s: float) -> None:
+    def __init__(self, retry_after_s: float, limit: str | None = None) -> None:
+        if limit == "tokens":
+            message = "Token limit reached. Try again in {retry_after} seconds."
+            super().__init__(message, retry_after_s=retry_after_s, limit=limit)
+            return
         super().__init__(
             "Too many requests. Try again in {retry_after} seconds.", retry_after_s=retry_after_s
         )

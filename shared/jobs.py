@@ -1,5 +1,31 @@
-"""The job: what a client submitted, where it is, how it ended. Stored as a Redis HASH of
-plain strings (the request and the result as JSON text, never pickle)."""
+"""The job: what a client submitted, where it is, how it ended.
+
+A job is a Redis HASH at `gpugate:job:<id>` of plain strings (the request and the result
+as JSON text, never pickle). Its lifecycle, every move made inside one Lua script:
+
+    queued ──dispatch──▶ running ──finish──▶ succeeded | failed
+      │  ▲                  │  │
+      │  └──reap / retry────┘  └──cancel──▶ cancelled (the worker closes the Ollama call)
+      └──cancel / deadline──▶ cancelled
+
+`queued` is admitted but not yet running on Ollama. A *run* is one attempt at the job,
+named `<id>.<attempt>` (`keys.run_id`); a run whose worker died is reaped and the job is
+queued again as the next attempt (or failed after GPUGATE_MAX_ATTEMPTS); a run that
+failed on a backend before any byte reached its client is queued again too, avoiding that
+backend (`retry`).
+
+| field | written by | meaning |
+|---|---|---|
+| id, owner, owner_name, usage_name | admit | the job id; who submitted it (secret-free); its name in logs; its name in usage (the keys file's `name`, else `anonymous`) |
+| endpoint, model, body, stream, sync | admit | the Ollama path, the model, the body as JSON text, 1 if streamed, 1 for a synchronous call |
+| created_at, score, deadline_at | admit | ms; start score (admission ms minus priority boost); ms after which it is cancelled while still queued |
+| weight, reserved_tokens, tpm_rate, tpm_burst | admit | fair-share weight; tokens reserved from the tier's tpm bucket, and that bucket's refill per ms and size |
+| status, attempt, runs | admit, dispatch, reap, finish, cancel | state above; current attempt; runs started |
+| worker, backend, started_at, vtc_charged | dispatch | who runs it where, since when; fair-share charge made at dispatch |
+| avoid | finish (retry) | backends it failed on, space-separated |
+| finished_at, http_status, content_type, result, error | finish, cancel | the end: Ollama's status, content type and body verbatim, or an error `{code, message}` |
+| input_tokens, output_tokens | finish | what Ollama reported it served |
+"""
 
 from __future__ import annotations
 
@@ -8,8 +34,6 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-
-INFERENCE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat")
 
 
 class JobStatus(StrEnum):
@@ -40,8 +64,8 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _seconds(ms: str) -> float | None:
-    return int(ms) / 1000 if ms else None
+def _ms(value: str | None) -> int | None:
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class Job:
     """Ollama's response body, verbatim (JSON text), once the job has run."""
     error: dict[str, Any] | None
     worker: str
+    backend: str
     attempt: int
 
     @classmethod
@@ -71,14 +96,15 @@ class Job:
             endpoint=f["endpoint"],
             status=JobStatus(f["status"]),
             created_at_ms=int(f["created_at"]),
-            started_at_ms=int(f["started_at"]) if f.get("started_at") else None,
-            finished_at_ms=int(f["finished_at"]) if f.get("finished_at") else None,
+            started_at_ms=_ms(f.get("started_at")),
+            finished_at_ms=_ms(f.get("finished_at")),
             stream=f.get("stream") == "1",
-            http_status=int(f["http_status"]) if f.get("http_status") else None,
+            http_status=_ms(f.get("http_status")),
             content_type=f.get("content_type", ""),
             result=f.get("result", ""),
             error=json.loads(f["error"]) if f.get("error") else None,
             worker=f.get("worker", ""),
+            backend=f.get("backend", ""),
             attempt=int(f.get("attempt") or 1),
         )
 
@@ -86,37 +112,47 @@ class Job:
         self, queue_position: int | None = None, estimated_start_s: float | None = None
     ) -> dict[str, Any]:
         """The job object of the API (SPEC: Async jobs)."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "object": "job",
-            "status": self.status.value,
-            "endpoint": self.endpoint,
-            "created_at": self.created_at_ms / 1000,
-            "started_at": _seconds(str(self.started_at_ms or "")),
-            "finished_at": _seconds(str(self.finished_at_ms or "")),
-        }
-        if self.status is JobStatus.QUEUED:
-            out["queue_position"] = queue_position
-            out["estimated_start_seconds"] = estimated_start_s
-        if self.status is JobStatus.SUCCEEDED:
-            out["result"] = json.loads(self.result) if self.result else None
-        if self.error is not None and self.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-            out["error"] = self.error
-        return out
+        return job_object(
+            self.id,
+            self.status,
+            self.endpoint,
+            self.created_at_ms,
+            started_at_ms=self.started_at_ms,
+            finished_at_ms=self.finished_at_ms,
+            queue_position=queue_position,
+            estimated_start_s=estimated_start_s,
+            result=json.loads(self.result) if self.result else None,
+            error=self.error,
+        )
 
 
-def _plain(value: object) -> str:
-    """arq records failures as exceptions; JSON keeps their text only."""
-    return f"{type(value).__name__}: {value}"
-
-
-def arq_serialize(obj: dict[str, Any]) -> bytes:
-    """arq's job and result serializer: JSON, never pickle."""
-    return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
-
-
-def arq_deserialize(data: bytes) -> dict[str, Any]:
-    value = json.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError("an arq record must be a JSON object")
-    return value
+def job_object(
+    job_id: str,
+    status: JobStatus,
+    endpoint: str,
+    created_at_ms: int,
+    *,
+    started_at_ms: int | None = None,
+    finished_at_ms: int | None = None,
+    queue_position: int | None = None,
+    estimated_start_s: float | None = None,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": job_id,
+        "object": "job",
+        "status": status.value,
+        "endpoint": endpoint,
+        "created_at": created_at_ms / 1000,
+        "started_at": None if started_at_ms is None else started_at_ms / 1000,
+        "finished_at": None if finished_at_ms is None else finished_at_ms / 1000,
+    }
+    if status is JobStatus.QUEUED:
+        out["queue_position"] = queue_position
+        out["estimated_start_seconds"] = estimated_start_s
+    if status is JobStatus.SUCCEEDED:
+        out["result"] = result
+    if error is not None and status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        out["error"] = error
+    return out

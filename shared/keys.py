@@ -1,57 +1,73 @@
-"""Every Redis key and channel gpugate uses, in one place.
+"""Every Redis key gpugate uses, in one place, all under the prefix `gpugate:`.
 
-State of a job (all moves happen inside Lua scripts, so they are atomic):
+The job record and its state machine are in `shared/jobs.py`; the scripts that move jobs
+between the sets below are in `shared/lua/`, each called through `shared/scripts.py`.
 
-    queued ──claim──▶ claimed (held by a worker, waiting for a GPU slot, still `queued`)
-       │                 │
-       │                 └─slot granted─▶ running ──▶ succeeded | failed | cancelled
-       └── cancel / deadline ──▶ cancelled
-
-`QUEUED` holds every job that is admitted but not yet running (what `MAX_QUEUE_DEPTH`
-counts); `CLAIMS` the subset a worker holds; `RUNNING` the jobs holding a GPU slot
-(its size never exceeds the cap); `LEASES` an expiry for every job a worker holds,
-renewed by that worker's heartbeat, so a dead worker's jobs come back within the lease.
-A *run* is one attempt at a job, named `<job id>.<attempt>`; it is also the arq job id.
-A run whose worker died is reaped and the job re-queued as the next attempt.
+A job waits in its owner's queue (`OWNER_QUEUE`), and the owner waits in `BACKLOG`,
+ordered by its fair-share counter. `QUEUED` holds every waiting job of the fleet (what
+`GPUGATE_MAX_QUEUE_DEPTH` counts). The dispatch script moves a job from waiting to
+running on one backend: its run enters `RUNNING` and that backend's `BACKEND_RUNNING`
+(whose size never exceeds the backend's cap), and `LEASES`, renewed by the worker's
+heartbeat, so a dead worker's runs come back within the lease.
 """
 
 from __future__ import annotations
 
 PREFIX = "gpugate:"
 
-JOB = PREFIX + "job:"  # + id: HASH, the job record (JSON text in `body`, `result`, `error`)
+# jobs
+JOB = PREFIX + "job:"  # + id: HASH, the job record (shared/jobs.py)
 EVENTS = PREFIX + "events:"  # + id: STREAM of head / chunk / end events for waiters
+IDEMPOTENCY = PREFIX + "idem:"  # + owner + ":" + sha256(key): STRING "job id digest"
+
+# waiting: the fair-share order (shared/lua/dispatch.lua)
 QUEUED = PREFIX + "queued"  # ZSET id -> start score (admission ms minus priority boost)
-QUEUED_BY_OWNER = PREFIX + "queued-by:"  # + owner: SET of that key's queued ids
-CLAIMS = PREFIX + "claims"  # ZSET run id -> start score, held by a worker, waiting for a slot
-RUNNING = PREFIX + "running"  # ZSET run id -> start ms, jobs holding a GPU slot
+OWNER_QUEUE = PREFIX + "q:"  # + owner: ZSET that owner's waiting ids -> start score
+BACKLOG = PREFIX + "backlog"  # ZSET owner -> fair-share counter, owners with jobs waiting
+VTC = PREFIX + "vtc"  # ZSET owner -> fair-share counter (virtual tokens served / weight)
+OWNER_PRIORITY = PREFIX + "priority"  # HASH owner -> tier priority, while it has jobs waiting
+WAITING_MODELS = PREFIX + "waiting-models"  # HASH model -> jobs waiting for it
+
+# running: GPU slots, leases, the fleet
+RUNNING = PREFIX + "running"  # ZSET run id -> start ms, every run holding a GPU slot
 LEASES = PREFIX + "leases"  # ZSET run id -> lease expiry ms, every run a worker holds
 DEADLINES = PREFIX + "deadlines"  # ZSET id -> ms after which a still-queued job is cancelled
-CAP = PREFIX + "cap"  # STRING: live GPU cap set by an operator (absent: settings)
+BACKEND_RUNNING = PREFIX + "running:"  # + backend: ZSET run id -> start ms on that backend
+BACKEND_CAP = PREFIX + "cap:"  # + backend: STRING live cap set by an operator (absent: config)
+BACKEND_DOWN = PREFIX + "down:"  # + backend: STRING while its breaker is open, PX
+BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
+BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of models it serves (absent: any)
+BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
+WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
+CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it
+
+# workers and what operators see
 WORKERS = PREFIX + "workers"  # ZSET worker id -> last heartbeat ms
-WORKER = PREFIX + "worker:"  # + worker id: HASH host, pid, started_at, heartbeat
-STATS = PREFIX + "stats"  # HASH: mean job time, counters by outcome and rejection reason
-HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum and count
-BUCKET = PREFIX + "bucket:"  # + owner: HASH tokens, ts (token bucket)
-BREAKER = PREFIX + "breaker"  # STRING while the circuit breaker is open (Ollama down), PX
-IDEMPOTENCY = PREFIX + "idem:"  # + owner + ":" + sha256(key): STRING job id + body digest
+WORKER = PREFIX + "worker:"  # + worker id: HASH info, heartbeat
+STATS = PREFIX + "stats"  # HASH: means, counters by outcome and rejection reason
+MODEL_STATS = PREFIX + "model-ms"  # HASH model -> mean job ms (EWMA)
+MODEL_LOADS = PREFIX + "loads"  # HASH "backend|model" -> model loads seen
+HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum
+USAGE = PREFIX + "usage"  # HASH "name|requests|input_tokens|output_tokens|gpu_ms" -> count
 
-WAKE_CHANNEL = PREFIX + "wake"  # a job was enqueued: idle workers poll arq now
-SLOTS_CHANNEL = PREFIX + "slots"  # a slot freed or the cap changed: waiting jobs retry
-CANCEL_CHANNEL = PREFIX + "cancel"  # job id: its holder stops it
+# limits
+BUCKET = PREFIX + "bucket:"  # + owner: HASH tokens, ts (requests)
+TOKEN_BUCKET = PREFIX + "tokens:"  # + owner: HASH tokens, ts (tier tpm; may go below zero)
 
-# arq's own layout (arq 0.28, see ../shared/ARQ.md). Only shared/arq_queue.py and the Lua
-# scripts that enqueue a run touch these.
+# arq's own layout (arq 0.28): only worker/arq_adapter.py and the scripts that enqueue,
+# claim or forget a run touch these.
 ARQ_QUEUE = "arq:queue"
 ARQ_JOB = "arq:job:"
 ARQ_IN_PROGRESS = "arq:in-progress:"
 ARQ_RETRY = "arq:retry:"
-ARQ_RESULT = "arq:result:"
 ARQ_FUNCTION = "run_job"
+
+DEFAULT_BACKEND = "default"
 
 
 def run_id(job_id: str, attempt: int) -> str:
-    """One attempt at a job; also its arq job id (prelude.lua builds the same)."""
+    """One attempt at a job, `<job id>.<attempt>`; also its arq job id. The scripts build
+    the same in `prelude.lua`'s `run_of`."""
     return f"{job_id}.{attempt}"
 
 
@@ -70,12 +86,16 @@ def events(job_id: str) -> str:
     return EVENTS + job_id
 
 
-def queued_by(owner: str) -> str:
-    return QUEUED_BY_OWNER + owner
+def owner_queue(owner: str) -> str:
+    return OWNER_QUEUE + owner
 
 
 def bucket(owner: str) -> str:
     return BUCKET + owner
+
+
+def token_bucket(owner: str) -> str:
+    return TOKEN_BUCKET + owner
 
 
 def worker(worker_id: str) -> str:
@@ -88,3 +108,23 @@ def histogram(name: str) -> str:
 
 def idempotency(owner: str, key_digest: str) -> str:
     return f"{IDEMPOTENCY}{owner}:{key_digest}"
+
+
+def backend_cap(backend: str) -> str:
+    return BACKEND_CAP + backend
+
+
+def backend_running(backend: str) -> str:
+    return BACKEND_RUNNING + backend
+
+
+def backend_down(backend: str) -> str:
+    return BACKEND_DOWN + backend
+
+
+def backend_models(backend: str) -> str:
+    return BACKEND_MODELS + backend
+
+
+def backend_loaded(backend: str) -> str:
+    return BACKEND_LOADED + backend

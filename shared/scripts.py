@@ -1,69 +1,348 @@
-"""The Lua scripts, each one atomic decision in one round trip.
+"""The Lua scripts, each one atomic decision in one round trip, each called through one
+typed function here: keyword arguments in, a frozen dataclass out, outcomes as a StrEnum.
 
-Each script is `lua/prelude.lua` (helpers, with the key names of `shared.keys` bound as
-`K_*` constants) followed by its own file. redis-py runs them by SHA and reloads them
-after a Redis restart.
+A script is `lua/prelude.lua` (helpers) followed by its own file, after the binding of
+the key names: every script gets the same KEYS, the names of `shared/keys.py` in the
+order of `_KEYS` (fixed keys, and the prefixes of per-job, per-owner and per-backend
+keys), bound to `K_*` locals. Its arguments travel as one JSON object in ARGV[1] (the
+names below are the names in Lua), then, for the scripts that look at the fleet, the
+backends as name, configured cap pairs. Replies are JSON objects.
+
+Scripts run by SHA; after a Redis restart or a failover (an empty script cache) the
+script is sent whole once. Driver errors become `RedisUnavailable`, here and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis import exceptions as rx
 
 from shared import keys
+from shared.settings import Backend
+from shared.store import redis_errors
+
+Execute = Callable[..., Awaitable[Any]]
+"""Sends one Redis command and returns its reply: `Redis.execute_command`, `Lane.execute`."""
 
 _LUA_DIR = Path(__file__).with_name("lua")
-_CONSTANTS = {
-    "K_JOB": keys.JOB,
-    "K_EVENTS": keys.EVENTS,
-    "K_QUEUED": keys.QUEUED,
-    "K_QUEUED_BY": keys.QUEUED_BY_OWNER,
-    "K_CLAIMS": keys.CLAIMS,
-    "K_RUNNING": keys.RUNNING,
-    "K_LEASES": keys.LEASES,
-    "K_DEADLINES": keys.DEADLINES,
-    "K_CAP": keys.CAP,
-    "K_WORKERS": keys.WORKERS,
-    "K_WORKER": keys.WORKER,
-    "K_STATS": keys.STATS,
-    "K_HISTOGRAM": keys.HISTOGRAM,
-    "K_BREAKER": keys.BREAKER,
-    "K_BUCKET": keys.BUCKET,
-    "K_WAKE_CHANNEL": keys.WAKE_CHANNEL,
-    "K_SLOTS_CHANNEL": keys.SLOTS_CHANNEL,
-    "K_CANCEL_CHANNEL": keys.CANCEL_CHANNEL,
-    "K_ARQ_QUEUE": keys.ARQ_QUEUE,
-    "K_ARQ_JOB": keys.ARQ_JOB,
-    "K_ARQ_IN_PROGRESS": keys.ARQ_IN_PROGRESS,
-    "K_ARQ_RETRY": keys.ARQ_RETRY,
-    "K_ARQ_FUNCTION": keys.ARQ_FUNCTION,
-}
+_KEYS: tuple[tuple[str, str], ...] = (
+    ("K_JOB", keys.JOB),
+    ("K_EVENTS", keys.EVENTS),
+    ("K_QUEUED", keys.QUEUED),
+    ("K_OWNER_QUEUE", keys.OWNER_QUEUE),
+    ("K_BACKLOG", keys.BACKLOG),
+    ("K_VTC", keys.VTC),
+    ("K_OWNER_PRIORITY", keys.OWNER_PRIORITY),
+    ("K_WAITING_MODELS", keys.WAITING_MODELS),
+    ("K_RUNNING", keys.RUNNING),
+    ("K_LEASES", keys.LEASES),
+    ("K_DEADLINES", keys.DEADLINES),
+    ("K_BACKEND_RUNNING", keys.BACKEND_RUNNING),
+    ("K_BACKEND_CAP", keys.BACKEND_CAP),
+    ("K_BACKEND_DOWN", keys.BACKEND_DOWN),
+    ("K_BACKEND_FAILURES", keys.BACKEND_FAILURES),
+    ("K_BACKEND_MODELS", keys.BACKEND_MODELS),
+    ("K_BACKEND_LOADED", keys.BACKEND_LOADED),
+    ("K_WAKE", keys.WAKE),
+    ("K_CANCEL_CHANNEL", keys.CANCEL_CHANNEL),
+    ("K_WORKERS", keys.WORKERS),
+    ("K_WORKER", keys.WORKER),
+    ("K_STATS", keys.STATS),
+    ("K_MODEL_STATS", keys.MODEL_STATS),
+    ("K_MODEL_LOADS", keys.MODEL_LOADS),
+    ("K_HISTOGRAM", keys.HISTOGRAM),
+    ("K_USAGE", keys.USAGE),
+    ("K_BUCKET", keys.BUCKET),
+    ("K_TOKEN_BUCKET", keys.TOKEN_BUCKET),
+    ("K_ARQ_QUEUE", keys.ARQ_QUEUE),
+    ("K_ARQ_JOB", keys.ARQ_JOB),
+    ("K_ARQ_IN_PROGRESS", keys.ARQ_IN_PROGRESS),
+    ("K_ARQ_RETRY", keys.ARQ_RETRY),
+)
+KEY_NAMES: tuple[str, ...] = tuple(name for _, name in _KEYS)
+_ARQ_FUNCTION = f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n"
 
 
 @cache
 def source(name: str) -> str:
-    """The full text of script `name` (without `.lua`), prelude included."""
-    constants = "".join(f"local {k} = '{v}'\n" for k, v in _CONSTANTS.items())
+    """The full text of script `name` (without `.lua`): key bindings, prelude, script."""
+    bind = "".join(f"local {lua} = KEYS[{i}]\n" for i, (lua, _) in enumerate(_KEYS, 1))
     prelude = (_LUA_DIR / "prelude.lua").read_text()
-    return constants + prelude + (_LUA_DIR / f"{name}.lua").read_text()
+    return bind + _ARQ_FUNCTION + prelude + (_LUA_DIR / f"{name}.lua").read_text()
+
+
+@cache
+def _sha(name: str) -> str:
+    return hashlib.sha1(source(name).encode()).hexdigest()
+
+
+def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
+    """The ARGV tail of the scripts that look at the fleet: name, configured cap, ..."""
+    return tuple(v for b in backends for v in (b.name, b.gpu_concurrency))
+
+
+class AdmitOutcome(StrEnum):
+    ADMITTED = "admitted"
+    EXISTING = "existing"
+    """An Idempotency-Key named a job admitted before: this is that job."""
+    CONFLICT = "conflict"
+    NO_WORKER = "no_worker"
+    BACKEND_DOWN = "backend_down"
+    RATE_LIMITED = "rate_limit_exceeded"
+    TOKEN_LIMITED = "token_limit_exceeded"
+    QUEUE_FULL = "queue_full"
+    QUEUE_FULL_KEY = "queue_full_key"
 
 
 @dataclass(frozen=True)
+class AdmitReply:
+    outcome: AdmitOutcome
+    job_id: str
+    rank: int
+    """The job's place in the fleet's backlog (or of the key's first queued job); -1: none."""
+    now_ms: int
+    tokens: float
+    full_in_ms: int
+    next_token_ms: int
+    depth: int
+    running: int
+    cap: int
+    serving_cap: int
+    """The caps of the backends that are up and serve the request's model."""
+    mean_job_ms: float | None = None
+    """The measured mean job time of the model (else of any job); None before any."""
+    budget: float | None = None
+    """The key's tpm bucket after this decision; None when its tier has no tpm."""
+    budget_full_in_ms: int = 0
+    budget_ready_in_ms: int = 0
+    """Until the tpm bucket is above zero and holds what the request names."""
+    status: str = ""
+    created_at_ms: int = 0
+
+
+class FinishStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRY = "retry"
+    """Failed on the backend before any byte was relayed: queue it again elsewhere."""
+    STALE = "stale"
+    """The run is no longer the job's current attempt: nothing was recorded."""
+
+
+@dataclass(frozen=True)
+class FinishReply:
+    status: FinishStatus
+    breaker_opened: bool
+
+
+class CancelVerdict(StrEnum):
+    CANCELLED = "cancelled"
+    NOT_FOUND = "not_found"
+    FINISHED = "finished"
+    RUNNING = "running"
+    """`only_if_queued` and the job runs: left to finish."""
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    verdict: CancelVerdict
+    status: str = ""
+    """The status the job had."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A GPU slot granted to a worker for one run (dispatch.lua)."""
+
+    run_id: str
+    job_id: str
+    attempt: int
+    endpoint: str
+    body: str
+    stream: bool
+    backend: str
+    model: str
+
+
+@dataclass(frozen=True)
+class HeldRun:
+    run_id: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    lost: list[str] = field(default_factory=list)
+    """Runs the worker holds that are no longer its own: it must stop them."""
+    cancelled: list[str] = field(default_factory=list)
+    """Jobs the worker runs that were cancelled: it must close their Ollama calls."""
+    reaped: int = 0
+
+
+@dataclass(frozen=True)
+class TokenReply:
+    allowed: bool
+    tokens: float
+    next_token_ms: int
+
+
+def _list(value: Any) -> list[Any]:
+    """cjson encodes an empty array as `{}`."""
+    return value if isinstance(value, list) else []
+
+
 class Scripts:
-    """The scripts registered on one Redis client."""
+    """The scripts, run through one `execute` (a redis-py client's, or a Lane's)."""
 
-    admit: AsyncScript
-    bucket: AsyncScript
-    take_slot: AsyncScript
-    finish: AsyncScript
-    cancel: AsyncScript
-    heartbeat: AsyncScript
+    def __init__(self, execute: Execute) -> None:
+        self._execute = execute
 
-    @classmethod
-    def register(cls, redis: Redis) -> Scripts:
-        names = ("admit", "bucket", "take_slot", "finish", "cancel", "heartbeat")
-        return cls(**{name: redis.register_script(source(name)) for name in names})
+    async def _run(self, name: str, args: dict[str, Any], *tail: str | int) -> Any:
+        payload = json.dumps(args, separators=(",", ":"))
+        with redis_errors():
+            try:
+                reply = await self._execute(
+                    "EVALSHA", _sha(name), len(KEY_NAMES), *KEY_NAMES, payload, *tail
+                )
+            except rx.ResponseError as exc:  # redis-py: NoScriptError; the lane: the reply
+                if not isinstance(exc, rx.NoScriptError) and not str(exc).startswith("NOSCRIPT"):
+                    raise
+                reply = await self._execute(
+                    "EVAL", source(name), len(KEY_NAMES), *KEY_NAMES, payload, *tail
+                )
+        return json.loads(reply)
+
+    async def admit(
+        self,
+        *,
+        owner: str,
+        owner_name: str,
+        usage_name: str,
+        rate_per_ms: float,
+        burst: int,
+        tpm_per_ms: float,
+        tpm_burst: int,
+        reserve_tokens: int,
+        max_depth: int,
+        max_queued: int,
+        priority: int,
+        boost_ms: int,
+        weight: float,
+        job_id: str,
+        endpoint: str,
+        model: str,
+        body: str,
+        stream: bool,
+        sync: bool,
+        deadline_ms: int,
+        idempotency_key: str,
+        digest: str,
+        result_ttl_ms: int,
+        record_ttl_ms: int,
+        worker_stale_ms: int,
+        backends: Sequence[str | int],
+    ) -> AdmitReply:
+        args = dict(locals())
+        del args["self"], args["backends"]
+        raw = await self._run("admit", args, *backends)
+        raw["outcome"] = AdmitOutcome(raw["outcome"])
+        return AdmitReply(**raw)
+
+    async def dispatch(
+        self,
+        *,
+        worker: str,
+        want: int,
+        lease_ms: int,
+        arq_lock_ms: int,
+        affinity_wait_ms: int,
+        provisional_cost: float,
+        result_ttl_ms: int,
+        max_owners: int = 256,
+        scan_per_owner: int = 16,
+        backends: Sequence[str | int],
+    ) -> list[Grant]:
+        args = dict(locals())
+        del args["self"], args["backends"]
+        raw = await self._run("dispatch", args, *backends)
+        return [Grant(**g) for g in _list(raw)]
+
+    async def finish(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        backend: str,
+        status: FinishStatus,
+        http_status: int | str,
+        content_type: str,
+        result: str,
+        error: str,
+        error_code: str,
+        duration_ms: float,
+        input_tokens: int,
+        output_tokens: int,
+        model_load_ms: float,
+        max_attempts: int,
+        breaker_threshold: int,
+        breaker_cooldown_ms: int,
+        ewma_weight: float,
+        wake: bool,
+        result_ttl_ms: int,
+        record_ttl_ms: int,
+    ) -> FinishReply:
+        args = dict(locals())
+        del args["self"]
+        raw = await self._run("finish", args)
+        return FinishReply(FinishStatus(raw["status"]), bool(raw["breaker_opened"]))
+
+    async def cancel(
+        self,
+        *,
+        job_id: str,
+        owner: str,
+        code: str,
+        message: str,
+        result_ttl_ms: int,
+        only_if_queued: bool = False,
+    ) -> CancelReply:
+        args = dict(locals())
+        del args["self"]
+        raw = await self._run("cancel", args)
+        return CancelReply(CancelVerdict(raw["verdict"]), raw.get("status", ""))
+
+    async def heartbeat(
+        self,
+        *,
+        worker: str,
+        info: str,
+        lease_ms: int,
+        worker_stale_ms: int,
+        max_runs: int,
+        result_ttl_ms: int,
+        record_ttl_ms: int,
+        held: Sequence[HeldRun],
+        backends: Sequence[str | int],
+    ) -> HeartbeatReply:
+        args = dict(locals())
+        del args["self"], args["backends"]
+        args["held"] = [{"run_id": h.run_id, "backend": h.backend} for h in held]
+        raw = await self._run("heartbeat", args, *backends)
+        return HeartbeatReply(
+            lost=_list(raw.get("lost")),
+            cancelled=_list(raw.get("cancelled")),
+            reaped=int(raw.get("reaped", 0)),
+        )
+
+    async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
+        raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})
+        return TokenReply(bool(raw["allowed"]), float(raw["tokens"]), int(raw["next_token_ms"]))

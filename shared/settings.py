@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import tomllib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.keys import DEFAULT_BACKEND
 
 _PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(second|minute|hour|day)s?\s*$")
@@ -41,11 +54,55 @@ class Rate:
         return f"{self.amount:g}/{unit}"
 
 
+class Backend(BaseModel):
+    """One Ollama (one GPU, or one GPU host) behind the gate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    url: str
+    gpu_concurrency: Annotated[int, Field(ge=1, le=1024)]
+    """Its own cap: requests running there at once (at most its OLLAMA_NUM_PARALLEL)."""
+    models: tuple[str, ...] | None = None
+    """What it serves; None: what its /api/tags lists (refreshed by the workers)."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+def parse_backends(raw: Any, source: str) -> tuple[Backend, ...]:
+    """The backend list of GPUGATE_BACKENDS (JSON) or the file's `[[backends]]`, each
+    entry checked; an error names the entry (`backends[1] (gpu-b): url: ...`)."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{source}: expected a non-empty list of backends")
+    backends: list[Backend] = []
+    for i, entry in enumerate(raw):
+        label = f"backends[{i}]"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            label += f" ({entry['name']})"
+        try:
+            backends.append(Backend.model_validate(entry))
+        except ValidationError as exc:
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"{source}: {label}: {detail}") from None
+    names = [b.name for b in backends]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"{source}: backend name {name!r} is used twice")
+    return tuple(backends)
+
+
 class Settings(BaseSettings):
     """The SPEC's settings table; invalid values stop the process at start-up."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GPUGATE_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="GPUGATE_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -65,7 +122,13 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(300, gt=0)
     job_timeout: float = Field(600, gt=0)
     result_ttl: int = Field(3600, ge=1)
-    max_body_bytes: int = Field(1_048_576, ge=1)
+    max_body_bytes: int = Field(16_777_216, ge=1)
+    backends_json: Annotated[str | None, Field(alias="GPUGATE_BACKENDS")] = None
+    """GPUGATE_BACKENDS, as given; read `backends` for the checked list."""
+    backends_file: Path | None = None
+    affinity_wait: float = Field(30, ge=0, le=3600)
+    redis_min_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_ms: int = Field(100, ge=1, le=60_000)
     # Beyond the SPEC's table: operational knobs with safe defaults.
     lease_ttl: float = Field(10, gt=0, le=300)
     """Seconds a worker's claim on a job and its GPU slot lives without renewal."""
@@ -106,8 +169,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
         return value
 
     @field_validator("ollama_url")
@@ -126,7 +189,29 @@ class Settings(BaseSettings):
     def _keys_file_exists(self) -> Settings:
         if self.keys_file is not None and not self.keys_file.is_file():
             raise ValueError(f"GPUGATE_KEYS_FILE: no such file {self.keys_file}")
+        self.backends  # noqa: B018  (a bad backend list stops start-up here)
         return self
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The fleet: GPUGATE_BACKENDS, else GPUGATE_BACKENDS_FILE, else one backend named
+        `default` from GPUGATE_OLLAMA_URL and GPUGATE_GPU_CONCURRENCY."""
+        return _backends(
+            self.backends_json, self.backends_file, self.ollama_url, self.gpu_concurrency
+        )
+
+    def backend(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease_ttl * 1000)
+
+    @property
+    def worker_stale_ms(self) -> int:
+        """A worker without a heartbeat for three leases is gone (its runs are reaped by
+        then): the one place this rule is written."""
+        return self.lease_ms * 3
 
     @property
     def rate(self) -> Rate:
@@ -148,8 +233,28 @@ class Settings(BaseSettings):
                 value = None if value is None else "********"
             elif name == "redis_url":
                 value = re.sub(r"//([^@/]*)@", "//***@", str(value))
-            out[f"GPUGATE_{name.upper()}"] = value if value is None else str(value)
+            env_name = "BACKENDS" if name == "backends_json" else name.upper()
+            out[f"GPUGATE_{env_name}"] = value if value is None else str(value)
         return out
+
+
+@cache
+def _backends(
+    raw_json: str | None, file: Path | None, ollama_url: str, gpu_concurrency: int
+) -> tuple[Backend, ...]:
+    if raw_json:
+        try:
+            raw = json.loads(raw_json)
+        except ValueError as exc:
+            raise ValueError(f"GPUGATE_BACKENDS is not JSON: {exc}") from None
+        return parse_backends(raw, "GPUGATE_BACKENDS")
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"GPUGATE_BACKENDS_FILE {file}: {exc}") from None
+        return parse_backends(data.get("backends"), f"GPUGATE_BACKENDS_FILE {file}")
+    return (Backend(name=DEFAULT_BACKEND, url=ollama_url, gpu_concurrency=gpu_concurrency),)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -222,8 +222,9 @@ def stream_chunked(port: int, total_bytes: int) -> tuple[bytes, int]:
 
 
 def test_an_endless_chunked_body_is_413_at_the_limit_and_memory_stays_flat(
-    stack: Stack,
+    make_stack: StackFactory,
 ) -> None:
+    stack = make_stack(max_body_bytes=1_048_576)
     assert stack.api is not None
     stream_chunked(stack.api.port, 2 * 1_048_576)  # warm up whatever the first one allocates
     before = rss_kb(stack.api)

@@ -19,11 +19,15 @@ def test_defaults_are_the_specs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.redis_url, s.ollama_url) == ("redis://127.0.0.1:6379/0", "http://127.0.0.1:11434")
     assert (s.port, s.host, s.rate_limit, s.burst) == (8000, "127.0.0.1", "60/minute", 10)
     assert (s.gpu_concurrency, s.worker_concurrency, s.max_queue_depth) == (2, 4, 64)
+    assert (s.affinity_wait, s.redis_min_replicas, s.redis_wait_ms) == (30, 0, 100)
+    assert [(b.name, b.url, b.gpu_concurrency) for b in s.backends] == [
+        ("default", "http://127.0.0.1:11434", 2)
+    ]
     assert (s.sync_timeout, s.job_timeout, s.result_ttl, s.max_body_bytes) == (
         300,
         600,
         3600,
-        1048576,
+        16 * 1024 * 1024,  # the SPEC's 16 MiB: vision models take base64 images in the body
     )
     assert s.health_rate_limit == "600/minute" and s.trusted_proxies == []
     assert s.keys_file is None and s.admin_key is None and s.require_api_key is False

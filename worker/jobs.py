@@ -1,9 +1,9 @@
-"""The job function arq runs: hold the run, wait for a GPU slot, call Ollama, record.
+"""The job function arq runs for a run the scheduler granted (worker/arq_adapter.py):
+call Ollama on the granted backend, relay the stream, record the outcome (finish.lua).
 
-A run never raises into arq (an exception in arq's machinery can stop the worker, see
-../shared/ARQ.md); every ending is recorded by `finish.lua`. When the worker stops or
-loses the run, it expires the run's lease so the reaper re-queues the job at once.
-Through a Redis outage a run keeps waiting for its slot, and a finished run keeps its
+A run never raises into arq (an exception in arq's machinery can stop the worker); every
+ending is recorded by `finish.lua`. When the worker stops, it expires the run's lease so
+the reaper queues the job again at once. Through a Redis outage a finished run keeps its
 outcome in memory until Redis takes it (or the run's lease was taken back meanwhile).
 """
 
@@ -14,94 +14,76 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
 
 from shared import keys
+from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
-from shared.jobs import JobStatus
+from shared.jobs import record_ttl_ms
+from shared.scripts import FinishStatus
 from shared.store import DRIVER_ERRORS
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
-from worker.state import Held, WorkerState
+from worker.state import Held, WorkerContext
 
 log = logging.getLogger("gpugate.worker")
 
-SLOT_RECHECK_S = 1.0
-"""A run waiting for a slot asks again this often even without a message (lost messages)."""
 REDIS_RETRY_S = 0.5
-"""While Redis is unreachable, a run retries its next step this often."""
+"""While Redis is unreachable, a finished run retries recording its outcome this often."""
 
 
-async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
-    state: WorkerState = ctx["gate"]
+async def run_job(ctx: WorkerContext, job_id: str, attempt: int) -> None:
+    """Run `job_id.attempt`, whose GPU slot the scheduler granted to this worker."""
     run_id = keys.run_id(job_id, attempt)
-    held = state.hold(run_id, job_id)
+    held = ctx.held.get(run_id)
+    if held is None:  # arq ran a run we were not granted: nothing of ours to do
+        return
     try:
-        work = await wait_for_slot(state, held, attempt)
-        if work is None:
-            return
-        await run(state, held, attempt, work)
+        outcome = await run(ctx, held)
+        if not held.lost:
+            await record(ctx, held, outcome)
     except asyncio.CancelledError:
         # The worker is stopping: hand the run back now instead of after its lease.
-        await asyncio.shield(expire_lease(state, run_id))
+        await asyncio.shield(expire_lease(ctx, run_id))
         raise
     finally:
-        state.release(run_id)
+        ctx.release(run_id)
 
 
-async def wait_for_slot(state: WorkerState, held: Held, attempt: int) -> Work | None:
-    """Hold the run until a GPU slot is ours; None when there is nothing to run."""
-    settings = state.settings
-    while True:
-        if state.draining or held.lost:
-            await expire_lease(state, held.run_id)
-            return None
-        changed = state.slots_changed.current()
-        try:
-            reply = await state.scripts.take_slot(
-                args=[
-                    held.job_id,
-                    attempt,
-                    state.worker_id,
-                    state.lease_ms,
-                    settings.gpu_concurrency,
-                    settings.result_ttl * 1000,
-                ]
-            )
-        except DRIVER_ERRORS:
-            await asyncio.sleep(REDIS_RETRY_S)
-            continue
-        verdict = reply[0].decode()
-        if verdict == "run":
-            return Work(held.job_id, reply[1].decode(), reply[2].decode(), reply[3] == b"1")
-        if verdict == "stale":
-            return None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), SLOT_RECHECK_S)
-
-
-async def run(state: WorkerState, held: Held, attempt: int, work: Work) -> None:
-    settings = state.settings
-    events = EventWriter(state.redis, work.job_id, settings.result_ttl * 1000)
-    started = time.monotonic()
-    held.call = asyncio.create_task(
-        call(state.http, settings.ollama_url, work, events, settings.ollama_retries)
+async def run(ctx: WorkerContext, held: Held) -> Outcome:
+    settings, grant = ctx.settings, held.grant
+    backend = ctx.backend(grant.backend)
+    work = Work(
+        grant.job_id,
+        grant.endpoint,
+        grant.body,
+        grant.stream,
+        backend.url,
+        alone=len(settings.backends) == 1,
     )
+    events = EventWriter(ctx.redis, work.job_id, settings.result_ttl * 1000)
+    held.started = time.monotonic()
+    held.call = asyncio.create_task(call(ctx.http, work, events, settings.ollama_retries))
     try:
         async with asyncio.timeout(settings.job_timeout):
             outcome: Outcome = await held.call
+            return outcome
     except asyncio.CancelledError:
-        if not (held.cancelled or held.lost) or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+        task = asyncio.current_task()
+        if not (held.cancelled or held.lost) or (task is not None and task.cancelling()):
             held.call.cancel()
+            events.abandon()
             raise
-        outcome = Outcome(JobStatus.CANCELLED)
+        events.abandon()
+        return Outcome(FinishStatus.CANCELLED)
     except TimeoutError:
         message = f"Ollama did not finish within GPUGATE_JOB_TIMEOUT ({settings.job_timeout:g}s)"
         if events.started:
-            await events.chunk(stream_error_chunk(work.endpoint, message))
-        outcome = backend_failure(message, code="timeout")
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await events.chunk(stream_error_chunk(work.endpoint, message))
+                await events.flush()
+        return backend_failure(message, code="timeout")
     except DRIVER_ERRORS as exc:  # a streamed chunk could not be written
-        outcome = Outcome(
-            JobStatus.FAILED,
+        return Outcome(
+            FinishStatus.FAILED,
             error={
                 "code": "redis_unavailable",
                 "message": f"Redis went away while relaying the stream ({exc.__class__.__name__})",
@@ -109,52 +91,55 @@ async def run(state: WorkerState, held: Held, attempt: int, work: Work) -> None:
         )
     except Exception as exc:  # a bug of ours must not take the worker down
         log.exception("job %s failed unexpectedly", work.job_id)
-        outcome = backend_failure(f"gateway worker error: {exc.__class__.__name__}")
-    if held.lost:
-        return
-    duration_ms = (time.monotonic() - started) * 1000
-    opened = await record(
-        state,
-        held,
-        [
-            work.job_id,
-            attempt,
-            outcome.status.value,
-            outcome.http_status or "",
-            outcome.content_type,
-            outcome.result,
-            "" if outcome.error is None else json.dumps(outcome.error),
-            settings.result_ttl * 1000,
-            f"{duration_ms:.3f}",
-            EWMA_WEIGHT,
-            "" if outcome.error is None else outcome.error.get("code", ""),
-            settings.breaker_threshold,
-            int(settings.breaker_cooldown * 1000),
-        ],
-    )
-    if opened:
-        log.warning(
-            "Ollama failed %d jobs in a row (last: %s); circuit breaker open: new work is "
-            "refused until Ollama answers again",
-            settings.breaker_threshold,
-            outcome.error and outcome.error.get("message"),
-        )
+        return backend_failure(f"gateway worker error: {exc.__class__.__name__}")
 
 
-async def record(state: WorkerState, held: Held, finish_args: list[Any]) -> bool:
-    """Run `finish.lua`, retrying through a Redis outage while the run is still ours.
-    True if this ending opened the circuit breaker."""
+async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
+    """Run `finish.lua`, retrying through a Redis outage while the run is still ours."""
+    settings, grant = ctx.settings, held.grant
+    started = time.monotonic()
+    error = outcome.error
     while not held.lost:
         try:
-            _status, opened = await state.scripts.finish(args=finish_args)
-            return bool(opened)
-        except DRIVER_ERRORS:
+            reply = await ctx.scripts.finish(
+                job_id=grant.job_id,
+                attempt=grant.attempt,
+                backend=grant.backend,
+                status=outcome.status,
+                http_status=outcome.http_status or "",
+                content_type=outcome.content_type,
+                result=outcome.result,
+                error="" if error is None else json.dumps(error),
+                error_code="" if error is None else str(error.get("code", "")),
+                duration_ms=held.duration_ms,
+                input_tokens=outcome.usage.input_tokens,
+                output_tokens=outcome.usage.output_tokens,
+                model_load_ms=outcome.model_load_ms,
+                max_attempts=settings.max_attempts,
+                breaker_threshold=settings.breaker_threshold,
+                breaker_cooldown_ms=int(settings.breaker_cooldown * 1000),
+                ewma_weight=EWMA_WEIGHT,
+                wake=ctx.draining,
+                result_ttl_ms=settings.result_ttl * 1000,
+                record_ttl_ms=record_ttl_ms(settings.result_ttl),
+            )
+        except RedisUnavailable:
+            if time.monotonic() - started > settings.lease_ttl * 3:
+                log.warning("job %s: could not record its end while Redis was away", grant.job_id)
             await asyncio.sleep(REDIS_RETRY_S)
-    return False
+            continue
+        if reply.breaker_opened:
+            log.warning(
+                "backend %s failed %d jobs in a row (last: %s); it is out of dispatch until it "
+                "answers again",
+                grant.backend,
+                settings.breaker_threshold,
+                error and error.get("message"),
+            )
+        return
 
 
-async def expire_lease(state: WorkerState, run_id: str) -> None:
-    """Let the reaper take the run back now: re-queued, or failed if it ran too often."""
+async def expire_lease(ctx: WorkerContext, run_id: str) -> None:
+    """Let the reaper take the run back now: queued again, or failed if it ran too often."""
     with contextlib.suppress(Exception):
-        await state.redis.zadd(keys.LEASES, {run_id: 0}, xx=True)
-        await state.redis.publish(keys.WAKE_CHANNEL, "released")
+        await ctx.redis.zadd(keys.LEASES, {run_id: 0}, xx=True)

@@ -1,10 +1,14 @@
 """One call to Ollama for one run: the request relayed as it came, the answer recorded.
 
-Streamed answers are published chunk by chunk to the job's event stream (`head`, then
-`chunk`s with a sequence number) as they arrive; the API relays them unchanged.
-Connection failures and 5xx answers are retried with backoff while nothing has been
-relayed yet; after that a failure ends the stream the way Ollama ends one, with an error
-object.
+Streamed answers go to the job's event stream (`head`, then `chunk`s with a sequence
+number) as they arrive: a writer task appends what has piled up since its last write as
+one event, so a lone chunk goes out at once and a fast stream costs one XADD per batch,
+not per chunk. Chunks stay byte for byte as Ollama sent them, in order.
+
+Connection failures and 5xx answers, while nothing has been relayed yet, are retried on
+the same backend with backoff when it is the only one, and handed back for another
+backend otherwise (`retry`). After a byte was relayed, a failure ends the stream the way
+Ollama ends one, with an error object.
 """
 
 from __future__ import annotations
@@ -12,20 +16,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.jobs import INFERENCE_ENDPOINTS, JobStatus
+from shared.endpoints import INFERENCE
+from shared.scripts import FinishStatus
+from worker.usage import TAIL_BYTES, Usage, model_load_ms, usage_of
 
 log = logging.getLogger("gpugate.worker")
 
 STREAM_MAX_EVENTS = 100_000
 """A job's event stream is trimmed beyond this many events (the API detects a gap)."""
 BACKOFF_S = 0.25
+MAX_PENDING_BYTES = 4 << 20
+"""A stream whose writer lags by this much waits for it (Redis is slower than Ollama)."""
 
 
 @dataclass(frozen=True)
@@ -34,19 +42,25 @@ class Work:
     endpoint: str
     body: str
     stream: bool
+    url: str
+    """The backend's base URL."""
+    alone: bool = True
+    """No other backend could take the job: retry failures here."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: JobStatus
+    status: FinishStatus
     http_status: int | None = None
     content_type: str = ""
     result: str = ""
     error: dict[str, Any] | None = None
+    usage: Usage = field(default_factory=Usage)
+    model_load_ms: float = 0.0
 
 
 def backend_failure(message: str, code: str = "backend_error") -> Outcome:
-    return Outcome(JobStatus.FAILED, error={"code": code, "message": message})
+    return Outcome(FinishStatus.FAILED, error={"code": code, "message": message})
 
 
 def _ollama_error_message(text: str) -> str:
@@ -59,22 +73,21 @@ def _ollama_error_message(text: str) -> str:
     return str(err)
 
 
-def _answered(response: httpx.Response, text: str) -> Outcome:
+def _answered(response: httpx.Response, raw: bytes) -> Outcome:
     """Ollama answered in full: a result, or its own error relayed unchanged."""
     ctype = response.headers.get("content-type", "application/json")
+    text = raw.decode(errors="replace")
+    usage, load_ms = usage_of(raw), model_load_ms(raw)
     if response.is_success:
-        return Outcome(JobStatus.SUCCEEDED, response.status_code, ctype, text)
-    return Outcome(
-        JobStatus.FAILED,
-        response.status_code,
-        ctype,
-        text,
-        {
-            "code": "ollama_error",
-            "message": _ollama_error_message(text),
-            "status": response.status_code,
-        },
-    )
+        return Outcome(
+            FinishStatus.SUCCEEDED, response.status_code, ctype, text, None, usage, load_ms
+        )
+    error = {
+        "code": "ollama_error",
+        "message": _ollama_error_message(text),
+        "status": response.status_code,
+    }
+    return Outcome(FinishStatus.FAILED, response.status_code, ctype, text, error, usage, load_ms)
 
 
 def stream_error_chunk(endpoint: str, message: str) -> bytes:
@@ -86,14 +99,21 @@ def stream_error_chunk(endpoint: str, message: str) -> bytes:
 
 
 class EventWriter:
-    """Appends a job's events to its Redis stream; the API reads them as they come."""
+    """Appends a job's events to its Redis stream, coalescing chunks that arrive while a
+    write is in flight; the API reads them as they come."""
 
     def __init__(self, redis: Redis, job_id: str, ttl_ms: int) -> None:
         self._redis = redis
         self._key = keys.events(job_id)
         self._ttl_ms = ttl_ms
         self._seq = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
         self.started = False
+        self.tail = b""
+        """The last TAIL_BYTES of the stream (its usage is there)."""
+        self.events = 0
 
     async def head(self, status: int, content_type: str) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -103,34 +123,54 @@ class EventWriter:
         self.started = True
 
     async def chunk(self, data: bytes) -> None:
-        self._seq += 1
-        await self._redis.xadd(
-            self._key,
-            {"type": "chunk", "seq": self._seq, "data": data},
-            maxlen=STREAM_MAX_EVENTS,
-            approximate=True,
-        )
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.events += data.count(b"\n\n") or data.count(b"\n") or 1
+        self.tail = (self.tail + data)[-TAIL_BYTES:]
+        if self._writer is None or self._writer.done():
+            if self._writer is not None:
+                self._writer.result()  # a failed write fails the stream
+            self._writer = asyncio.create_task(self._write())
+        elif self._pending_bytes > MAX_PENDING_BYTES:
+            await self.flush()
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            self._seq += 1
+            await self._redis.xadd(
+                self._key,
+                {"type": "chunk", "seq": self._seq, "data": b"".join(batch)},
+                maxlen=STREAM_MAX_EVENTS,
+                approximate=True,
+            )
+
+    async def flush(self) -> None:
+        """Wait until every chunk so far is in Redis."""
+        if self._writer is not None:
+            await self._writer
+        if self._pending:
+            await self._write()
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
 
 
-async def call(
-    http: httpx.AsyncClient,
-    base_url: str,
-    work: Work,
-    events: EventWriter,
-    retries: int,
-) -> Outcome:
+async def call(http: httpx.AsyncClient, work: Work, events: EventWriter, retries: int) -> Outcome:
     """Run `work` on Ollama, retrying refused connections and 5xx before anything is relayed."""
-    if work.endpoint not in INFERENCE_ENDPOINTS:  # only a writer of Redis could put it there
+    if work.endpoint not in INFERENCE:  # only a writer of Redis could put it there
         message = f"Refused to call Ollama at {work.endpoint!r}: not an inference endpoint."
-        return Outcome(JobStatus.FAILED, error={"code": "invalid_request", "message": message})
+        return Outcome(FinishStatus.FAILED, error={"code": "invalid_request", "message": message})
     attempt = 0
     while True:
         try:
-            outcome = await _call_once(http, base_url, work, events)
+            outcome = await _call_once(http, work, events)
         except httpx.TransportError as exc:
             if events.started:
                 message = f"Ollama stream broke: {exc.__class__.__name__}"
                 await events.chunk(stream_error_chunk(work.endpoint, message))
+                await events.flush()
                 return backend_failure(message)
             outcome = backend_failure(f"Ollama unreachable: {exc.__class__.__name__}: {exc}")
             retryable = True
@@ -139,6 +179,8 @@ async def call(
             if retryable:
                 detail = _ollama_error_message(outcome.result)
                 outcome = backend_failure(f"Ollama failed with {outcome.http_status}: {detail}")
+        if retryable and not work.alone:
+            return Outcome(FinishStatus.RETRY, error=outcome.error)
         if not retryable or attempt >= retries:
             return outcome
         attempt += 1
@@ -146,23 +188,28 @@ async def call(
         await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
-async def _call_once(
-    http: httpx.AsyncClient, base_url: str, work: Work, events: EventWriter
-) -> Outcome:
+async def _call_once(http: httpx.AsyncClient, work: Work, events: EventWriter) -> Outcome:
     request = http.build_request(
         "POST",
-        base_url + work.endpoint,
+        work.url + work.endpoint,
         content=work.body.encode(),
         headers={"content-type": "application/json"},
     )
     response = await http.send(request, stream=True)
     try:
         if not (work.stream and response.is_success):
-            return _answered(response, (await response.aread()).decode(errors="replace"))
+            return _answered(response, await response.aread())
         await events.head(response.status_code, response.headers.get("content-type", ""))
         async for data in response.aiter_raw():
             if data:
                 await events.chunk(data)
-        return Outcome(JobStatus.SUCCEEDED, response.status_code, response.headers["content-type"])
+        await events.flush()
+        return Outcome(
+            FinishStatus.SUCCEEDED,
+            response.status_code,
+            response.headers["content-type"],
+            usage=usage_of(events.tail, events.events),
+            model_load_ms=model_load_ms(events.tail),
+        )
     finally:
         await response.aclose()

@@ -1,4 +1,5 @@
-"""What a worker process keeps between jobs: its clients, the runs it holds, its signals."""
+"""What a worker process keeps between jobs: its clients, the runs it holds, its signals.
+This is the typed context every job function and loop of the worker receives."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,89 +16,83 @@ import httpx
 from redis.asyncio import Redis
 
 from shared.outage import Outage
-from shared.scripts import Scripts
-from shared.settings import Settings
+from shared.scripts import Grant, HeldRun, Scripts
+from shared.settings import Backend, Settings
 
 log = logging.getLogger("gpugate.worker")
 
 
-class Signal:
-    """A broadcast: every coroutine waiting at the time of `fire()` wakes up.
-
-    Take `current()` *before* checking the condition, then wait on it, so that a fire
-    between the check and the wait is not missed.
-    """
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def current(self) -> asyncio.Event:
-        return self._event
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-
 @dataclass
 class Held:
-    """A run this worker holds: waiting for a GPU slot, then running on Ollama."""
+    """A run this worker holds: granted a GPU slot on `backend`, running on Ollama."""
 
-    run_id: str
-    job_id: str
+    grant: Grant
     call: asyncio.Task[Any] | None = None
     """The Ollama call while it runs; cancelling it closes the request."""
     cancelled: bool = False
     """The job was cancelled (by its owner, a disconnect or a deadline)."""
     lost: bool = False
     """Our lease lapsed and the job moved on: stop without recording anything."""
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def duration_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000
+
+    def stop(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
 
 
 @dataclass
-class WorkerState:
+class WorkerContext:
     settings: Settings
-    redis: Redis
-    pubsub_redis: Redis
-    scripts: Scripts
-    http: httpx.AsyncClient
+    redis: Redis = field(init=False)
+    """Commands with a short timeout (scripts, events). Opened in `on_startup`."""
+    blocking_redis: Redis = field(init=False)
+    """BLPOP on the wake list, pub/sub: no read timeout."""
+    scripts: Scripts = field(init=False)
+    http: httpx.AsyncClient = field(init=False)
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     )
     held: dict[str, Held] = field(default_factory=dict)
-    slots_changed: Signal = field(default_factory=Signal)
-    """Fired when a slot may have freed, the cap changed, or a held job was cancelled."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when arq should look at its queue now (a job was enqueued, or one of ours ended)."""
+    """Set when the worker should ask for work now (a token on the wake list, a run of
+    ours ended, a lease was reaped)."""
     draining: bool = False
-    """SIGTERM: hand back runs not yet started, let running ones finish."""
+    """SIGTERM: ask for no more work, let running runs finish."""
     redis_outage: Outage = field(default_factory=lambda: Outage(log, "Redis"))
     """Shared by the worker's loops, so an outage is logged once per worker."""
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    """The worker's background loops (worker/loops.py)."""
 
-    @property
-    def lease_ms(self) -> int:
-        return int(self.settings.lease_ttl * 1000)
+    def backend(self, name: str) -> Backend:
+        backend = self.settings.backend(name)
+        if backend is None:  # only a Redis written by another configuration says so
+            raise LookupError(f"backend {name!r} is not configured on this worker")
+        return backend
 
-    def hold(self, run_id: str, job_id: str) -> Held:
-        held = Held(run_id, job_id)
-        self.held[run_id] = held
+    def hold(self, grant: Grant) -> Held:
+        held = Held(grant)
+        self.held[grant.run_id] = held
         return held
 
     def release(self, run_id: str) -> None:
         self.held.pop(run_id, None)
         self.wake.set()
 
+    def held_runs(self) -> list[HeldRun]:
+        return [HeldRun(h.grant.run_id, h.grant.backend) for h in self.held.values()]
+
     def cancel_job(self, job_id: str) -> None:
         for held in self.held.values():
-            if held.job_id == job_id:
+            if held.grant.job_id == job_id:
                 held.cancelled = True
-                if held.call is not None:
-                    held.call.cancel()
-        self.slots_changed.fire()
+                held.stop()
 
     def lose(self, run_id: str) -> None:
         held = self.held.get(run_id)
         if held is not None:
             held.lost = True
-            if held.call is not None:
-                held.call.cancel()
-        self.slots_changed.fire()
+            held.stop()

@@ -1,81 +1,43 @@
-"""Synchronous inference, OpenAI-compatible and Ollama-native, and the metadata passthrough.
+"""Synchronous inference: every inference path Ollama serves (shared/endpoints.py).
 
-Inference requests are admitted before they get here (api/edge.py); each route's `body`
-parameter is what FastAPI validates, and what the OpenAPI schema shows.
+Each request was admitted at the edge (api/edge.py) before it got here; the route takes
+that decision as a dependency and relays its job's answer (api/relay.py). The body each
+path takes is documented from its model (api/bodies.py), which is what the edge checks.
 """
 
 from __future__ import annotations
 
-import httpx
-from fastapi import APIRouter, Request
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.responses import Response
 
-from api.bodies import ChatBody, ChatCompletionBody, CompletionBody, GenerateBody
-from api.edge import admission
-from api.ratelimit import check_cheap_limit
+from api.bodies import BODIES
+from api.dependencies import AdmittedJob, GateDep
 from api.relay import JobRelay
-from api.state import gate
-from shared.errors import BackendError
+from shared.endpoints import INFERENCE
 
 router = APIRouter()
 
 
-def run_sync(request: Request) -> Response:
-    """Relay the job of one synchronous call, admitted at the edge (api/edge.py)."""
-    admitted = admission(request)
-    return JobRelay(gate(request), admitted.owner, admitted.job_id, admitted.rate_limit.headers())
+async def sync_inference(admitted: AdmittedJob, gate: GateDep) -> Response:
+    return JobRelay(gate, admitted.owner, admitted.job_id, admitted.rate_limit.headers())
 
 
-@router.post("/v1/chat/completions", tags=["openai"])
-async def chat_completions(request: Request, body: ChatCompletionBody) -> Response:
-    return run_sync(request)
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a path whose body the edge validates."""
+    schema = {"schema": model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": {"application/json": schema}}}
 
 
-@router.post("/v1/completions", tags=["openai"])
-async def completions(request: Request, body: CompletionBody) -> Response:
-    return run_sync(request)
-
-
-@router.post("/api/generate", tags=["ollama"])
-async def generate(request: Request, body: GenerateBody) -> Response:
-    return run_sync(request)
-
-
-@router.post("/api/chat", tags=["ollama"])
-async def chat(request: Request, body: ChatBody) -> Response:
-    return run_sync(request)
-
-
-async def passthrough(request: Request, path: str) -> Response:
-    """Metadata straight from Ollama: no GPU slot, no inference token; the /health limit."""
-    g = gate(request)
-    await check_cheap_limit(g, request)
-    try:
-        upstream = await g.http.get(g.settings.ollama_url + path)
-    except httpx.HTTPError as exc:
-        raise BackendError(f"Ollama unreachable: {exc.__class__.__name__}") from exc
-    return Response(
-        upstream.content,
-        upstream.status_code,
-        media_type=upstream.headers.get("content-type", "application/json"),
+for _path, _model in BODIES.items():
+    router.add_api_route(
+        _path,
+        sync_inference,
+        methods=["POST"],
+        tags=[INFERENCE[_path].api.value],
+        name=f"inference {_path}",
+        openapi_extra=body_schema(_model),
+        response_class=Response,
     )
-
-
-@router.get("/v1/models", tags=["openai"])
-async def models(request: Request) -> Response:
-    return await passthrough(request, "/v1/models")
-
-
-@router.get("/api/tags", tags=["ollama"])
-async def tags(request: Request) -> Response:
-    return await passthrough(request, "/api/tags")
-
-
-@router.get("/api/version", tags=["ollama"])
-async def version(request: Request) -> Response:
-    return await passthrough(request, "/api/version")
-
-
-@router.get("/api/ps", tags=["ollama"])
-async def ps(request: Request) -> Response:
-    return await passthrough(request, "/api/ps")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -9,30 +10,41 @@ import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from api.dependencies import GateDep
+from api.health_limit import check_cheap_limit
 from api.metrics import CONTENT_TYPE
-from api.queue import read_backlog, read_snapshot
-from api.ratelimit import check_cheap_limit
-from api.state import gate
+from api.snapshot import read_queue, read_snapshot
+from api.state import Gate
 from shared.errors import InvalidApiKey, RedisUnavailable
-from shared.store import redis_errors
 
 router = APIRouter(tags=["service"])
 
+READY_TIMEOUT_S = 2.0
+
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, str]:
-    await check_cheap_limit(gate(request), request)
+async def health(request: Request, gate: GateDep) -> dict[str, str]:
+    await check_cheap_limit(gate, request)
     return {"status": "ok"}
 
 
+async def _answers(gate: Gate, url: str) -> bool:
+    try:
+        response = await gate.http.get(url + "/api/version", timeout=READY_TIMEOUT_S)
+    except httpx.HTTPError:
+        return False
+    return response.status_code < 500
+
+
 @router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
-    """200 only when Redis answers, a worker is alive and Ollama answers."""
-    g = gate(request)
+async def ready(gate: GateDep) -> JSONResponse:
+    """200 only when Redis answers, a worker is alive and at least one backend answers."""
     checks: dict[str, str] = {}
     missing: list[str] = []
+    backends = gate.settings.backends
+    answers = await asyncio.gather(*(_answers(gate, b.url) for b in backends))
     try:
-        workers = len((await read_snapshot(g)).workers)
+        workers = len((await read_snapshot(gate.redis, gate.settings)).workers)
         checks["redis"] = "ok"
         checks["workers"] = f"{workers} alive"
         if workers == 0:
@@ -40,11 +52,11 @@ async def ready(request: Request) -> JSONResponse:
     except RedisUnavailable:
         checks["redis"] = checks["workers"] = "unreachable"
         missing.append("redis unreachable")
-    try:
-        (await g.http.get(g.settings.ollama_url + "/api/version", timeout=2.0)).raise_for_status()
-        checks["ollama"] = "ok"
-    except httpx.HTTPError as exc:
-        checks["ollama"] = f"unreachable ({exc.__class__.__name__})"
+    up = sum(answers)
+    checks["ollama"] = "ok" if up else "unreachable"
+    if len(backends) > 1:
+        checks["ollama"] = f"{up} of {len(backends)} backends answer"
+    if not up:
         missing.append("ollama unreachable")
     if missing:
         body = {
@@ -58,28 +70,26 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/queue")
-async def queue(request: Request) -> dict[str, Any]:
-    g = gate(request)
-    backlog = await read_backlog(g)
+async def queue(gate: GateDep) -> dict[str, Any]:
+    q = await read_queue(gate.redis, gate.settings)
     return {
-        "queue_depth": backlog.depth,
-        "running": backlog.running,
-        "gpu_concurrency": backlog.cap,
-        "max_queue_depth": g.settings.max_queue_depth,
-        "estimated_wait_seconds": round(backlog.queue_wait_s(), 3),
+        "queue_depth": q.backlog.depth,
+        "running": q.backlog.running,
+        "gpu_concurrency": q.backlog.cap,
+        "max_queue_depth": gate.settings.max_queue_depth,
+        "estimated_wait_seconds": round(q.backlog.queue_wait_s(), 3),
+        "backends": [b.public() for b in q.backends],
     }
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    g = gate(request)
-    token = g.settings.metrics_token
+async def metrics(request: Request, gate: GateDep) -> Response:
+    token = gate.settings.metrics_token
     if token is not None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             presented.strip().encode(), token.get_secret_value().encode()
         ):
             raise InvalidApiKey("/metrics needs Authorization: Bearer <GPUGATE_METRICS_TOKEN>.")
-    with redis_errors():
-        snapshot = await read_snapshot(g)
-    return Response(g.metrics.render(snapshot), media_type=CONTENT_TYPE)
+    snapshot = await read_snapshot(gate.redis, gate.settings)
+    return Response(gate.metrics.render(snapshot), media_type=CONTENT_TYPE)

@@ -1,72 +1,97 @@
--- The admission decision and the enqueue, in one atomic step.
--- Order: idempotency replay, a live worker, the circuit breaker (Ollama down), the key's
--- token bucket, the backlog (global, then the key's own quota). Only admission spends the
--- key's token.
--- ARGV: 1 owner, 2 rate per ms, 3 burst, 4 max queue depth, 5 max queued for this key,
---       6 priority boost ms, 7 job id, 8 endpoint, 9 body (JSON text), 10 stream 0|1,
---       11 sync 0|1, 12 deadline ms from now (0: none), 13 owner name,
---       14 idempotency key ('' none), 15 body digest, 16 result ttl ms, 17 worker stale ms,
---       18 default cap, 19 record ttl ms
--- -> {outcome, job id, tokens left, ms until full, ms until next token,
---     queue depth, running, cap, mean job ms ('' unknown), rank of the job or of the key's
---     first queued job}
-local owner, rate, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local max_depth, max_mine, boost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local job_id, idem, digest = ARGV[7], ARGV[14], ARGV[15]
-local result_ttl, stale, default_cap = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
-local record_ttl = tonumber(ARGV[19])
+-- The admission decision and the enqueue, in one atomic step (shared/scripts.py `admit`).
+-- Order: idempotency replay, a live worker, a backend up, the key's request bucket, its
+-- token (tpm) bucket, the backlog (the fleet's, then the key's own quota). Only an
+-- admission spends: one request token, and the tokens the request names.
+local A = cjson.decode(ARGV[1])
 local now = now_ms()
+local owner = A.owner
+local bucket_key = K_BUCKET .. owner
+local tokens = bucket_level(bucket_key, A.rate_per_ms, A.burst, now)
+local tpm_key = K_TOKEN_BUCKET .. owner
+local budget = nil
+if A.tpm_per_ms > 0 then budget = bucket_level(tpm_key, A.tpm_per_ms, A.tpm_burst, now) end
+local backends = read_backends(2)
 
-local tokens = bucket_level(K_BUCKET .. owner, rate, burst, now)
-local function answer(outcome, id, rank)
+local function answer(outcome, job_id, rank, extra)
   if outcome ~= 'admitted' and outcome ~= 'existing' and outcome ~= 'conflict' then
     redis.call('HINCRBY', K_STATS, 'rejected_' .. outcome, 1)
   end
-  local mean = redis.call('HGET', K_STATS, 'mean_job_ms') or ''
-  return {outcome, id, tostring(tokens), full_at_ms(tokens, rate, burst, now) - now,
-    math.max(0, math.ceil((1 - tokens) / rate)), redis.call('ZCARD', K_QUEUED),
-    redis.call('ZCARD', K_RUNNING), current_cap(default_cap), mean, rank}
+  local cap, running, serving_cap = 0, 0, 0
+  for _, b in ipairs(backends) do
+    cap = cap + b.cap
+    running = running + b.running
+    if b.up and serves(b, A.model) then serving_cap = serving_cap + b.cap end
+  end
+  local mean = redis.call('HGET', K_MODEL_STATS, A.model) or redis.call('HGET', K_STATS, 'mean_job_ms')
+  local out = {
+    outcome = outcome, job_id = job_id, rank = rank, now_ms = now,
+    tokens = tokens, full_in_ms = full_in_ms(tokens, A.rate_per_ms, A.burst),
+    next_token_ms = math.max(0, math.ceil((1 - tokens) / A.rate_per_ms)),
+    depth = redis.call('ZCARD', K_QUEUED), running = running, cap = cap,
+    serving_cap = serving_cap, mean_job_ms = tonumber(mean),
+  }
+  if budget ~= nil then
+    out.budget = budget
+    out.budget_full_in_ms = full_in_ms(budget, A.tpm_per_ms, A.tpm_burst)
+    -- until it is above zero again, and holds what the request names
+    out.budget_ready_in_ms = math.max(0, math.ceil((A.reserve_tokens - budget) / A.tpm_per_ms) + 1)
+  end
+  if extra then for k, v in pairs(extra) do out[k] = v end end
+  return cjson.encode(out)
 end
 
-if idem ~= '' then
-  local prior = redis.call('GET', idem)
+if A.idempotency_key ~= '' then
+  local prior = redis.call('GET', A.idempotency_key)
   if prior then
     local prior_id, prior_digest = string.match(prior, '^([^ ]*) (.*)$')
-    if prior_digest ~= digest then return answer('conflict', prior_id, -1) end
-    if redis.call('EXISTS', K_JOB .. prior_id) == 1 then
-      return answer('existing', prior_id, redis.call('ZRANK', K_QUEUED, prior_id) or -1)
+    if prior_digest ~= A.digest then return answer('conflict', prior_id, -1) end
+    local job = read_job(prior_id, 'status', 'created_at')
+    if job.status then
+      return answer('existing', prior_id, redis.call('ZRANK', K_QUEUED, prior_id) or -1,
+        {status = job.status, created_at_ms = tonumber(job.created_at)})
     end
   end
 end
-if live_workers(now, stale) == 0 then return answer('no_worker', '', -1) end
-if redis.call('EXISTS', K_BREAKER) == 1 then return answer('backend_down', '', -1) end
-if tokens < 1 then return answer('rate_limited', '', -1) end
-if redis.call('ZCARD', K_QUEUED) >= max_depth then return answer('queue_full', '', -1) end
-local mine = redis.call('SMEMBERS', K_QUEUED_BY .. owner)
-if #mine >= max_mine then
-  local first = -1
-  for _, id in ipairs(mine) do
-    local r = redis.call('ZRANK', K_QUEUED, id)
-    if r and (first < 0 or r < first) then first = r end
-  end
-  return answer('queue_full_key', '', first)
+if live_workers(now, A.worker_stale_ms) == 0 then return answer('no_worker', '', -1) end
+local any_up = false
+for _, b in ipairs(backends) do any_up = any_up or b.up end
+if not any_up then return answer('backend_down', '', -1) end
+if tokens < 1 then return answer('rate_limit_exceeded', '', -1) end
+if budget ~= nil and (budget <= 0 or A.reserve_tokens > budget) then
+  return answer('token_limit_exceeded', '', -1)
+end
+if redis.call('ZCARD', K_QUEUED) >= A.max_depth then return answer('queue_full', '', -1) end
+local oq = K_OWNER_QUEUE .. owner
+if redis.call('ZCARD', oq) >= A.max_queued then
+  local first = redis.call('ZRANGE', oq, 0, 0)[1]
+  return answer('queue_full_key', '', first and redis.call('ZRANK', K_QUEUED, first) or -1)
 end
 
 tokens = tokens - 1
-bucket_store(K_BUCKET .. owner, tokens, rate, burst, now)
-local score = now - boost
-local deadline = tonumber(ARGV[12])
+bucket_store(bucket_key, tokens, A.rate_per_ms, A.burst, now)
+if budget ~= nil then
+  budget = budget - A.reserve_tokens
+  bucket_store(tpm_key, budget, A.tpm_per_ms, A.tpm_burst, now)
+end
+local job_id = A.job_id
+local score = now - A.boost_ms
 local jk = K_JOB .. job_id
-redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', ARGV[13],
-  'endpoint', ARGV[8], 'body', ARGV[9], 'stream', ARGV[10], 'sync', ARGV[11],
-  'status', 'queued', 'created_at', now, 'score', score, 'attempt', 1, 'runs', 0,
-  'deadline_at', deadline > 0 and (now + deadline) or '')
-redis.call('PEXPIRE', jk, record_ttl)
-if deadline > 0 then redis.call('ZADD', K_DEADLINES, now + deadline, job_id) end
-redis.call('ZADD', K_QUEUED, score, job_id)
-redis.call('SADD', K_QUEUED_BY .. owner, job_id)
-arq_enqueue(job_id, 1, score, now, record_ttl)
-if idem ~= '' then redis.call('SET', idem, job_id .. ' ' .. digest, 'PX', result_ttl) end
+redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
+  'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', A.body,
+  'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0, 'status', 'queued',
+  'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
+  'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
+  'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
+  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '')
+redis.call('PEXPIRE', jk, A.record_ttl_ms)
+if A.deadline_ms > 0 then redis.call('ZADD', K_DEADLINES, now + A.deadline_ms, job_id) end
+enqueue_waiting(job_id, owner, score, A.model, A.priority)
+arq_enqueue(job_id, 1, score, now, A.record_ttl_ms)
+if A.idempotency_key ~= '' then
+  redis.call('SET', A.idempotency_key, job_id .. ' ' .. A.digest, 'PX', A.result_ttl_ms)
+end
 redis.call('HINCRBY', K_STATS, 'jobs_admitted', 1)
-redis.call('PUBLISH', K_WAKE_CHANNEL, job_id)
-return answer('admitted', job_id, redis.call('ZRANK', K_QUEUED, job_id))
+redis.call('HINCRBY', K_USAGE, A.usage_name .. '|requests', 1)
+wake_one()
+return answer('admitted', job_id, redis.call('ZRANK', K_QUEUED, job_id),
+  {status = 'queued', created_at_ms = now})

@@ -1,49 +1,95 @@
--- A run ended on its worker: free its slot and record the outcome.
+-- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
+-- Ollama served (fair-share counter, tpm bucket, usage), and record the outcome.
+-- `retry`: the backend failed before any byte reached the client: the job is queued
+-- again avoiding that backend (failed instead once it ran max_attempts times).
 -- A job cancelled while running stays `cancelled`; a run that is no longer the job's
 -- current attempt (its lease lapsed and the job moved on) changes nothing.
--- ARGV: 1 job id, 2 attempt, 3 status, 4 http status, 5 content type, 6 result text,
---       7 error JSON ('' none), 8 result ttl ms, 9 duration ms, 10 EWMA weight,
---       11 error code ('' none), 12 breaker threshold, 13 breaker cooldown ms
--- -> {final status, 1 if this ending opened the circuit breaker else 0}
--- Ollama failing (unreachable, 5xx after retries, hung) `threshold` jobs in a row opens the
--- breaker: admission refuses new work until a worker's probe sees Ollama answer again, or
--- `cooldown` passes (then one more failure opens it again). Any answer from Ollama resets.
-local job_id, attempt, status = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local result_ttl, duration_ms, alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+-- Any backend answer resets its failure count; `breaker_threshold` failures in a row
+-- (unreachable, 5xx after retries, hung) take it out of dispatch for `breaker_cooldown_ms`
+-- or until a worker's probe sees it answer.
+local A = cjson.decode(ARGV[1])
 local now = now_ms()
-local run_id = job_id .. '.' .. attempt
-local removed = redis.call('ZREM', K_RUNNING, run_id)
-redis.call('ZREM', K_LEASES, run_id)
-redis.call('ZREM', K_CLAIMS, run_id)
-if removed == 1 then redis.call('PUBLISH', K_SLOTS_CHANNEL, run_id) end
-local job = redis.call('HMGET', K_JOB .. job_id, 'status', 'attempt')
-if tonumber(job[2]) ~= attempt then return 'stale' end
-if job[1] == 'running' then
-  local fields = {'http_status', ARGV[4], 'content_type', ARGV[5], 'result', ARGV[6]}
-  if ARGV[7] ~= '' then table.insert(fields, 'error'); table.insert(fields, ARGV[7]) end
-  finalize(job_id, status, fields, now, result_ttl)
-elseif job[1] == 'cancelled' then
-  local ek = K_EVENTS .. job_id
-  redis.call('XADD', ek, '*', 'type', 'end', 'status', 'cancelled')
-  redis.call('PEXPIRE', ek, result_ttl)
+local job_id = A.job_id
+local run_id = run_of(job_id, A.attempt)
+local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_name', 'model',
+  'weight', 'vtc_charged', 'reserved_tokens', 'tpm_rate', 'tpm_burst', 'runs', 'score',
+  'priority', 'avoid', 'started_at')
+local backend = A.backend
+free_run(run_id, backend, A.wake)
+arq_forget(run_id)
+
+local function reply(status, opened)
+  return cjson.encode({status = status, breaker_opened = opened})
 end
-local code = ARGV[11]
-if code ~= '' then redis.call('HINCRBY', K_STATS, 'errors_' .. code, 1) end
-local opened = 0
-if code == 'backend_error' or code == 'timeout' then
-  local in_row = redis.call('HINCRBY', K_STATS, 'backend_failures_in_row', 1)
-  if in_row >= tonumber(ARGV[12]) and redis.call('EXISTS', K_BREAKER) == 0 then
-    redis.call('SET', K_BREAKER, now, 'PX', tonumber(ARGV[13]))
-    redis.call('HINCRBY', K_STATS, 'breaker_opened', 1)
-    opened = 1
+if tonumber(job.attempt) ~= A.attempt then return reply('stale', false) end
+
+-- what was served: charged whether the job succeeded or not
+local served = A.input_tokens + A.output_tokens
+if served > 0 or A.duration_ms > 0 then
+  local weight = tonumber(job.weight) or 1
+  local cost = (A.input_tokens + 2 * A.output_tokens) / weight
+  charge(job.owner, cost - (tonumber(job.vtc_charged) or 0))
+  redis.call('HSET', K_JOB .. job_id, 'vtc_charged', 0, 'input_tokens', A.input_tokens,
+    'output_tokens', A.output_tokens)
+  local name = job.usage_name
+  redis.call('HINCRBY', K_USAGE, name .. '|input_tokens', A.input_tokens)
+  redis.call('HINCRBY', K_USAGE, name .. '|output_tokens', A.output_tokens)
+  redis.call('HINCRBYFLOAT', K_USAGE, name .. '|gpu_ms', A.duration_ms)
+  local rate = tonumber(job.tpm_rate) or 0
+  if rate > 0 then
+    local burst, key = tonumber(job.tpm_burst), K_TOKEN_BUCKET .. job.owner
+    local level = bucket_level(key, rate, burst, now)
+    level = level + (tonumber(job.reserved_tokens) or 0) - served
+    bucket_store(key, level, rate, burst, now)
+    redis.call('HSET', K_JOB .. job_id, 'reserved_tokens', 0)
   end
-elseif status ~= 'cancelled' then
-  redis.call('HSET', K_STATS, 'backend_failures_in_row', 0)
+  local mean_cost = tonumber(redis.call('HGET', K_STATS, 'mean_cost'))
+  local this_cost = A.input_tokens + 2 * A.output_tokens
+  mean_cost = mean_cost and (mean_cost + A.ewma_weight * (this_cost - mean_cost)) or this_cost
+  redis.call('HSET', K_STATS, 'mean_cost', tostring(mean_cost))
 end
+if A.model_load_ms > 0 then
+  redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
+end
+
+local status = A.status
+if job.status == 'running' then
+  if status == 'retry' and tonumber(job.runs) < A.max_attempts then
+    local avoid = ((job.avoid or '') .. ' ' .. backend):gsub('^ ', '')
+    requeue(job_id, job, now, A.record_ttl_ms, {'avoid', avoid})
+  else
+    if status == 'retry' then status = 'failed' end
+    local fields = {'http_status', A.http_status, 'content_type', A.content_type,
+      'result', A.result}
+    if A.error ~= '' then table.insert(fields, 'error'); table.insert(fields, A.error) end
+    finalize(job_id, status, fields, now, A.result_ttl_ms)
+  end
+elseif job.status == 'cancelled' then
+  end_cancelled_run(job_id, A.result_ttl_ms)
+  status = 'cancelled'
+end
+
+local opened = false
+do
+  if A.error_code == 'backend_error' or A.error_code == 'timeout' then
+    local in_row = redis.call('HINCRBY', K_BACKEND_FAILURES, backend, 1)
+    local down_key = K_BACKEND_DOWN .. backend
+    if in_row >= A.breaker_threshold and redis.call('EXISTS', down_key) == 0 then
+      redis.call('SET', down_key, now, 'PX', A.breaker_cooldown_ms)
+      redis.call('HINCRBY', K_STATS, 'breaker_opened', 1)
+      opened = true
+    end
+  elseif status ~= 'cancelled' then
+    redis.call('HSET', K_BACKEND_FAILURES, backend, 0)
+  end
+end
+if A.error_code ~= '' then redis.call('HINCRBY', K_STATS, 'errors_' .. A.error_code, 1) end
 if status == 'succeeded' then
-  local mean = tonumber(redis.call('HGET', K_STATS, 'mean_job_ms'))
-  mean = mean and (mean + alpha * (duration_ms - mean)) or duration_ms
-  redis.call('HSET', K_STATS, 'mean_job_ms', tostring(mean))
+  for _, pair in ipairs({{K_STATS, 'mean_job_ms'}, {K_MODEL_STATS, job.model or ''}}) do
+    local mean = tonumber(redis.call('HGET', pair[1], pair[2]))
+    mean = mean and (mean + A.ewma_weight * (A.duration_ms - mean)) or A.duration_ms
+    redis.call('HSET', pair[1], pair[2], tostring(mean))
+  end
 end
-observe('job_duration_seconds', duration_ms / 1000, JOB_DURATION_BOUNDS)
-return {job[1] == 'cancelled' and 'cancelled' or status, opened}
+observe('job_duration_seconds', A.duration_ms / 1000, JOB_DURATION_BOUNDS)
+return reply(status, opened)

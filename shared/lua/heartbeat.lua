@@ -1,62 +1,75 @@
--- A worker's tick: say it is alive, renew the leases of the runs it holds, and reap the
--- runs of workers that stopped renewing (re-queue them, or fail them after max runs), and
--- cancel queued jobs whose deadline passed.
--- ARGV: 1 worker id, 2 lease ms, 3 info JSON, 4 max runs, 5 result ttl ms,
---       6 record ttl ms, 7.. run ids held by this worker
--- -> run ids this worker no longer holds (it must stop them)
-local worker, lease, max_runs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
-local result_ttl, record_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+-- A worker's tick (shared/scripts.py `heartbeat`): say it is alive, renew the leases of
+-- the runs it holds, reap the runs of workers that stopped renewing (queue them again, or
+-- fail them after max runs or once their stream had begun), cancel queued jobs whose
+-- deadline passed, and forget fair-share counters too low to matter.
+-- A run this worker holds whose lease Redis no longer has (after a failover the promoted
+-- replica may lack the newest grants) is asserted again when its job is still its own:
+-- its slot is counted before any new grant, so the caps hold.
+local A = cjson.decode(ARGV[1])
 local now = now_ms()
+local worker = A.worker
 redis.call('ZADD', K_WORKERS, now, worker)
-redis.call('HSET', K_WORKER .. worker, 'info', ARGV[3], 'heartbeat', now)
-redis.call('PEXPIRE', K_WORKER .. worker, lease * 3)
-redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - lease * 3)
+redis.call('HSET', K_WORKER .. worker, 'info', A.info, 'heartbeat', now)
+redis.call('PEXPIRE', K_WORKER .. worker, A.worker_stale_ms)
+redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - A.worker_stale_ms)
 
-local lost = {}
-for i = 7, #ARGV do
-  if redis.call('ZSCORE', K_LEASES, ARGV[i]) then
-    redis.call('ZADD', K_LEASES, now + lease, ARGV[i])
+local lost, cancelled = {}, {}
+for _, held in ipairs(A.held) do
+  local run_id = held.run_id
+  if redis.call('ZSCORE', K_LEASES, run_id) then
+    redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
+    local job_id = split_run(run_id)
+    -- a cancel message can be missed while pub/sub reconnects: say it again here
+    if redis.call('HGET', K_JOB .. job_id, 'status') == 'cancelled' then
+      table.insert(cancelled, job_id)
+    end
   else
-    table.insert(lost, ARGV[i])
+    local job_id, attempt = split_run(run_id)
+    local job = read_job(job_id, 'status', 'attempt', 'worker')
+    local ours = tonumber(job.attempt) == attempt and job.worker == worker
+    if ours and job.status == 'running' then
+      redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
+      redis.call('ZADD', K_RUNNING, now, run_id)
+      redis.call('ZADD', K_BACKEND_RUNNING .. held.backend, now, run_id)
+    elseif not ours or job.status == 'queued' or job.status == 'running' then
+      table.insert(lost, run_id)  -- the job moved on without this run
+    end
   end
 end
 
 local reaped = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 100)
 for _, run_id in ipairs(reaped) do
-  redis.call('ZREM', K_LEASES, run_id)
-  redis.call('ZREM', K_CLAIMS, run_id)
-  redis.call('ZREM', K_RUNNING, run_id)
-  arq_forget(run_id)
   local job_id, attempt = split_run(run_id)
-  local jk = K_JOB .. job_id
-  local job = redis.call('HMGET', jk, 'status', 'attempt', 'owner', 'score', 'runs', 'stream')
-  if job[1] and tonumber(job[2]) == attempt then
-    local streamed = job[6] == '1' and redis.call('XLEN', K_EVENTS .. job_id) > 0
-    if job[1] == 'cancelled' then
-      local ek = K_EVENTS .. job_id
-      redis.call('XADD', ek, '*', 'type', 'end', 'status', 'cancelled')
-      redis.call('PEXPIRE', ek, result_ttl)
-    elseif job[1] == 'running' and (tonumber(job[5]) >= max_runs or streamed) then
-      local why = streamed and 'its stream had begun' or ('it ran ' .. job[5] .. ' times')
+  local job = read_job(job_id, 'status', 'attempt', 'owner', 'score', 'runs', 'stream',
+    'model', 'priority')
+  for i = 2, #ARGV, 2 do redis.call('ZREM', K_BACKEND_RUNNING .. ARGV[i], run_id) end
+  free_run(run_id, '', true)
+  arq_forget(run_id)
+  if job.status and tonumber(job.attempt) == attempt then
+    local streamed = job.stream == '1' and redis.call('XLEN', K_EVENTS .. job_id) > 0
+    if job.status == 'cancelled' then
+      end_cancelled_run(job_id, A.result_ttl_ms)
+    elseif job.status == 'running' and (tonumber(job.runs) >= A.max_runs or streamed) then
+      local why = streamed and 'its stream had begun' or ('it ran ' .. job.runs .. ' times')
       finalize(job_id, 'failed', {'error', error_json('worker_lost',
         'The worker running this job stopped; ' .. why .. ', so it was not run again.')},
-        now, result_ttl)
-    elseif job[1] == 'running' or job[1] == 'queued' then
-      redis.call('HSET', jk, 'status', 'queued', 'attempt', attempt + 1, 'worker', '',
-        'started_at', '')
-      redis.call('PEXPIRE', jk, record_ttl)
-      redis.call('ZADD', K_QUEUED, tonumber(job[4]), job_id)
-      redis.call('SADD', K_QUEUED_BY .. job[3], job_id)
-      arq_enqueue(job_id, attempt + 1, tonumber(job[4]), now, record_ttl)
-      redis.call('HINCRBY', K_STATS, 'jobs_requeued', 1)
+        now, A.result_ttl_ms)
+    elseif job.status == 'running' then
+      requeue(job_id, job, now, A.record_ttl_ms, {})
     end
   end
 end
 for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', now, 'LIMIT', 0, 100)) do
-  expire_queued(job_id, now, result_ttl)
+  local job = read_job(job_id, 'status', 'owner', 'attempt', 'model')
+  if job.status == 'queued' then
+    cancel_queued(job_id, job.owner, job.model, job.attempt, 'deadline_exceeded',
+      'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
+  else
+    redis.call('ZREM', K_DEADLINES, job_id)
+  end
 end
-if #reaped > 0 then
-  redis.call('PUBLISH', K_SLOTS_CHANNEL, 'reaped')
-  redis.call('PUBLISH', K_WAKE_CHANNEL, 'reaped')
-end
-return lost
+-- A counter below every floor a waiting key is lifted to is the same as none.
+local floor = math.min(fair_share_floor(),
+  tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0)
+redis.call('ZREMRANGEBYSCORE', K_VTC, '-inf', '(' .. floor)
+return cjson.encode({lost = lost, cancelled = cancelled, reaped = #reaped})

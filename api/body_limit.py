@@ -8,6 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import RequestTooLarge
 
+UNLIMITED_PREFIX = "/api/blobs/"
+"""Model blobs (GBs) stream through to Ollama: only the admin and model managers may."""
 BODY = "gpugate.body"
 """Scope key of the whole request body, once read (`api.edge` admits from it)."""
 
@@ -18,7 +20,11 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS")
+            or scope["path"].startswith(UNLIMITED_PREFIX)
+        ):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -6,7 +6,6 @@ from starlette.requests import HTTPConnection
 
 from api.identity import client_id
 from api.state import Gate
-from shared import keys
 from shared.errors import RateLimited
 
 
@@ -17,11 +16,15 @@ async def check_cheap_limit(gate: Gate, conn: HTTPConnection) -> None:
     """
     rate = gate.settings.health_rate
     name, burst = "health:" + client_id(conn, gate.trusted), max(1, int(rate.amount))
-    reply = await gate.request_script("bucket", [keys.bucket(name), rate.per_second / 1000, burst])
+    reply = await gate.on_lane(
+        lambda scripts: scripts.take_token(
+            name=name, rate_per_ms=rate.per_second / 1000, burst=burst
+        )
+    )
     if reply is None:
         decision = gate.local_buckets.take(name, rate.per_second, burst)
         allowed, next_token_s = decision.allowed, decision.next_token_s
     else:
-        allowed, next_token_s = bool(reply[0]), int(reply[3]) / 1000
+        allowed, next_token_s = reply.allowed, reply.next_token_ms / 1000
     if not allowed:
         raise RateLimited(next_token_s)

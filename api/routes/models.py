@@ -1,0 +1,93 @@
+"""Ollama's metadata (no GPU slot, no inference token, the /health limit) and model
+management (the admin key, or a tier with `manage_models`; else 403 and nothing reaches
+Ollama)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from api.dependencies import GateDep
+from api.health_limit import check_cheap_limit
+from api.identity import identify
+from api.ollama import manage, metadata
+from api.state import Gate
+from shared.errors import Forbidden, InvalidApiKey, InvalidRequest
+from shared.settings import Backend
+
+router = APIRouter(tags=["ollama"])
+
+BACKEND_HEADER = "x-gpugate-backend"
+
+
+def ollama_path(request: Request) -> str:
+    """The path to ask Ollama for: as the client sent it (still percent-encoded), without
+    the `root_path` a server may have put in front."""
+    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    path = raw.decode("latin-1")
+    root: str = request.scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def relay_metadata(request: Request, gate: GateDep) -> Response:
+    await check_cheap_limit(gate, request)
+    return await metadata(gate, request, ollama_path(request))
+
+
+for _path, _methods in (
+    ("/", ["GET", "HEAD"]),
+    ("/api/version", ["GET", "HEAD"]),
+    ("/api/tags", ["GET", "HEAD"]),
+    ("/api/ps", ["GET"]),
+    ("/api/show", ["POST"]),
+    ("/v1/models", ["GET"]),
+    ("/v1/models/{model:path}", ["GET"]),
+):
+    for _method in _methods:
+        router.add_api_route(_path, relay_metadata, methods=[_method], name=f"metadata {_path}")
+
+
+def _may_manage(gate: Gate, request: Request) -> bool:
+    admin_key = gate.settings.admin_key
+    presented = request.headers.get("x-admin-key")
+    if admin_key is not None and presented is not None:
+        return hmac.compare_digest(presented.encode(), admin_key.get_secret_value().encode())
+    try:
+        who = identify(request, gate.keyring, gate.trusted, require_key=True)
+    except InvalidApiKey:
+        return False
+    return who.tier.manage_models
+
+
+def _backend(gate: Gate, request: Request) -> Backend:
+    backends = gate.settings.backends
+    name = request.headers.get(BACKEND_HEADER)
+    if name is None and len(backends) == 1:
+        return backends[0]
+    backend = gate.settings.backend(name or "")
+    if backend is None:
+        names = ", ".join(b.name for b in backends)
+        raise InvalidRequest(f"X-Gpugate-Backend: name the backend to manage ({names})", status=400)
+    return backend
+
+
+async def relay_management(request: Request, gate: GateDep) -> Response:
+    if not _may_manage(gate, request):
+        raise Forbidden(
+            "Managing models needs the admin key or a key whose tier may manage models."
+        )
+    return await manage(gate, request, _backend(gate, request), ollama_path(request))
+
+
+for _path, _methods in (
+    ("/api/pull", ["POST"]),
+    ("/api/push", ["POST"]),
+    ("/api/create", ["POST"]),
+    ("/api/copy", ["POST"]),
+    ("/api/delete", ["DELETE"]),
+    ("/api/blobs/{digest}", ["HEAD", "POST"]),
+):
+    for _method in _methods:
+        router.add_api_route(_path, relay_management, methods=[_method], name=f"manage {_path}")

@@ -1,0 +1,178 @@
+"""The queue and the fleet as every API instance sees them: read from Redis, never kept
+locally (`/v1/queue`, `/admin/status`, `/metrics`, `/ready`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from shared import keys
+from shared.estimates import Backlog
+from shared.settings import Settings
+from shared.store import redis_errors
+
+_PER_BACKEND = 3
+
+
+def queue_backlog(pipe: Pipeline, settings: Settings) -> None:
+    """Add the backlog reads to `pipe`; `backlog_from` reads their replies."""
+    pipe.zcard(keys.QUEUED)
+    pipe.hget(keys.STATS, "mean_job_ms")
+    for b in settings.backends:
+        pipe.get(keys.backend_cap(b.name))
+        pipe.zcard(keys.backend_running(b.name))
+        pipe.exists(keys.backend_down(b.name))
+
+
+def backlog_replies(settings: Settings) -> int:
+    return 2 + _PER_BACKEND * len(settings.backends)
+
+
+def _caps(replies: list[Any], settings: Settings) -> list[tuple[int, int, bool]]:
+    out = []
+    for i, b in enumerate(settings.backends):
+        cap, running, down = replies[2 + _PER_BACKEND * i : 2 + _PER_BACKEND * (i + 1)]
+        out.append((int(cap) if cap else b.gpu_concurrency, int(running), not down))
+    return out
+
+
+def backlog_from(replies: list[Any], settings: Settings) -> Backlog:
+    caps = _caps(replies, settings)
+    return Backlog(
+        depth=int(replies[0]),
+        running=sum(running for _, running, _ in caps),
+        cap=sum(cap for cap, _, _ in caps),
+        mean_job_ms=float(replies[1]) if replies[1] else None,
+    )
+
+
+@dataclass(frozen=True)
+class BackendView:
+    name: str
+    url: str
+    gpu_concurrency: int
+    running: int
+    healthy: bool
+    loaded_models: list[str]
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "gpu_concurrency": self.gpu_concurrency,
+            "running": self.running,
+            "healthy": self.healthy,
+            "loaded_models": self.loaded_models,
+        }
+
+
+@dataclass(frozen=True)
+class Queue:
+    backlog: Backlog
+    backends: list[BackendView]
+
+
+async def read_queue(redis: Redis, settings: Settings) -> Queue:
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            queue_backlog(pipe, settings)
+            for b in settings.backends:
+                pipe.zrange(keys.backend_loaded(b.name), 0, -1)
+            replies = await pipe.execute()
+    n = backlog_replies(settings)
+    caps = _caps(replies[:n], settings)
+    backends = [
+        BackendView(b.name, b.url, cap, running, healthy, sorted(m.decode() for m in loaded))
+        for b, (cap, running, healthy), loaded in zip(
+            settings.backends, caps, replies[n:], strict=True
+        )
+    ]
+    return Queue(backlog_from(replies[:n], settings), backends)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Fleet-wide facts for /metrics and /admin/status."""
+
+    queue: Queue
+    workers: list[dict[str, Any]]
+    stats: dict[str, float]
+    histograms: dict[str, dict[str, float]] = field(default_factory=dict)
+    running_jobs: list[dict[str, Any]] = field(default_factory=list)
+    model_loads: dict[tuple[str, str], float] = field(default_factory=dict)
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def backlog(self) -> Backlog:
+        return self.queue.backlog
+
+
+HISTOGRAMS = ("queue_wait_seconds", "job_duration_seconds")
+USAGE_KINDS = ("requests", "input_tokens", "output_tokens", "gpu_ms")
+
+
+def _floats(raw: dict[bytes, bytes]) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def usage_by_key(raw: dict[str, float]) -> dict[str, dict[str, float]]:
+    """`name|kind -> count` as `{name: {kind: count}}`, every kind present."""
+    out: dict[str, dict[str, float]] = {}
+    for field_name, value in raw.items():
+        name, _, kind = field_name.rpartition("|")
+        out.setdefault(name, dict.fromkeys(USAGE_KINDS, 0.0))[kind] = value
+    return out
+
+
+async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
+    queue = await read_queue(redis, settings)
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(keys.WORKERS, 0, -1, withscores=True)
+            pipe.hgetall(keys.STATS)
+            pipe.zrange(keys.RUNNING, 0, -1, withscores=True)
+            pipe.hgetall(keys.MODEL_LOADS)
+            pipe.hgetall(keys.USAGE)
+            for name in HISTOGRAMS:
+                pipe.hgetall(keys.histogram(name))
+            now, workers, stats, running, loads, usage, *hists = await pipe.execute()
+        now_ms = now[0] * 1000 + now[1] // 1000
+        live = [(w.decode(), int(s)) for w, s in workers if now_ms - s <= settings.worker_stale_ms]
+        runs = [(*keys.split_run(run), started) for run, started in running]
+        async with redis.pipeline(transaction=False) as pipe:
+            for worker_id, _ in live:
+                pipe.hget(keys.worker(worker_id), "info")
+            for job_id, _attempt, _started in runs:
+                pipe.hmget(keys.job(job_id), ["worker", "backend"])
+            infos = await pipe.execute()
+    worker_infos = infos[: len(live)]
+    run_fields = infos[len(live) :]
+    return Snapshot(
+        queue=queue,
+        workers=[
+            {"id": worker_id, "last_heartbeat": beat / 1000, **(json.loads(info) if info else {})}
+            for (worker_id, beat), info in zip(live, worker_infos, strict=True)
+        ],
+        stats=_floats(stats),
+        histograms={name: _floats(h) for name, h in zip(HISTOGRAMS, hists, strict=True)},
+        running_jobs=[
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "started_at": started / 1000,
+                "worker": (fields[0] or b"").decode(),
+                "backend": (fields[1] or b"").decode(),
+            }
+            for (job_id, attempt, started), fields in zip(runs, run_fields, strict=True)
+        ],
+        model_loads={
+            tuple(k.rsplit("|", 1)): v  # type: ignore[misc]
+            for k, v in _floats(loads).items()
+        },
+        usage=usage_by_key(_floats(usage)),
+    )

@@ -1,0 +1,182 @@
+-- The scheduler: grant up to `want` GPU slots to a worker, over every waiting job of the
+-- fleet, in one decision (shared/scripts.py `dispatch`).
+--
+-- Which job: the owners with jobs waiting form groups by tier priority; the group whose
+-- oldest job has the lowest start score goes first (a job of priority p counts as
+-- admitted p seconds earlier: priority with aging). Within the group, the owner with the
+-- lowest fair-share counter (VTC) goes first, then the oldest. An owner's jobs go in
+-- start-score order; the first one that some backend can take now is granted.
+--
+-- Where: a backend that is up, has a free slot, serves the model (and is not one this
+-- job already failed on, unless no other serves it). Among those, one with the model
+-- loaded, most free slots first; else one whose loaded models have no work waiting,
+-- preferring an empty one; else, once the job has waited GPUGATE_AFFINITY_WAIT, any.
+-- A job for a model that no backend serves goes to any backend: Ollama's 404 answers it.
+--
+-- Each grant charges the owner a provisional cost (the fleet's mean job cost / weight),
+-- settled against the real usage by finish.lua, so several grants in one call alternate
+-- between owners.
+local A = cjson.decode(ARGV[1])
+local now = now_ms()
+local backends = read_backends(2)
+local free_total = 0
+for _, b in ipairs(backends) do
+  if b.up then free_total = free_total + b.free end
+end
+if free_total == 0 or A.want <= 0 then return '[]' end
+
+local owners = {}
+for _, raw in ipairs(redis.call('ZRANGE', K_BACKLOG, 0, A.max_owners - 1, 'WITHSCORES')) do
+  table.insert(owners, raw)
+end
+if #owners == 0 then return '[]' end
+local candidates = {}
+local group_head = {}
+for i = 1, #owners, 2 do
+  local owner = owners[i]
+  local head = redis.call('ZRANGE', K_OWNER_QUEUE .. owner, 0, 0, 'WITHSCORES')
+  if head[2] then
+    local c = {owner = owner, counter = tonumber(owners[i + 1]), head = tonumber(head[2]),
+      priority = tonumber(redis.call('HGET', K_OWNER_PRIORITY, owner)) or 0}
+    table.insert(candidates, c)
+    local g = group_head[c.priority]
+    if g == nil or c.head < g then group_head[c.priority] = c.head end
+  end
+end
+local function before(a, b)
+  local ga, gb = group_head[a.priority], group_head[b.priority]
+  if ga ~= gb then return ga < gb end
+  if a.priority ~= b.priority then return a.priority > b.priority end
+  if a.counter ~= b.counter then return a.counter < b.counter end
+  return a.head < b.head
+end
+
+local waiting_models = {}
+local function has_waiting_work(model)
+  if waiting_models[model] == nil then
+    waiting_models[model] = (tonumber(redis.call('HGET', K_WAITING_MODELS, model)) or 0) > 0
+  end
+  return waiting_models[model]
+end
+
+local function loaded(b, model)
+  return redis.call('ZSCORE', K_BACKEND_LOADED .. b.name, model) ~= false
+end
+
+-- True when sending another model to `b` would switch it away from one with work waiting.
+local function busy_with_other(b, model)
+  for _, m in ipairs(redis.call('ZRANGE', K_BACKEND_LOADED .. b.name, 0, -1)) do
+    if m ~= model and has_waiting_work(m) then return true end
+  end
+  return false
+end
+
+local function most_free(list)
+  local best = nil
+  for _, b in ipairs(list) do
+    if best == nil or b.free > best.free then best = b end
+  end
+  return best
+end
+
+local function choose_backend(model, avoid, waited_ms)
+  local serving, open = {}, {}
+  for _, b in ipairs(backends) do
+    if serves(b, model) then
+      table.insert(serving, b)
+      if b.up and b.free > 0 then table.insert(open, b) end
+    end
+  end
+  if #serving == 0 then  -- nobody serves it: any backend, for Ollama's own answer
+    for _, b in ipairs(backends) do
+      if b.up and b.free > 0 then return b end
+    end
+    return nil
+  end
+  local fresh = {}
+  for _, b in ipairs(open) do
+    if not string.find(' ' .. avoid .. ' ', ' ' .. b.name .. ' ', 1, true) then
+      table.insert(fresh, b)
+    end
+  end
+  if #fresh > 0 then open = fresh end
+  if #open == 0 then return nil end
+  local hot, idle, empty = {}, {}, {}
+  for _, b in ipairs(open) do
+    if loaded(b, model) then
+      table.insert(hot, b)
+    elseif not busy_with_other(b, model) then
+      table.insert(idle, b)
+      if redis.call('ZCARD', K_BACKEND_LOADED .. b.name) == 0 then table.insert(empty, b) end
+    end
+  end
+  if #hot > 0 then return most_free(hot) end
+  if #empty > 0 then return most_free(empty) end
+  if #idle > 0 then return most_free(idle) end
+  if #serving == 1 or waited_ms >= A.affinity_wait_ms then return most_free(open) end
+  return nil
+end
+
+local function grant(c, job_id, job, b)
+  leave_waiting(job_id, c.owner, job.model)
+  local run_id = run_of(job_id, job.attempt)
+  redis.call('ZADD', K_RUNNING, now, run_id)
+  redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
+  redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
+  redis.call('SET', K_ARQ_IN_PROGRESS .. run_id, 1, 'PX', A.arq_lock_ms)
+  redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
+  local weight = tonumber(job.weight) or 1
+  local cost = A.provisional_cost / weight
+  local floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
+  if c.counter > floor then redis.call('HSET', K_STATS, 'vtc_floor', tostring(c.counter)) end
+  charge(c.owner, cost)
+  c.counter = c.counter + cost
+  redis.call('HSET', K_JOB .. job_id, 'status', 'running', 'started_at', now,
+    'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,
+    'vtc_charged', tostring(cost))
+  observe('queue_wait_seconds', (now - tonumber(job.created_at)) / 1000, QUEUE_WAIT_BOUNDS)
+  b.free = b.free - 1
+  b.running = b.running + 1
+  free_total = free_total - 1
+  waiting_models[job.model] = nil
+  return {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
+    endpoint = job.endpoint, body = job.body, stream = job.stream == '1', backend = b.name,
+    model = job.model}
+end
+
+-- The first job of owner `c` that a backend can take now, granted; nil if none.
+local function grant_for(c)
+  local ids = redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)
+  for _, job_id in ipairs(ids) do
+    local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
+      'deadline_at', 'endpoint', 'body', 'stream', 'weight', 'runs')
+    local deadline = tonumber(job.deadline_at)
+    if job.status ~= 'queued' then
+      leave_waiting(job_id, c.owner, job.model or '')  -- a stray entry: mend it
+    elseif deadline and now >= deadline then
+      cancel_queued(job_id, c.owner, job.model, job.attempt, 'deadline_exceeded',
+        'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
+    else
+      local b = choose_backend(job.model, job.avoid or '', now - tonumber(job.created_at))
+      if b then return grant(c, job_id, job, b) end
+    end
+  end
+  return nil
+end
+
+local grants = {}
+local stuck = {}
+while #grants < A.want and free_total > 0 do
+  table.sort(candidates, before)
+  local granted = nil
+  for _, c in ipairs(candidates) do
+    if not stuck[c.owner] then
+      granted = grant_for(c)
+      if granted then break end
+      stuck[c.owner] = true
+    end
+  end
+  if granted == nil then break end
+  table.insert(grants, granted)
+end
+return cjson.encode(grants)

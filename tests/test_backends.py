@@ -1,0 +1,242 @@
+"""A fleet of backends behind one gate: a cap on each, jobs only where their model is
+served, model affinity, a backend dying and coming back, merged metadata, live tuning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import StackFactory, sim_stats
+from tests.processes import Process, start_sim, wait_until
+
+GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
+ADMIN = {"X-Admin-Key": "adm"}
+
+
+def fleet(*backends: tuple[str, Process, int, list[str] | None]) -> str:
+    return json.dumps(
+        [
+            {"name": name, "url": sim.url, "gpu_concurrency": cap}
+            | ({"models": models} if models is not None else {})
+            for name, sim, cap, models in backends
+        ]
+    )
+
+
+@pytest.fixture
+def two_sims() -> Iterator[tuple[Process, Process]]:
+    a = start_sim(
+        "--tokens",
+        "5",
+        "--token-delay",
+        "0.04",
+        "--parallel",
+        "64",
+        "--models",
+        "llama3.2,qwen2.5:7b",
+    )
+    b = start_sim(
+        "--tokens",
+        "5",
+        "--token-delay",
+        "0.04",
+        "--parallel",
+        "64",
+        "--models",
+        "llama3.2,qwen2.5:7b",
+    )
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+async def _burst(url: str, bodies: list[dict[str, object]]) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post("/api/generate", json=b, headers={"X-API-Key": f"k{i % 7}"})
+                for i, b in enumerate(bodies)
+            )
+        )
+    return [a.status_code for a in answers]
+
+
+def test_each_backend_holds_its_own_cap_with_two_workers(
+    make_stack: StackFactory, two_sims: tuple[Process, Process]
+) -> None:
+    a, b = two_sims
+    stack = make_stack(
+        workers=2,
+        backends=fleet(("gpu-a", a, 2, None), ("gpu-b", b, 1, None)),
+        max_queue_depth=100,
+        worker_concurrency=4,
+    )
+    statuses = asyncio.run(_burst(stack.url, [GEN] * 40))
+    assert statuses == [200] * 40
+    assert sim_stats(a)["max_in_flight"] == 2
+    assert sim_stats(b)["max_in_flight"] == 1
+    queue = httpx.get(stack.url + "/v1/queue").json()
+    assert queue["gpu_concurrency"] == 3 and queue["running"] == 0
+    assert [(x["name"], x["gpu_concurrency"], x["healthy"]) for x in queue["backends"]] == [
+        ("gpu-a", 2, True),
+        ("gpu-b", 1, True),
+    ]
+
+
+def test_the_caps_hold_after_a_worker_is_killed(
+    make_stack: StackFactory, two_sims: tuple[Process, Process]
+) -> None:
+    a, b = two_sims
+    stack = make_stack(
+        workers=2,
+        backends=fleet(("gpu-a", a, 1, None), ("gpu-b", b, 1, None)),
+        max_queue_depth=100,
+    )
+    with stack.client() as client:
+        jobs = [
+            client.post(
+                "/v1/jobs",
+                json={"endpoint": "/api/generate", "body": GEN},
+                headers={"X-API-Key": f"k{i}"},
+            ).json()["id"]
+            for i in range(12)
+        ]
+        wait_until(lambda: client.get("/v1/queue").json()["running"] == 2, what="2 running")
+        stack.workers[0].kill()
+        stack.add_worker()
+        for i, job_id in enumerate(jobs):
+
+            def ended(job_id: str = job_id, i: int = i) -> bool:
+                r = client.get(
+                    f"/v1/jobs/{job_id}", params={"wait": 5}, headers={"X-API-Key": f"k{i}"}
+                )
+                return r.json()["status"] in ("succeeded", "failed")
+
+            wait_until(ended, timeout=60, what=f"job {job_id} to end")
+    assert sim_stats(a)["max_in_flight"] <= 1 and sim_stats(b)["max_in_flight"] <= 1
+
+
+def test_a_job_runs_only_where_its_model_is_served(
+    make_stack: StackFactory, two_sims: tuple[Process, Process]
+) -> None:
+    a, b = two_sims
+    stack = make_stack(
+        backends=fleet(("gpu-a", a, 2, ["llama3.2"]), ("gpu-b", b, 2, ["qwen2.5:7b"])),
+        burst=100,
+    )
+    qwen = {**GEN, "model": "qwen2.5:7b"}
+    assert asyncio.run(_burst(stack.url, [qwen] * 8 + [GEN] * 8)) == [200] * 16
+    served_a, served_b = sim_stats(a), sim_stats(b)
+    assert (served_a["requests"], served_b["requests"]) == (8, 8)
+    assert list(served_a["loads_by_model"]) == ["llama3.2:latest"]  # type: ignore[call-overload]
+    assert list(served_b["loads_by_model"]) == ["qwen2.5:7b"]  # type: ignore[call-overload]
+    with stack.client("k") as client:
+        unknown = client.post("/api/generate", json={**GEN, "model": "nope"})
+        direct = httpx.post(a.url + "/api/generate", json={**GEN, "model": "nope"})
+    assert (unknown.status_code, unknown.json()) == (direct.status_code, direct.json())
+    assert unknown.status_code == 404
+
+
+def test_alternating_models_stay_where_they_are_loaded(make_stack: StackFactory) -> None:
+    sims = [
+        start_sim(
+            "--tokens",
+            "3",
+            "--token-delay",
+            "0.02",
+            "--parallel",
+            "8",
+            "--models",
+            "llama3.2,qwen2.5:7b",
+            "--max-loaded",
+            "1",
+            "--load-time",
+            "0.5",
+        )
+        for _ in range(2)
+    ]
+    try:
+        stack = make_stack(
+            backends=fleet(("gpu-a", sims[0], 2, None), ("gpu-b", sims[1], 2, None)),
+            burst=200,
+            max_queue_depth=100,
+            affinity_wait=10,
+            worker_concurrency=8,
+        )
+        bodies: list[dict[str, object]] = [
+            {**GEN, "model": "llama3.2" if i % 2 else "qwen2.5:7b"} for i in range(40)
+        ]
+        assert asyncio.run(_burst(stack.url, bodies)) == [200] * 40
+        loads = sum(int(sim_stats(s)["loads"]) for s in sims)
+        assert loads <= 4, f"{loads} model loads for 40 jobs over two backends and two models"
+        metrics = httpx.get(stack.url + "/metrics").text
+        assert "gpugate_model_loads_total{" in metrics
+    finally:
+        for s in sims:
+            s.stop()
+
+
+def test_a_dead_backend_is_left_out_and_taken_back(
+    make_stack: StackFactory, two_sims: tuple[Process, Process]
+) -> None:
+    a, b = two_sims
+    stack = make_stack(
+        backends=fleet(("gpu-a", a, 2, None), ("gpu-b", b, 2, None)),
+        burst=200,
+        max_queue_depth=100,
+        breaker_threshold=1,
+    )
+    port = b.port
+    b.kill()
+    statuses = asyncio.run(_burst(stack.url, [GEN] * 12))
+    assert statuses == [200] * 12, statuses  # a job that failed on gpu-b ran on gpu-a
+    with stack.client() as client:
+        wait_until(
+            lambda: not client.get("/v1/queue").json()["backends"][1]["healthy"],
+            what="gpu-b out of dispatch",
+        )
+        assert httpx.get(stack.url + "/ready").status_code == 200
+        revived = start_sim("--tokens", "5", "--token-delay", "0", "--parallel", "64", port=port)
+        try:
+            wait_until(
+                lambda: client.get("/v1/queue").json()["backends"][1]["healthy"],
+                timeout=15,
+                what="gpu-b back in dispatch",
+            )
+            statuses = asyncio.run(_burst(stack.url, [GEN] * 12))
+            assert statuses == [200] * 12
+            assert sim_stats(revived)["requests"] > 0
+        finally:
+            revived.stop()
+
+
+def test_fleet_tuning_and_metadata(
+    make_stack: StackFactory, two_sims: tuple[Process, Process]
+) -> None:
+    a, b = two_sims
+    stack = make_stack(
+        backends=fleet(("gpu-a", a, 2, None), ("gpu-b", b, 1, None)), admin_key="adm"
+    )
+    with stack.client() as client:
+        unnamed = client.put("/admin/concurrency", json={"gpu_concurrency": 3}, headers=ADMIN)
+        assert unnamed.status_code == 422 and "backend" in unnamed.json()["message"]
+        named = client.put(
+            "/admin/concurrency", json={"gpu_concurrency": 3, "backend": "gpu-b"}, headers=ADMIN
+        )
+        assert named.status_code == 200
+        queue = client.get("/v1/queue").json()
+        assert [x["gpu_concurrency"] for x in queue["backends"]] == [2, 3]
+        status = client.get("/admin/status", headers=ADMIN).json()
+        assert [x["name"] for x in status["backends"]] == ["gpu-a", "gpu-b"]
+        tags = client.get("/api/tags").json()
+        assert sorted(m["name"] for m in tags["models"]) == ["llama3.2:latest", "qwen2.5:7b"]
+        assert client.get("/api/version").json()["version"]
+        pull = client.post("/api/pull", json={"model": "x"}, headers=ADMIN)
+        assert pull.status_code == 400 and "X-Gpugate-Backend" in pull.json()["message"]
+    metrics = httpx.get(stack.url + "/metrics").text
+    assert 'gpugate_backend_gpu_concurrency{backend="gpu-b"} 3.0' in metrics
+    assert 'gpugate_backend_up{backend="gpu-a"} 1.0' in metrics

@@ -1,0 +1,254 @@
+"""Each Lua script on its own, against the suite's real redis-server, through its typed
+wrapper (shared/scripts.py): the reply, and the keys it leaves behind. The end-to-end
+tests run the same scripts through the API and the workers."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.jobs import new_job_id
+from shared.scripts import (
+    AdmitOutcome,
+    CancelVerdict,
+    FinishStatus,
+    Grant,
+    HeldRun,
+    Scripts,
+    fleet_argv,
+)
+from shared.settings import Backend
+from tests.processes import Process
+
+FLEET = fleet_argv([Backend(name="gpu-a", url="http://127.0.0.1:1", gpu_concurrency=1)])
+_databases = itertools.count(200)
+
+
+@pytest.fixture
+async def redis(redis_proc: Process) -> AsyncIterator[Redis]:
+    client = Redis.from_url(f"redis://127.0.0.1:{redis_proc.port}/{next(_databases) % 56 + 200}")
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def scripts(redis: Redis) -> Scripts:
+    scripts = Scripts(redis.execute_command)
+    await heartbeat(scripts)  # admission needs a live worker
+    return scripts
+
+
+async def heartbeat(scripts: Scripts, held: list[HeldRun] | None = None) -> Any:
+    return await scripts.heartbeat(
+        worker="w1",
+        info="{}",
+        lease_ms=10_000,
+        worker_stale_ms=30_000,
+        max_runs=3,
+        result_ttl_ms=60_000,
+        record_ttl_ms=600_000,
+        held=held or [],
+        backends=FLEET,
+    )
+
+
+async def admit(scripts: Scripts, owner: str = "key:a", **overrides: Any) -> Any:
+    args: dict[str, Any] = {
+        "owner": owner,
+        "owner_name": owner,
+        "usage_name": "anonymous",
+        "rate_per_ms": 1.0,
+        "burst": 100,
+        "tpm_per_ms": 0,
+        "tpm_burst": 0,
+        "reserve_tokens": 0,
+        "max_depth": 100,
+        "max_queued": 100,
+        "priority": 0,
+        "boost_ms": 0,
+        "weight": 1,
+        "job_id": new_job_id(),
+        "endpoint": "/api/generate",
+        "model": "llama3.2",
+        "body": '{"model": "llama3.2"}',
+        "stream": False,
+        "sync": False,
+        "deadline_ms": 0,
+        "idempotency_key": "",
+        "digest": "",
+        "result_ttl_ms": 60_000,
+        "record_ttl_ms": 600_000,
+        "worker_stale_ms": 30_000,
+        "backends": FLEET,
+    }
+    args.update(overrides)
+    return await scripts.admit(**args)
+
+
+async def dispatch(scripts: Scripts, want: int = 1) -> list[Grant]:
+    return await scripts.dispatch(
+        worker="w1",
+        want=want,
+        lease_ms=10_000,
+        arq_lock_ms=60_000,
+        affinity_wait_ms=30_000,
+        provisional_cost=1,
+        result_ttl_ms=60_000,
+        backends=FLEET,
+    )
+
+
+async def finish(scripts: Scripts, grant: Grant, **overrides: Any) -> Any:
+    args: dict[str, Any] = {
+        "job_id": grant.job_id,
+        "attempt": grant.attempt,
+        "backend": grant.backend,
+        "status": FinishStatus.SUCCEEDED,
+        "http_status": 200,
+        "content_type": "application/json",
+        "result": '{"done": true}',
+        "error": "",
+        "error_code": "",
+        "duration_ms": 12.0,
+        "input_tokens": 3,
+        "output_tokens": 5,
+        "model_load_ms": 0,
+        "max_attempts": 3,
+        "breaker_threshold": 3,
+        "breaker_cooldown_ms": 30_000,
+        "ewma_weight": 0.2,
+        "wake": False,
+        "result_ttl_ms": 60_000,
+        "record_ttl_ms": 600_000,
+    }
+    args.update(overrides)
+    return await scripts.finish(**args)
+
+
+async def test_admit_records_the_job_and_spends_one_token(scripts: Scripts, redis: Redis) -> None:
+    reply = await admit(scripts)
+    assert reply.outcome is AdmitOutcome.ADMITTED and reply.rank == 0
+    assert reply.tokens == pytest.approx(99, abs=0.1)
+    job = await redis.hgetall(keys.job(reply.job_id))
+    assert job[b"status"] == b"queued" and job[b"model"] == b"llama3.2"
+    assert await redis.zscore(keys.QUEUED, reply.job_id) is not None
+    assert await redis.zcard(keys.owner_queue("key:a")) == 1
+    assert await redis.zscore(keys.BACKLOG, "key:a") == 0
+    assert await redis.exists(keys.ARQ_JOB + keys.run_id(reply.job_id, 1))
+    assert await redis.llen(keys.WAKE) == 1  # a slot is free: one idle worker is woken
+
+
+async def test_admit_refuses_without_spending(scripts: Scripts, redis: Redis) -> None:
+    await admit(scripts, burst=1)
+    limited = await admit(scripts, burst=1, rate_per_ms=0.000001)
+    assert limited.outcome is AdmitOutcome.RATE_LIMITED and limited.next_token_ms > 0
+    full = await admit(scripts, owner="key:b", max_depth=1)
+    assert full.outcome is AdmitOutcome.QUEUE_FULL
+    assert await redis.zcard(keys.QUEUED) == 1
+    assert await redis.hget(keys.STATS, "rejected_queue_full") == b"1"
+    budget = dict(tpm_per_ms=0.001, tpm_burst=100)
+    over = await admit(scripts, owner="key:c", reserve_tokens=101, **budget)
+    assert over.outcome is AdmitOutcome.TOKEN_LIMITED and over.budget == 100
+    assert await redis.exists(keys.bucket("key:c")) == 0, "a token refusal spent a request token"
+
+
+async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
+    scripts: Scripts, redis: Redis
+) -> None:
+    first, second = await admit(scripts), await admit(scripts)
+    grants = await dispatch(scripts, want=4)
+    assert [g.job_id for g in grants] == [first.job_id]  # the cap of gpu-a is 1
+    assert await redis.zcard(keys.backend_running("gpu-a")) == 1
+    assert await redis.hget(keys.job(first.job_id), "status") == b"running"
+    assert await dispatch(scripts) == []
+    done = await finish(scripts, grants[0])
+    assert done.status is FinishStatus.SUCCEEDED
+    assert await redis.zcard(keys.RUNNING) == 0
+    assert not await redis.exists(keys.ARQ_JOB + grants[0].run_id)
+    assert await redis.hget(keys.USAGE, "anonymous|output_tokens") == b"5"
+    assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
+
+
+async def test_finish_of_a_stale_run_records_nothing(scripts: Scripts, redis: Redis) -> None:
+    """The latent bug of issue 10: the stale reply was a bare string."""
+    await admit(scripts)
+    (grant,) = await dispatch(scripts)
+    await redis.hset(keys.job(grant.job_id), "attempt", 2)  # the job moved on
+    reply = await finish(scripts, grant)
+    assert reply.status is FinishStatus.STALE and reply.breaker_opened is False
+    assert await redis.hget(keys.job(grant.job_id), "status") == b"running"
+
+
+async def test_fair_share_alternates_a_flood_and_a_trickle(scripts: Scripts) -> None:
+    for _ in range(6):
+        await admit(scripts, owner="key:flood")
+    trickle = [(await admit(scripts, owner="key:trickle")).job_id for _ in range(3)]
+    order = []
+    for _ in range(9):
+        (grant,) = await dispatch(scripts)
+        order.append("T" if grant.job_id in trickle else "F")
+        await finish(scripts, grant, input_tokens=10, output_tokens=10)
+    assert order[:6] == ["F", "T", "F", "T", "F", "T"], order
+
+
+async def test_priority_goes_first_over_every_waiting_job(scripts: Scripts) -> None:
+    for _ in range(3):
+        await admit(scripts, owner="key:free")
+    pro = await admit(scripts, owner="key:pro", priority=10, boost_ms=10_000)
+    (grant,) = await dispatch(scripts)
+    assert grant.job_id == pro.job_id
+
+
+async def test_cancel_of_a_queued_job_leaves_nothing_waiting(
+    scripts: Scripts, redis: Redis
+) -> None:
+    job = await admit(scripts)
+    reply = await scripts.cancel(
+        job_id=job.job_id, owner="key:a", code="cancelled", message="m", result_ttl_ms=60_000
+    )
+    assert reply.verdict is CancelVerdict.CANCELLED and reply.status == "queued"
+    assert await redis.zcard(keys.QUEUED) == 0 and await redis.zcard(keys.BACKLOG) == 0
+    assert await redis.hget(keys.WAITING_MODELS, "llama3.2") is None
+    again = await scripts.cancel(
+        job_id=job.job_id, owner="key:a", code="cancelled", message="m", result_ttl_ms=60_000
+    )
+    assert again.verdict is CancelVerdict.FINISHED
+
+
+async def test_heartbeat_reaps_a_lapsed_lease_into_the_next_attempt(
+    scripts: Scripts, redis: Redis
+) -> None:
+    job = await admit(scripts)
+    (grant,) = await dispatch(scripts)
+    await redis.zadd(keys.LEASES, {grant.run_id: 0})  # its worker died
+    reply = await heartbeat(scripts)
+    assert reply.reaped == 1
+    record = await redis.hmget(keys.job(job.job_id), ["status", "attempt"])
+    assert record == [b"queued", b"2"]
+    assert await redis.zcard(keys.backend_running("gpu-a")) == 0
+    assert await redis.hget(keys.STATS, "jobs_requeued") == b"1"
+
+
+async def test_heartbeat_reasserts_a_run_the_promoted_replica_lacks(
+    scripts: Scripts, redis: Redis
+) -> None:
+    await admit(scripts)
+    (grant,) = await dispatch(scripts)
+    for key in (keys.LEASES, keys.RUNNING, keys.backend_running("gpu-a")):
+        await redis.zrem(key, grant.run_id)  # as if the grant never replicated
+    reply = await heartbeat(scripts, [HeldRun(grant.run_id, grant.backend)])
+    assert reply.lost == []
+    assert await redis.zcard(keys.backend_running("gpu-a")) == 1
+
+
+async def test_take_token_empties_and_refuses(scripts: Scripts) -> None:
+    for _ in range(2):
+        assert (await scripts.take_token(name="h", rate_per_ms=0.000001, burst=2)).allowed
+    refused = await scripts.take_token(name="h", rate_per_ms=0.000001, burst=2)
+    assert not refused.allowed and refused.next_token_ms > 0

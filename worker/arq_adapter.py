@@ -1,0 +1,240 @@
+"""gpugate's use of arq 0.28, in one place: the `Worker` overrides, arq's job format, the
+JSON serializer, and the clients opened in `on_startup` and closed in `on_shutdown`.
+
+arq stays the queue's format and the worker's runtime: admission writes each run as an
+arq job (`arq:job:<run>` in arq's JSON job format, `arq:queue`; see prelude.lua
+`arq_enqueue`), and arq's `run_job` runs it (reading the job, counting tries, the
+timeout, the task bookkeeping, SIGTERM draining with `job_completion_wait`).
+
+What is replaced, and why:
+
+- *Which run starts.* arq reads the head of its ZSET and claims ids one by one
+  (WATCH/MULTI per id, ~5 commands each), in score order only. Here the scheduler
+  (shared/lua/dispatch.lua) grants this worker as many runs as it has free places, over
+  every waiting job of the fleet (priority, fair share, a backend with a free slot and
+  the model), and claims arq's in-progress key in the same script: one round trip for
+  the whole batch. `_poll_iteration` asks it, then starts arq's `run_job` for each grant.
+- *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
+  list (BLPOP `gpugate:wake`): admission pushes one entry when a slot is free, so one
+  idle worker wakes, not all; a worker whose run ended asks again at once.
+- *arq's end-of-job pipeline.* `finish.lua` already removed the run from arq's keys,
+  so `finish_job` has nothing left to do.
+- A Redis outage does not stop the worker (arq alone would exit): the loop waits for
+  Redis to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from typing import Any
+
+import httpx
+from arq.connections import ArqRedis
+from arq.worker import Worker
+
+from shared import keys, store
+from shared.errors import RedisUnavailable
+from shared.scripts import Grant, Scripts, fleet_argv
+from shared.settings import Settings
+from worker import jobs
+from worker.loops import start_loops, stop_loops
+from worker.state import WorkerContext
+
+log = logging.getLogger("gpugate.worker")
+
+IDLE_WAIT_S = 1.0
+"""An idle worker asks for work at least this often (a lost wake-up, an affinity wait)."""
+REDIS_RETRY_S = 0.5
+ARQ_TIMEOUT_S = 7 * 86400
+"""arq's own job timeout: a backstop only; job runs are bounded by GPUGATE_JOB_TIMEOUT."""
+ARQ_LOCK_MS = (ARQ_TIMEOUT_S + 10) * 1000
+"""arq's in-progress key, set by dispatch.lua as arq's own claim would."""
+
+
+def arq_serialize(obj: dict[str, Any]) -> bytes:
+    """arq's job and result serializer: JSON, never pickle (arq records failures as
+    exceptions: JSON keeps their text only)."""
+    return json.dumps(
+        obj, separators=(",", ":"), default=lambda v: f"{type(v).__name__}: {v}"
+    ).encode()
+
+
+def arq_deserialize(data: bytes) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("an arq record must be a JSON object")
+    return value
+
+
+class GateWorker(Worker):
+    """arq's Worker, started by the scheduler's grants instead of its own queue reads."""
+
+    def __init__(self, context: WorkerContext, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.context = context
+
+    async def main(self) -> None:
+        while True:  # Redis may be down when the worker starts
+            try:
+                await self.pool.ping()
+                break
+            except store.DRIVER_ERRORS as exc:
+                self.context.redis_outage.failed(exc, "waiting for it")
+                await asyncio.sleep(REDIS_RETRY_S)
+        self.context.redis_outage.recovered()
+        await super().main()
+
+    async def _poll_iteration(self) -> None:
+        ctx = self.context
+        ctx.wake.clear()
+        for run_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[run_id]
+        free = self.max_jobs - self.job_counter
+        granted: list[Grant] = []
+        if free > 0 and self.allow_pick_jobs and not ctx.draining:
+            try:
+                granted = await self._dispatch(free)
+            except RedisUnavailable as exc:
+                ctx.redis_outage.failed(exc.__cause__ or exc, "waiting for it")
+                await asyncio.sleep(REDIS_RETRY_S)
+                return
+        for grant in granted:
+            await self._start(grant)
+        with contextlib.suppress(*store.DRIVER_ERRORS):
+            await self.heart_beat()  # arq's health-check key
+        if len(granted) < free or free <= 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.wake.wait(), IDLE_WAIT_S)
+
+    async def _dispatch(self, want: int) -> list[Grant]:
+        ctx, settings = self.context, self.context.settings
+        return await ctx.scripts.dispatch(
+            worker=ctx.worker_id,
+            want=want,
+            lease_ms=settings.lease_ms,
+            arq_lock_ms=ARQ_LOCK_MS,
+            affinity_wait_ms=int(settings.affinity_wait * 1000),
+            provisional_cost=await self._mean_cost(),
+            result_ttl_ms=settings.result_ttl * 1000,
+            backends=fleet_argv(settings.backends),
+        )
+
+    _cost: tuple[float, float] = (0.0, 1.0)
+
+    async def _mean_cost(self) -> float:
+        """The fleet's mean job cost (fair-share units), re-read at most once a second."""
+        at, cost = self._cost
+        if time.monotonic() - at > 1.0:
+            with contextlib.suppress(*store.DRIVER_ERRORS):
+                raw = await self.context.redis.hget(keys.STATS, "mean_cost")  # type: ignore[misc]
+                cost = float(raw) if raw else 1.0
+            self._cost = (time.monotonic(), cost)
+        return cost
+
+    async def _start(self, grant: Grant) -> None:
+        """What arq's `start_jobs` does once it has claimed a job: the claim itself was
+        dispatch.lua's."""
+        self.context.hold(grant)
+        await self.sem.acquire()  # never waits: there was a free place
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(grant.run_id, int(time.time() * 1000)))
+        task.add_done_callback(self._run_ended)
+        self.tasks[grant.run_id] = task
+
+    def _run_ended(self, _: asyncio.Task[None]) -> None:
+        self._release_sem_dec_counter_on_complete()
+        self.context.wake.set()
+
+    async def finish_job(self, *args: Any, **kwargs: Any) -> None:
+        """finish.lua has removed the run from arq's keys already."""
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # arq gave up on a run before calling us (its job record expired): hand it back.
+        self.context.release(job_id)
+        with contextlib.suppress(*store.DRIVER_ERRORS):
+            await self.context.redis.zadd(keys.LEASES, {job_id: 0}, xx=True)
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        # Nothing waits for a slot here: stop asking for work, let running runs finish
+        # (up to GPUGATE_SHUTDOWN_GRACE).
+        self.context.draining = True
+        self.context.wake.set()
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        self.context.draining = True
+        super().handle_sig(signum)
+
+
+async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
+    """The one arq job function; arq passes its ctx dict, ours is the typed context."""
+    await jobs.run_job(ctx["gate"], job_id, attempt)
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    context: WorkerContext = ctx["gate"]
+    settings = context.settings
+    context.redis = store.connect(settings.redis_url)
+    context.blocking_redis = store.connect(settings.redis_url, blocking=True)
+    context.scripts = Scripts(context.redis.execute_command)
+    context.http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.job_timeout, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
+    start_loops(context)
+    log.info(
+        "worker %s up: max_jobs=%d, backends: %s",
+        context.worker_id,
+        settings.worker_concurrency,
+        ", ".join(f"{b.name}={b.url} (cap {b.gpu_concurrency})" for b in settings.backends),
+    )
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    context: WorkerContext = ctx["gate"]
+    await stop_loops(context)
+    with contextlib.suppress(*store.DRIVER_ERRORS):
+        async with context.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.WORKERS, context.worker_id)
+            pipe.delete(keys.worker(context.worker_id))
+            await pipe.execute()
+    await context.http.aclose()
+    await context.blocking_redis.aclose()
+    await context.redis.aclose()
+
+
+def create_worker(settings: Settings) -> GateWorker:
+    """The worker for `settings`. arq's own client (its queue reads, health key) is
+    opened and closed by arq; ours are opened in `on_startup`, closed in `on_shutdown`."""
+    context = WorkerContext(settings=settings)
+    arq_redis = ArqRedis(
+        store.connect(settings.redis_url).connection_pool,
+        job_serializer=arq_serialize,
+        job_deserializer=arq_deserialize,
+        default_queue_name=keys.ARQ_QUEUE,
+    )
+    return GateWorker(
+        context,
+        functions=[run_job],  # the only job function; listed here, not registered by import
+        queue_name=keys.ARQ_QUEUE,
+        redis_pool=arq_redis,
+        ctx={"gate": context},
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        max_jobs=settings.worker_concurrency,
+        job_timeout=ARQ_TIMEOUT_S,
+        keep_result=0,  # results live in the job record (JSON), not in arq
+        poll_delay=0,
+        max_tries=1_000,  # re-runs are ours (attempts), see shared/jobs.py
+        retry_jobs=False,
+        job_completion_wait=int(settings.shutdown_grace),
+        job_serializer=arq_serialize,
+        job_deserializer=arq_deserialize,
+        log_results=False,
+    )

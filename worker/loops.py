@@ -1,0 +1,227 @@
+"""The worker's background loops, each surviving Redis outages:
+
+- `heartbeat`: say it is alive, renew the leases of its runs, reap the runs of dead
+  workers, cancel expired queued jobs (heartbeat.lua);
+- `waker`: while it has room, block on the wake list (one entry wakes one worker);
+- `cancels`: pub/sub of cancelled job ids, turned into closing the Ollama call;
+- `fleet`: probe backends whose breaker is open, and learn what each backend serves
+  (/api/tags) and has loaded (/api/ps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httpx
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.errors import RedisUnavailable
+from shared.jobs import record_ttl_ms
+from shared.scripts import fleet_argv
+from shared.settings import Backend
+from shared.store import DRIVER_ERRORS
+from worker.state import WorkerContext
+
+log = logging.getLogger("gpugate.worker")
+
+RETRY_S = 0.5
+WAKE_BLOCK_S = 1
+PROBE_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+LOADED_REFRESH_S = 2.0
+"""How often some worker reads each backend's /api/ps."""
+MODELS_REFRESH_S = 15.0
+"""How often some worker reads each backend's /api/tags (the SPEC: at least every 30 s)."""
+
+
+def start_loops(ctx: WorkerContext) -> None:
+    loops: dict[str, Callable[[WorkerContext], Coroutine[Any, Any, None]]] = {
+        "heartbeat": heartbeat_loop,
+        "waker": waker_loop,
+        "cancels": cancel_loop,
+        "fleet": fleet_loop,
+    }
+    ctx.tasks = [asyncio.create_task(loop(ctx), name=name) for name, loop in loops.items()]
+
+
+async def stop_loops(ctx: WorkerContext) -> None:
+    for task in ctx.tasks:
+        task.cancel()
+    await asyncio.gather(*ctx.tasks, return_exceptions=True)
+
+
+def heartbeat_interval_s(ctx: WorkerContext) -> float:
+    """Renew well before the lease lapses; reap promptly."""
+    return min(1.0, ctx.settings.lease_ttl / 4)
+
+
+async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:
+    settings = ctx.settings
+    info = json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": started_at,
+            "max_jobs": settings.worker_concurrency,
+            "held": len(ctx.held),
+        }
+    )
+    reply = await ctx.scripts.heartbeat(
+        worker=ctx.worker_id,
+        info=info,
+        lease_ms=settings.lease_ms,
+        worker_stale_ms=settings.worker_stale_ms,
+        max_runs=settings.max_attempts,
+        result_ttl_ms=settings.result_ttl * 1000,
+        record_ttl_ms=record_ttl_ms(settings.result_ttl),
+        held=ctx.held_runs(),
+        backends=fleet_argv(settings.backends),
+    )
+    for run_id in reply.lost:
+        log.warning("lost the lease of run %s; stopping it", run_id)
+        ctx.lose(run_id)
+    for job_id in reply.cancelled:
+        ctx.cancel_job(job_id)
+    if reply.reaped:
+        ctx.wake.set()  # slots came back
+
+
+async def heartbeat_loop(ctx: WorkerContext) -> None:
+    started_at = time.time()
+    interval = heartbeat_interval_s(ctx)
+    while True:
+        try:
+            await heartbeat_once(ctx, started_at)
+            ctx.redis_outage.recovered()
+        except RedisUnavailable as exc:
+            ctx.redis_outage.failed(exc.__cause__ or exc, "waiting for it")
+        await asyncio.sleep(interval)
+
+
+async def waker_loop(ctx: WorkerContext) -> None:
+    """Take one wake-up from the list while this worker could start a run."""
+    while True:
+        if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
+            await _room(ctx)
+            continue
+        try:
+            popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
+        except (*DRIVER_ERRORS, RedisError) as exc:
+            ctx.redis_outage.failed(exc, "waiting for it")  # a held connection notices first
+            await asyncio.sleep(RETRY_S)
+            continue
+        if popped is not None:
+            ctx.wake.set()
+
+
+async def _room(ctx: WorkerContext) -> None:
+    """Until a run of ours ends (or a second passes)."""
+    ctx.wake.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ctx.wake.wait(), WAKE_BLOCK_S)
+    ctx.wake.set()  # the worker's own loop must see it too
+
+
+async def cancel_loop(ctx: WorkerContext) -> None:
+    """Subscribe to cancelled job ids; resubscribe after any Redis failure."""
+    while True:
+        try:
+            async with ctx.blocking_redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                async for message in pubsub.listen():
+                    ctx.cancel_job(message["data"].decode())
+        except (*DRIVER_ERRORS, RedisError) as exc:
+            ctx.redis_outage.failed(exc, "waiting for it")
+            await asyncio.sleep(RETRY_S)
+
+
+async def _answers(ctx: WorkerContext, backend: Backend) -> bool:
+    """Any HTTP answer below 500 from the backend's cheapest endpoint."""
+    try:
+        response = await ctx.http.get(backend.url + "/api/version", timeout=PROBE_TIMEOUT_S)
+    except httpx.HTTPError:
+        return False
+    return response.status_code < 500
+
+
+async def _get_json(ctx: WorkerContext, url: str) -> Any:
+    try:
+        response = await ctx.http.get(url, timeout=PROBE_TIMEOUT_S)
+        response.raise_for_status()
+        return response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def _turn(ctx: WorkerContext, what: str, backend: Backend, every_s: float) -> bool:
+    """True for the one worker whose turn it is to refresh `what` of `backend` now."""
+    key = f"{keys.PREFIX}turn:{what}:{backend.name}"
+    return bool(await ctx.redis.set(key, ctx.worker_id, nx=True, px=int(every_s * 1000)))
+
+
+async def refresh_backend(ctx: WorkerContext, backend: Backend) -> None:
+    redis = ctx.redis
+    down = keys.backend_down(backend.name)
+    if await redis.exists(down) and await _answers(ctx, backend):
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(down)
+            pipe.hset(keys.BACKEND_FAILURES, backend.name, "0")
+            closed, _ = await pipe.execute()
+        if closed:
+            log.warning("backend %s answers again: back in dispatch", backend.name)
+    if await _turn(ctx, "ps", backend, LOADED_REFRESH_S):
+        ps = await _get_json(ctx, backend.url + "/api/ps")
+        if isinstance(ps, dict):
+            await set_loaded(ctx, backend, [str(m.get("name")) for m in ps.get("models", [])])
+    if backend.models is None and await _turn(ctx, "tags", backend, MODELS_REFRESH_S):
+        tags = await _get_json(ctx, backend.url + "/api/tags")
+        if isinstance(tags, dict) and tags.get("models"):
+            names = {str(m.get("name")) for m in tags["models"]}
+            names |= {n.removesuffix(":latest") for n in names}
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.backend_models(backend.name))
+                pipe.sadd(keys.backend_models(backend.name), *names)
+                await pipe.execute()
+
+
+async def set_loaded(ctx: WorkerContext, backend: Backend, models: list[str]) -> None:
+    """What /api/ps shows is loaded on `backend` now (names with and without `:latest`)."""
+    now_ms = int(time.time() * 1000)
+    names = {m for name in models for m in (name, name.removesuffix(":latest"))}
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.backend_loaded(backend.name))
+        if names:
+            pipe.zadd(keys.backend_loaded(backend.name), dict.fromkeys(names, now_ms))
+        await pipe.execute()
+
+
+async def configure_models(ctx: WorkerContext) -> None:
+    """Backends with a configured model list serve exactly that."""
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        for backend in ctx.settings.backends:
+            if backend.models is not None:
+                pipe.delete(keys.backend_models(backend.name))
+                pipe.sadd(keys.backend_models(backend.name), *backend.models)
+        await pipe.execute()
+
+
+async def fleet_loop(ctx: WorkerContext) -> None:
+    configured = False
+    while True:
+        try:
+            if not configured:
+                await configure_models(ctx)
+                configured = True
+            await asyncio.gather(*(refresh_backend(ctx, b) for b in ctx.settings.backends))
+        except (*DRIVER_ERRORS, RedisError):
+            pass  # the heartbeat reports Redis outages
+        await asyncio.sleep(PROBE_S)
