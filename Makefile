@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test lint bench redis-server wrk clean
+.PHONY: run test lint bench redis-server wrk chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,17 @@ wrk:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) >/dev/null; \
 	  else echo "wrk is missing: install Debian's wrk package" >&2; exit 1; fi; }
 
+# The browser of tests/test_console.py (Debian's package): Playwright drives it and downloads none.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	  else echo "chromium is missing: install Debian's chromium package" >&2; exit 1; fi; }
+
 run: $(STAMP) redis-server
 	$(VENV)/bin/gpugate up
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server chromium
 	$(PY) -m pytest
 
 lint: $(STAMP)

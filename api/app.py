@@ -19,7 +19,7 @@ from api import errors
 from api.body_limit import BodyLimit
 from api.edge import AdmissionEdge
 from api.metrics import Metrics, RequestMetrics
-from api.routes import admin, inference, jobs, models, service
+from api.routes import admin, console, inference, jobs, models, service
 from api.state import Gate
 from api.tiers import Keyring
 from shared import store
@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (inference, jobs, models, service, admin):
+    for module in (inference, jobs, models, service, admin, console):
         app.include_router(module.router)
     app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
