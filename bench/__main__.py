@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import admission, latency, overload, soak
+from bench import admission, latency, overload, soak, throughput
 
 BENCHES = {
     "latency": latency.main,
     "admission": admission.main,
     "overload": overload.main,
     "soak": soak.main,
+    "throughput": throughput.main,
 }
 
 
