@@ -17,7 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.scripts import AdmitOutcome
+from shared.scripts import HISTOGRAMS, AdmitOutcome
 
 if TYPE_CHECKING:
     from api.snapshot import Snapshot
@@ -103,11 +103,19 @@ class _QueueCollector(Collector):
             ("job_duration_seconds", "Time a job held its GPU slot."),
         ):
             raw = snap.histograms.get(name, {})
-            bounds = sorted((k for k in raw if k not in ("sum", "+Inf")), key=float)
-            buckets = [(b, raw[b]) for b in bounds] + [("+Inf", raw.get("+Inf", 0.0))]
+            buckets, total = [], 0.0
+            for bound in HISTOGRAMS[name]:
+                total += raw.get(_lua_number(bound), 0.0)
+                buckets.append((str(bound), total))
+            buckets.append(("+Inf", total + raw.get("+Inf", 0.0)))
             yield HistogramMetricFamily(
                 f"gpugate_{name}", doc, buckets=buckets, sum_value=raw.get("sum", 0.0)
             )
+
+
+def _lua_number(value: float) -> str:
+    """How Lua's tostring writes a bound (`1`, `0.005`): the field name in Redis."""
+    return f"{value:.14g}"
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -10,7 +10,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from shared import keys
+from shared import keys, scripts
 from shared.estimates import Backlog
 from shared.settings import Settings
 from shared.store import redis_errors
@@ -111,7 +111,7 @@ class Snapshot:
         return self.queue.backlog
 
 
-HISTOGRAMS = ("queue_wait_seconds", "job_duration_seconds")
+HISTOGRAMS = tuple(scripts.HISTOGRAMS)
 USAGE_KINDS = ("requests", "input_tokens", "output_tokens", "gpu_ms")
 
 

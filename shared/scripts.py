@@ -68,7 +68,34 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_ARQ_RETRY", keys.ARQ_RETRY),
 )
 KEY_NAMES: tuple[str, ...] = tuple(name for _, name in _KEYS)
-_ARQ_FUNCTION = f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n"
+
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    "queue_wait_seconds": (
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+        120,
+        300,
+    ),
+    "job_duration_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+}
+"""The bucket bounds of the histograms the scripts keep in Redis (one count per
+observation in its own bucket; api/metrics.py adds them up for Prometheus)."""
+
+_CONSTANTS = f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n" + "".join(
+    f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
+    for name, b in HISTOGRAMS.items()
+)
 
 
 @cache
@@ -76,7 +103,7 @@ def source(name: str) -> str:
     """The full text of script `name` (without `.lua`): key bindings, prelude, script."""
     bind = "".join(f"local {lua} = KEYS[{i}]\n" for i, (lua, _) in enumerate(_KEYS, 1))
     prelude = (_LUA_DIR / "prelude.lua").read_text()
-    return bind + _ARQ_FUNCTION + prelude + (_LUA_DIR / f"{name}.lua").read_text()
+    return bind + _CONSTANTS + prelude + (_LUA_DIR / f"{name}.lua").read_text()
 
 
 @cache

@@ -79,17 +79,18 @@ local function arq_forget(run_id)
   redis.call('DEL', K_ARQ_JOB .. run_id, K_ARQ_IN_PROGRESS .. run_id, K_ARQ_RETRY .. run_id)
 end
 
+-- A histogram observation: one count in the value's own bucket (the smallest bound it
+-- is under), the total count and the sum; /metrics adds the buckets up (api/metrics.py).
 local function observe(name, value, bounds)
   local key = K_HISTOGRAM .. name
+  local bucket = '+Inf'
   for _, le in ipairs(bounds) do
-    if value <= le then redis.call('HINCRBY', key, tostring(le), 1) end
+    if value <= le then bucket = tostring(le); break end
   end
-  redis.call('HINCRBY', key, '+Inf', 1)
+  redis.call('HINCRBY', key, bucket, 1)
   redis.call('HINCRBYFLOAT', key, 'sum', value)
 end
 
-local QUEUE_WAIT_BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
-local JOB_DURATION_BOUNDS = {0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
 local WAKE_MAX = 16
 
 -- Wake one idle worker (BLPOP on K_WAKE); the list stays short when no worker is idle.
