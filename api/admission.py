@@ -8,6 +8,7 @@ structured fields, one item per policy in force.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from api.identity import Identity
+from api.jobs import cancel_job
 from api.state import Gate
 from shared import keys
 from shared.errors import (
@@ -28,6 +30,7 @@ from shared.errors import (
 from shared.estimates import Backlog
 from shared.jobs import JobStatus, job_object, record_ttl_ms
 from shared.scripts import AdmitOutcome, AdmitReply
+from shared.store import DRIVER_ERRORS, wait_replicas
 
 BREAKER_RETRY_AFTER_S = 5
 """Workers probe a backend every second while its breaker is open; it closes on an answer."""
@@ -162,6 +165,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> 
             record_ttl_ms=record_ttl_ms(settings.result_ttl),
             worker_stale_ms=settings.worker_stale_ms,
             backends=gate.fleet,
+            hold_ms=settings.redis_wait_ms + HOLD_MARGIN_MS if settings.redis_min_replicas else 0,
         )
     )
     if reply is None:
@@ -175,6 +179,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> 
     )
     gate.metrics.admission(reply.outcome)
     if reply.outcome in (AdmitOutcome.ADMITTED, AdmitOutcome.EXISTING):
+        await _replicated(gate, who, reply.job_id, rate_limit)
         return Admitted(
             owner=who.owner,
             job_id=reply.job_id,
@@ -186,6 +191,45 @@ async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> 
             rate_limit=rate_limit,
         )
     raise _with_limits(_refusal(reply, backlog, settings.max_queue_depth), rate_limit)
+
+
+REPLICAS_RETRY_AFTER_S = 2
+HOLD_MARGIN_MS = 5_000
+"""A job held at admission that nobody released (its API died) is cancelled this long
+after its replicas' deadline."""
+
+
+async def _replicated(gate: Gate, who: Identity, job_id: str, rate_limit: RateLimit) -> None:
+    """With GPUGATE_REDIS_MIN_REPLICAS, an admission is answered only once that many
+    replicas have it (Redis WAIT): a failover then cannot lose a job a client was told
+    of. If they do not acknowledge in time, the job is cancelled and the caller told 503."""
+    settings = gate.settings
+    if settings.redis_min_replicas <= 0:
+        return
+    try:
+        acked = await wait_replicas(gate.lane, settings.redis_min_replicas, settings.redis_wait_ms)
+    except DRIVER_ERRORS:
+        acked = -1  # the master went away: nobody can tell whether the job survived
+    if acked >= settings.redis_min_replicas:
+        with contextlib.suppress(GatewayError):
+            if await gate.scripts.release(job_id=job_id):
+                return
+    # not on the replicas, or the release failed: the job must not run
+    with contextlib.suppress(GatewayError):
+        await cancel_job(
+            gate,
+            who.owner,
+            job_id,
+            code="not_replicated",
+            message="Redis replicas did not acknowledge the admission in time.",
+        )
+    error = Unavailable(
+        f"Redis replicas did not acknowledge the admission within "
+        f"{settings.redis_wait_ms} ms (GPUGATE_REDIS_MIN_REPLICAS="
+        f"{settings.redis_min_replicas}); nothing was queued.",
+        retry_after_s=REPLICAS_RETRY_AFTER_S,
+    )
+    raise _with_limits(error, rate_limit)
 
 
 def _rate_limit(who: Identity, reply: AdmitReply) -> RateLimit:

@@ -38,6 +38,8 @@ BACKEND_DOWN = PREFIX + "down:"  # + backend: STRING while its breaker is open, 
 BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
 BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of models it serves (absent: any)
 BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
+MASTER = PREFIX + "master"  # STRING: run id of the Redis master the grants were made on
+FENCE = PREFIX + "fence"  # STRING while no slot is granted after a failover, PX
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it
 

@@ -52,6 +52,8 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_BACKEND_MODELS", keys.BACKEND_MODELS),
     ("K_BACKEND_LOADED", keys.BACKEND_LOADED),
     ("K_WAKE", keys.WAKE),
+    ("K_MASTER", keys.MASTER),
+    ("K_FENCE", keys.FENCE),
     ("K_CANCEL_CHANNEL", keys.CANCEL_CHANNEL),
     ("K_WORKERS", keys.WORKERS),
     ("K_WORKER", keys.WORKER),
@@ -277,6 +279,7 @@ class Scripts:
         record_ttl_ms: int,
         worker_stale_ms: int,
         backends: Sequence[str | int],
+        hold_ms: int = 0,
     ) -> AdmitReply:
         args = dict(locals())
         del args["self"], args["backends"]
@@ -294,6 +297,7 @@ class Scripts:
         affinity_wait_ms: int,
         provisional_cost: float,
         result_ttl_ms: int,
+        fence_ms: int,
         max_owners: int = 256,
         scan_per_owner: int = 16,
         backends: Sequence[str | int],
@@ -369,6 +373,12 @@ class Scripts:
             cancelled=_list(raw.get("cancelled")),
             reaped=int(raw.get("reaped", 0)),
         )
+
+    async def release(self, *, job_id: str) -> bool:
+        """Let a job held at admission (`hold_ms`) be dispatched; False if it is gone or
+        was cancelled meanwhile."""
+        raw = await self._run("release", {"job_id": job_id})
+        return bool(raw["released"])
 
     async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
         raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})

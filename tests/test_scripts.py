@@ -100,6 +100,7 @@ async def dispatch(scripts: Scripts, want: int = 1) -> list[Grant]:
         affinity_wait_ms=30_000,
         provisional_cost=1,
         result_ttl_ms=60_000,
+        fence_ms=2_000,
         backends=FLEET,
     )
 
@@ -245,6 +246,17 @@ async def test_heartbeat_reasserts_a_run_the_promoted_replica_lacks(
     reply = await heartbeat(scripts, [HeldRun(grant.run_id, grant.backend)])
     assert reply.lost == []
     assert await redis.zcard(keys.backend_running("gpu-a")) == 1
+
+
+async def test_no_slot_is_granted_on_a_new_master_until_workers_reasserted(
+    scripts: Scripts, redis: Redis
+) -> None:
+    await admit(scripts)
+    await redis.set(keys.MASTER, "the-run-id-of-a-master-that-died")
+    assert await dispatch(scripts) == []
+    assert 0 < await redis.pttl(keys.FENCE) <= 2_000
+    await redis.delete(keys.FENCE)  # the fence lapsed: the heartbeats came in
+    assert len(await dispatch(scripts)) == 1
 
 
 async def test_take_token_empties_and_refuses(scripts: Scripts) -> None:

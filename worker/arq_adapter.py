@@ -42,7 +42,7 @@ from shared.errors import RedisUnavailable
 from shared.scripts import Grant, Scripts, fleet_argv
 from shared.settings import Settings
 from worker import jobs
-from worker.loops import start_loops, stop_loops
+from worker.loops import heartbeat_interval_s, start_loops, stop_loops
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker")
@@ -54,6 +54,12 @@ ARQ_TIMEOUT_S = 7 * 86400
 """arq's own job timeout: a backstop only; job runs are bounded by GPUGATE_JOB_TIMEOUT."""
 ARQ_LOCK_MS = (ARQ_TIMEOUT_S + 10) * 1000
 """arq's in-progress key, set by dispatch.lua as arq's own claim would."""
+
+
+def fence_ms(settings: Settings) -> int:
+    """How long no slot is granted after a failover: two heartbeats of every worker (they
+    re-assert the runs they hold), and a margin for their clients to find the new master."""
+    return int(2 * heartbeat_interval_s(settings) * 1000) + 1000
 
 
 def arq_serialize(obj: dict[str, Any]) -> bytes:
@@ -122,6 +128,7 @@ class GateWorker(Worker):
             affinity_wait_ms=int(settings.affinity_wait * 1000),
             provisional_cost=await self._mean_cost(),
             result_ttl_ms=settings.result_ttl * 1000,
+            fence_ms=fence_ms(settings),
             backends=fleet_argv(settings.backends),
         )
 

@@ -20,7 +20,7 @@ from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import record_ttl_ms
 from shared.scripts import FinishStatus
-from shared.store import DRIVER_ERRORS
+from shared.store import DRIVER_ERRORS, wait_replicas
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
 
@@ -128,6 +128,9 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 log.warning("job %s: could not record its end while Redis was away", grant.job_id)
             await asyncio.sleep(REDIS_RETRY_S)
             continue
+        if settings.redis_min_replicas > 0:  # the end survives a failover too
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await wait_replicas(ctx.redis, settings.redis_min_replicas, settings.redis_wait_ms)
         if reply.breaker_opened:
             log.warning(
                 "backend %s failed %d jobs in a row (last: %s); it is out of dispatch until it "

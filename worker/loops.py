@@ -27,7 +27,7 @@ from shared import keys
 from shared.errors import RedisUnavailable
 from shared.jobs import record_ttl_ms
 from shared.scripts import fleet_argv
-from shared.settings import Backend
+from shared.settings import Backend, Settings
 from shared.store import DRIVER_ERRORS
 from worker.state import WorkerContext
 
@@ -59,9 +59,9 @@ async def stop_loops(ctx: WorkerContext) -> None:
     await asyncio.gather(*ctx.tasks, return_exceptions=True)
 
 
-def heartbeat_interval_s(ctx: WorkerContext) -> float:
+def heartbeat_interval_s(settings: Settings) -> float:
     """Renew well before the lease lapses; reap promptly."""
-    return min(1.0, ctx.settings.lease_ttl / 4)
+    return min(1.0, settings.lease_ttl / 4)
 
 
 async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:
@@ -97,7 +97,7 @@ async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:
 
 async def heartbeat_loop(ctx: WorkerContext) -> None:
     started_at = time.time()
-    interval = heartbeat_interval_s(ctx)
+    interval = heartbeat_interval_s(ctx.settings)
     while True:
         try:
             await heartbeat_once(ctx, started_at)

@@ -84,7 +84,13 @@ redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
   'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '')
 redis.call('PEXPIRE', jk, A.record_ttl_ms)
-if A.deadline_ms > 0 then redis.call('ZADD', K_DEADLINES, now + A.deadline_ms, job_id) end
+local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
+if A.hold_ms > 0 then
+  -- not dispatched before replicas have it (release.lua); gone if nobody releases it
+  redis.call('HSET', jk, 'held', 1)
+  deadline = math.min(deadline or math.huge, now + A.hold_ms)
+end
+if deadline then redis.call('ZADD', K_DEADLINES, deadline, job_id) end
 enqueue_waiting(job_id, owner, score, A.model, A.priority)
 arq_enqueue(job_id, 1, score, now, A.record_ttl_ms)
 if A.idempotency_key ~= '' then
@@ -92,6 +98,6 @@ if A.idempotency_key ~= '' then
 end
 redis.call('HINCRBY', K_STATS, 'jobs_admitted', 1)
 redis.call('HINCRBY', K_USAGE, A.usage_name .. '|requests', 1)
-wake_one()
+if A.hold_ms == 0 then wake_one() end
 return answer('admitted', job_id, redis.call('ZRANK', K_QUEUED, job_id),
   {status = 'queued', created_at_ms = now})

@@ -18,6 +18,18 @@
 -- between owners.
 local A = cjson.decode(ARGV[1])
 local now = now_ms()
+
+-- After a failover (or a restart from the append-only file) this Redis may lack the
+-- newest grants: the workers re-assert the runs they hold with their next heartbeat
+-- (heartbeat.lua), and until they had the time to, no slot is granted.
+local master = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local known = redis.call('GET', K_MASTER)
+if known ~= master then
+  redis.call('SET', K_MASTER, master)
+  if known then redis.call('SET', K_FENCE, 1, 'PX', A.fence_ms) end
+end
+if redis.call('EXISTS', K_FENCE) == 1 then return '[]' end
+
 local backends = read_backends(2)
 local free_total = 0
 for _, b in ipairs(backends) do
@@ -149,9 +161,10 @@ local function grant_for(c)
   local ids = redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)
   for _, job_id in ipairs(ids) do
     local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
-      'deadline_at', 'endpoint', 'body', 'stream', 'weight', 'runs')
+      'deadline_at', 'endpoint', 'body', 'stream', 'weight', 'runs', 'held')
     local deadline = tonumber(job.deadline_at)
-    if job.status ~= 'queued' then
+    if job.held then  -- admitted, but not yet on the replicas (release.lua)
+    elseif job.status ~= 'queued' then
       leave_waiting(job_id, c.owner, job.model or '')  -- a stray entry: mend it
     elseif deadline and now >= deadline then
       cancel_queued(job_id, c.owner, job.model, job.attempt, 'deadline_exceeded',
