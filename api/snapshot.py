@@ -70,6 +70,11 @@ class BackendView:
         }
 
 
+def _model_names(loaded: list[bytes]) -> list[str]:
+    """Loaded models, each once (the loaded set holds `x` and `x:latest` for matching)."""
+    return sorted({m.decode().removesuffix(":latest") for m in loaded})
+
+
 @dataclass(frozen=True)
 class Queue:
     backlog: Backlog
@@ -86,7 +91,7 @@ async def read_queue(redis: Redis, settings: Settings) -> Queue:
     n = backlog_replies(settings)
     caps = _caps(replies[:n], settings)
     backends = [
-        BackendView(b.name, b.url, cap, running, healthy, sorted(m.decode() for m in loaded))
+        BackendView(b.name, b.url, cap, running, healthy, _model_names(loaded))
         for b, (cap, running, healthy), loaded in zip(
             settings.backends, caps, replies[n:], strict=True
         )

@@ -55,7 +55,7 @@ LIMIT = "1/hour"
 """Every limiter in the run: one request per key per hour (gpugate: burst 1)."""
 HUGE = 10**9
 
-GPUGATE_SCRIPTS = ("admit", "bucket", "take_slot", "finish", "cancel", "heartbeat")
+GPUGATE_SCRIPTS = ("admit", "bucket", "dispatch", "finish", "cancel", "heartbeat", "release")
 LIMITS_LUA = Path(limits.__file__).parent / "resources" / "redis" / "lua_scripts"
 
 

@@ -155,11 +155,11 @@ gpugate is up.
   API                 {api_url}   (OpenAI: {api_url}/v1, Ollama: {api_url})
   queue               {api_url}/v1/queue
   metrics             {api_url}/metrics
+  console             {api_url}/admin/ui   (with GPUGATE_ADMIN_KEY set)
   Ollama              {ollama_url}
 
 Try:
-  curl -s {api_url}/v1/chat/completions -H 'Content-Type: application/json' \\
-       -H 'Authorization: Bearer my-key' \\
+  curl -s {api_url}/v1/chat/completions -H 'Authorization: Bearer my-key' \\
        -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
 Ctrl-C stops everything started here.

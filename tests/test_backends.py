@@ -27,28 +27,13 @@ def fleet(*backends: tuple[str, Process, int, list[str] | None]) -> str:
     )
 
 
+SIM_ARGS = ("--tokens", "5", "--token-delay", "0.04", "--parallel", "64")
+MODELS = ("--models", "llama3.2,qwen2.5:7b")
+
+
 @pytest.fixture
 def two_sims() -> Iterator[tuple[Process, Process]]:
-    a = start_sim(
-        "--tokens",
-        "5",
-        "--token-delay",
-        "0.04",
-        "--parallel",
-        "64",
-        "--models",
-        "llama3.2,qwen2.5:7b",
-    )
-    b = start_sim(
-        "--tokens",
-        "5",
-        "--token-delay",
-        "0.04",
-        "--parallel",
-        "64",
-        "--models",
-        "llama3.2,qwen2.5:7b",
-    )
+    a, b = (start_sim(*SIM_ARGS, *MODELS) for _ in range(2))
     yield a, b
     a.stop()
     b.stop()

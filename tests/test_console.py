@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from playwright.sync_api import (
 )
 
 from tests.conftest import Stack, StackFactory, build_stack, sim_configure, slow_sim_fixture
-from tests.processes import ROOT, Process, start_redis, start_sim, wait_until
+from tests.processes import Process, start_redis, start_sim, wait_until
 
 ADMIN_KEY = "console-admin-secret-3f9c"
 ADMIN = {"X-Admin-Key": ADMIN_KEY}
@@ -48,7 +50,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOT = ROOT / "docs" / "console.png"
+SCREENSHOT = Path(
+    os.environ.get("GPUGATE_SCREENSHOT") or Path(tempfile.gettempdir()) / "gpugate-console.png"
+)
+"""Every run takes the screenshot; `GPUGATE_SCREENSHOT=docs/console.png make test` renews
+the README's (a test run leaves the checkout as it was)."""
 REFRESH_S = 1.5
 """The page refreshes every second; a change shows within that plus the calls' own time."""
 
@@ -287,8 +293,9 @@ def test_console_asks_for_the_key_then_shows_what_v1_queue_says_under_load(
         )
         lines = console.chart_pixels("--c-queue", "--c-running", "--c-rejected")
         assert all(n > 20 for n in lines.values()), lines
-        SCREENSHOT.parent.mkdir(exist_ok=True)
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+        assert SCREENSHOT.stat().st_size > 10_000
     console.assert_key_kept_to_the_tab()
 
 

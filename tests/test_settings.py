@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -71,3 +72,52 @@ def test_secrets_are_masked() -> None:
     masked = s.masked()
     assert masked["GPUGATE_ADMIN_KEY"] == "********"
     assert "pw" not in masked["GPUGATE_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    ("backends", "named"),
+    [
+        (
+            '[{"name": "gpu-a", "url": "http://a:11434", "gpu_concurrency": 0}]',
+            "backends[0] (gpu-a)",
+        ),
+        (
+            '[{"name": "gpu-a", "url": "http://a", "gpu_concurrency": 1},'
+            ' {"name": "gpu-b", "url": "ftp://b", "gpu_concurrency": 1}]',
+            "backends[1] (gpu-b): url",
+        ),
+        (
+            '[{"name": "x", "url": "http://a", "gpu_concurrency": 1},'
+            ' {"name": "x", "url": "http://b", "gpu_concurrency": 1}]',
+            "'x' is used twice",
+        ),
+        ("not json", "GPUGATE_BACKENDS is not JSON"),
+    ],
+)
+def test_a_bad_backend_stops_start_up_naming_the_entry(
+    monkeypatch: pytest.MonkeyPatch, backends: str, named: str
+) -> None:
+    monkeypatch.setenv("GPUGATE_BACKENDS", backends)
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    assert named in str(refused.value)
+
+
+def test_backends_come_from_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "backends.toml"
+    path.write_text(
+        '[[backends]]\nname = "gpu-a"\nurl = "http://a:11434/"\ngpu_concurrency = 2\n'
+        '[[backends]]\nname = "gpu-b"\nurl = "http://b:11434"\ngpu_concurrency = 1\n'
+        'models = ["qwen2.5:7b"]\n'
+    )
+    s = Settings(_env_file=None, backends_file=path)  # type: ignore[call-arg]
+    assert [(b.name, b.url, b.gpu_concurrency, b.models) for b in s.backends] == [
+        ("gpu-a", "http://a:11434", 2, None),
+        ("gpu-b", "http://b:11434", 1, ("qwen2.5:7b",)),
+    ]
+
+
+def test_a_sentinel_url_is_accepted() -> None:
+    url = "redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+    s = Settings(_env_file=None, redis_url=url)  # type: ignore[call-arg]
+    assert "pw" not in s.masked()["GPUGATE_REDIS_URL"]

@@ -3,8 +3,9 @@ JSON serializer, and the clients opened in `on_startup` and closed in `on_shutdo
 
 arq stays the queue's format and the worker's runtime: admission writes each run as an
 arq job (`arq:job:<run>` in arq's JSON job format, `arq:queue`; see prelude.lua
-`arq_enqueue`), and arq's `run_job` runs it (reading the job, counting tries, the
-timeout, the task bookkeeping, SIGTERM draining with `job_completion_wait`).
+`arq_enqueue`), and arq's Worker runs the process (its loop, `max_jobs` and the task
+bookkeeping, on_startup/on_shutdown, the health-check key, SIGTERM draining with
+`job_completion_wait`).
 
 What is replaced, and why:
 
@@ -17,8 +18,10 @@ What is replaced, and why:
 - *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
   list (BLPOP `gpugate:wake`): admission pushes one entry when a slot is free, so one
   idle worker wakes, not all; a worker whose run ended asks again at once.
-- *arq's end-of-job pipeline.* `finish.lua` already removed the run from arq's keys,
-  so `finish_job` has nothing left to do.
+- *arq's per-job reads and writes.* arq's `run_job` reads the job record back and
+  counts a try (a MULTI/EXEC), then writes the end (another): the grant already carries
+  the work, attempts are ours (shared/jobs.py), and `finish.lua` removes the run from
+  arq's keys. `run_job` here calls the job function directly, under arq's timeout.
 - A Redis outage does not stop the worker (arq alone would exit): the loop waits for
   Redis to come back.
 """
@@ -158,14 +161,20 @@ class GateWorker(Worker):
         self._release_sem_dec_counter_on_complete()
         self.context.wake.set()
 
-    async def finish_job(self, *args: Any, **kwargs: Any) -> None:
-        """finish.lua has removed the run from arq's keys already."""
-
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        # arq gave up on a run before calling us (its job record expired): hand it back.
-        self.context.release(job_id)
-        with contextlib.suppress(*store.DRIVER_ERRORS):
-            await self.context.redis.zadd(keys.LEASES, {job_id: 0}, xx=True)
+    async def run_job(self, job_id: str, score: int) -> None:
+        """Run a granted run. arq's own `run_job` would read the run's arq record back,
+        count a try and write the end (two MULTI/EXEC round trips per job): the grant
+        already carries the work, attempts are ours, and finish.lua removes the run
+        from arq's keys. Here the job function runs directly, under arq's job timeout."""
+        job_id_, attempt = keys.split_run(job_id)
+        task = asyncio.ensure_future(jobs.run_job(self.context, job_id_, attempt))
+        self.job_tasks[job_id] = task
+        try:
+            await asyncio.wait_for(task, self.job_timeout_s)
+        except Exception:  # never into arq's loop: worker/jobs.py records every ending
+            log.exception("run %s failed outside its job function", job_id)
+        finally:
+            self.job_tasks.pop(job_id, None)
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         # Nothing waits for a slot here: stop asking for work, let running runs finish

@@ -36,6 +36,12 @@ async def relay_metadata(request: Request, gate: GateDep) -> Response:
     return await metadata(gate, request, ollama_path(request))
 
 
+async def relay_model(model: str, request: Request, gate: GateDep) -> Response:
+    """`GET /v1/models/{model}`: one model's details (from a backend that has it)."""
+    return await relay_metadata(request, gate)
+
+
+router.add_api_route("/v1/models/{model:path}", relay_model, methods=["GET"], name="metadata model")
 for _path, _methods in (
     ("/", ["GET", "HEAD"]),
     ("/api/version", ["GET", "HEAD"]),
@@ -43,7 +49,6 @@ for _path, _methods in (
     ("/api/ps", ["GET"]),
     ("/api/show", ["POST"]),
     ("/v1/models", ["GET"]),
-    ("/v1/models/{model:path}", ["GET"]),
 ):
     for _method in _methods:
         router.add_api_route(_path, relay_metadata, methods=[_method], name=f"metadata {_path}")
@@ -81,13 +86,21 @@ async def relay_management(request: Request, gate: GateDep) -> Response:
     return await manage(gate, request, _backend(gate, request), ollama_path(request))
 
 
+async def relay_blob(digest: str, request: Request, gate: GateDep) -> Response:
+    """`HEAD|POST /api/blobs/{digest}`: a model file, streamed through."""
+    return await relay_management(request, gate)
+
+
+for _method in ("HEAD", "POST"):
+    router.add_api_route(
+        "/api/blobs/{digest}", relay_blob, methods=[_method], name="manage /api/blobs"
+    )
 for _path, _methods in (
     ("/api/pull", ["POST"]),
     ("/api/push", ["POST"]),
     ("/api/create", ["POST"]),
     ("/api/copy", ["POST"]),
     ("/api/delete", ["DELETE"]),
-    ("/api/blobs/{digest}", ["HEAD", "POST"]),
 ):
     for _method in _methods:
         router.add_api_route(_path, relay_management, methods=[_method], name=f"manage {_path}")

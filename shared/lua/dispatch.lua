@@ -10,7 +10,8 @@
 -- Where: a backend that is up, has a free slot, serves the model (and is not one this
 -- job already failed on, unless no other serves it). Among those, one with the model
 -- loaded, most free slots first; else one whose loaded models have no work waiting,
--- preferring an empty one; else, once the job has waited GPUGATE_AFFINITY_WAIT, any.
+-- preferring an empty one; else, once the job has waited GPUGATE_AFFINITY_WAIT, any
+-- (unless its model is loaded on a busy backend: it waits for a slot there).
 -- A job for a model that no backend serves goes to any backend: Ollama's 404 answers it.
 --
 -- Each grant charges the owner a provisional cost (the fleet's mean job cost / weight),
@@ -125,8 +126,14 @@ local function choose_backend(model, avoid, waited_ms)
   if #hot > 0 then return most_free(hot) end
   if #empty > 0 then return most_free(empty) end
   if #idle > 0 then return most_free(idle) end
-  if #serving == 1 or waited_ms >= A.affinity_wait_ms then return most_free(open) end
-  return nil
+  if #serving > 1 and waited_ms < A.affinity_wait_ms then return nil end
+  -- waited long enough to switch a backend that has other work waiting, unless one has
+  -- this model loaded already: a slot comes there soon, and switching a second backend
+  -- to the same model would evict for nothing
+  for _, b in ipairs(serving) do
+    if b.up and loaded(b, model) then return nil end
+  end
+  return most_free(open)
 end
 
 local function grant(c, job_id, job, b)
