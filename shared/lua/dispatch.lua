@@ -159,7 +159,8 @@ local function grant(c, job_id, job, b)
   free_total = free_total - 1
   waiting_models[job.model] = nil
   return {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
-    endpoint = job.endpoint, body = job.body, stream = job.stream == '1', backend = b.name,
+    endpoint = job.endpoint, body = redis.call('HGET', K_JOB .. job_id, 'body'),
+    stream = job.stream == '1', backend = b.name,
     model = job.model}
 end
 
@@ -168,7 +169,7 @@ local function grant_for(c)
   local ids = redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)
   for _, job_id in ipairs(ids) do
     local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
-      'deadline_at', 'endpoint', 'body', 'stream', 'weight', 'runs', 'held')
+      'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held')
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
     elseif job.status ~= 'queued' then
