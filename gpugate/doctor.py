@@ -1,4 +1,12 @@
-"""`gpugate doctor` and `gpugate concurrency`: what an operator saves, and the live cap."""
+"""`gpugate doctor` and `gpugate concurrency`: what an operator saves, and the live cap.
+
+`gpugate doctor` prints one JSON object: `time`, `versions`, `settings` (secrets masked),
+`redis` (server facts, the backends' caps and running jobs, the queue, live workers, and
+`replication`: the master the URL leads to, through the Sentinels for a
+`redis+sentinel://` URL, its replicas with their lag, what each Sentinel names, and
+`warnings` when replication cannot give what GPUGATE_REDIS_MIN_REPLICAS asks) and
+`ollama` (each backend's version and models).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,18 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
 import httpx
+from redis.exceptions import RedisError
 
 from api.snapshot import read_queue
 from shared import keys, store
 from shared.errors import InvalidRequest, RedisUnavailable
 from shared.fleet import backend_named, set_cap
+from shared.redis_url import parse_sentinel
 from shared.settings import Backend, Settings
 
 PACKAGES = (
@@ -78,8 +89,53 @@ async def _redis_facts(settings: Settings) -> dict[str, Any]:
         await redis.aclose()
 
 
+async def _replication_facts(settings: Settings) -> dict[str, Any]:
+    """Where GPUGATE_REDIS_URL leads and how its replicas keep up (INFO replication on
+    the master; for a `redis+sentinel://` URL, the master the Sentinels name)."""
+    sentinel = parse_sentinel(settings.redis_url) is not None
+    try:
+        found = await store.replication(settings.redis_url)
+    except (*store.DRIVER_ERRORS, RedisError) as exc:
+        via = "through the Sentinels " if sentinel else ""
+        return {"error": f"no master found {via}({exc.__class__.__name__}: {exc})"}
+    online = [r for r in found.replicas if r.state == "online"]
+    facts: dict[str, Any] = {
+        "via": "sentinel" if sentinel else "direct",
+        "master": found.master,
+        "role": found.role,
+        "master_repl_offset": found.master_repl_offset,
+        "connected_replicas": len(found.replicas),
+        "replicas": [asdict(r) for r in found.replicas],
+    }
+    if sentinel:
+        facts["sentinels"] = [asdict(v) for v in found.sentinels]
+    warnings = []
+    if found.role != "master":
+        warnings.append(
+            f"GPUGATE_REDIS_URL leads to a {found.role}, not the master: every write fails"
+        )
+    wanted = settings.redis_min_replicas
+    if wanted and len(online) < wanted:
+        warnings.append(
+            f"GPUGATE_REDIS_MIN_REPLICAS={wanted} but {len(online)} replica(s) online: "
+            "admissions are answered 503 until enough replicas acknowledge"
+        )
+    for view in found.sentinels:
+        if view.master != found.master:
+            said = f"names {view.master}" if view.master else f"has no answer ({view.error})"
+            warnings.append(f"Sentinel {view.address} {said}, not {found.master}")
+    facts["warnings"] = warnings
+    return facts
+
+
 async def _backend_facts(http: httpx.AsyncClient, backend: Backend) -> dict[str, Any]:
-    facts: dict[str, Any] = {"name": backend.name, "url": backend.url}
+    facts: dict[str, Any] = {
+        "name": backend.name,
+        "url": backend.url,
+        "gpu_concurrency": backend.gpu_concurrency,
+    }
+    if backend.models is not None:
+        facts["configured_models"] = list(backend.models)
     try:
         version = (await http.get(backend.url + "/api/version")).json()
         tags = (await http.get(backend.url + "/api/tags")).json()
@@ -102,7 +158,10 @@ async def doctor(settings: Settings) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         "settings": settings.masked(),
-        "redis": await _redis_facts(settings),
+        "redis": {
+            **await _redis_facts(settings),
+            "replication": await _replication_facts(settings),
+        },
         "ollama": await _ollama_facts(settings),
     }
     print(json.dumps(report, indent=2))
