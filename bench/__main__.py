@@ -1,14 +1,15 @@
 """`make bench`: run the benchmarks and record their figures in BENCHMARKS.md.
 
 python -m bench            all benchmarks
-python -m bench latency    one of them (latency, admission, overload, soak)
+python -m bench latency    one of them (latency, admission, overload, soak, throughput,
+                           fairness, fleet, replication)
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import admission, latency, overload, soak, throughput
+from bench import admission, fairness, fleet, latency, overload, replication, soak, throughput
 
 BENCHES = {
     "latency": latency.main,
@@ -16,6 +17,9 @@ BENCHES = {
     "overload": overload.main,
     "soak": soak.main,
     "throughput": throughput.main,
+    "fairness": fairness.main,
+    "fleet": fleet.main,
+    "replication": replication.main,
 }
 
 
