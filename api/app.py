@@ -65,7 +65,6 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Admission gateway for Ollama GPUs",
         version="0.1.0",
         lifespan=lifespan,
-        strict_content_type=False,  # bodies are JSON whatever the Content-Type (the SPEC)
     )
     errors.install(app)
     for module in (inference, jobs, models, service, admin, console):

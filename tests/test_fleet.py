@@ -139,12 +139,12 @@ def _keys_file(tmp_path: Path) -> Path:
     path.write_text(
         f"""
 [tiers.free]
-rate = "600/minute"
+rate = "600/hour"
 burst = 50
 max_queued = 3
 priority = 0
 [tiers.pro]
-rate = "600/minute"
+rate = "600/hour"
 burst = 50
 max_queued = 20
 priority = 10

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from api.bodies import parse
 from api.dependencies import AdminGate
 from api.metrics import REJECTIONS
+from api.routes.inference import body_schema
 from api.snapshot import read_snapshot
 from shared.fleet import backend_named, set_cap
 
@@ -58,8 +60,10 @@ async def usage(gate: AdminGate) -> dict[str, Any]:
     return {"keys": keys_usage}
 
 
-@router.put("/concurrency")
-async def set_concurrency(gate: AdminGate, body: ConcurrencyBody) -> dict[str, Any]:
+@router.put("/concurrency", openapi_extra=body_schema(ConcurrencyBody))
+async def set_concurrency(gate: AdminGate, request: Request) -> dict[str, Any]:
+    # JSON whatever the Content-Type (curl -d sends a form type): parsed here, not by FastAPI
+    body: ConcurrencyBody = parse(ConcurrencyBody, await request.body())
     backend = backend_named(gate.settings, body.backend)
     await set_cap(gate.redis, backend, body.gpu_concurrency)
     return {"gpu_concurrency": body.gpu_concurrency, "backend": backend}
