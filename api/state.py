@@ -53,9 +53,11 @@ class Gate:
         default_factory=lambda: Outage(logging.getLogger("gpugate.api"), "Redis")
     )
 
-    @property
-    def fleet(self) -> tuple[str | int, ...]:
-        return fleet_argv(self.settings.backends)
+    fleet: tuple[str | int, ...] = ()
+    """The backends as the scripts take them (name, configured cap, ...): built once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fleet", fleet_argv(self.settings.backends))
 
     async def on_lane(self, call: Callable[[Scripts], Awaitable[T]]) -> T | None:
         """Run a script of the request path on the lane; None while Redis is unavailable.

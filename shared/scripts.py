@@ -141,10 +141,12 @@ class AdmitReply:
     tokens: float
     full_in_ms: int
     next_token_ms: int
-    depth: int
-    running: int
-    cap: int
-    serving_cap: int
+    depth: int = 0
+    """The backlog's facts (depth, running, caps, mean) are read only where a wait
+    estimate needs them: a queue_full refusal, the 202 of an async job."""
+    running: int = 0
+    cap: int = 0
+    serving_cap: int = 0
     """The caps of the backends that are up and serve the request's model."""
     mean_job_ms: float | None = None
     """The measured mean job time of the model (else of any job); None before any."""

@@ -10,26 +10,30 @@ local tokens = bucket_level(bucket_key, A.rate_per_ms, A.burst, now)
 local tpm_key = K_TOKEN_BUCKET .. owner
 local budget = nil
 if A.tpm_per_ms > 0 then budget = bucket_level(tpm_key, A.tpm_per_ms, A.tpm_burst, now) end
-local backends = read_backends(2)
+-- The backlog's facts, for a wait estimate: only what needs one reads them (a queue_full
+-- Retry-After, the 202 of an async job), so that a rate-limit refusal stays cheap.
+local ESTIMATED = {queue_full = true, queue_full_key = true, admitted = not A.sync, existing = true}
 
 local function answer(outcome, job_id, rank, extra)
   if outcome ~= 'admitted' and outcome ~= 'existing' and outcome ~= 'conflict' then
     redis.call('HINCRBY', K_STATS, 'rejected_' .. outcome, 1)
   end
-  local cap, running, serving_cap = 0, 0, 0
-  for _, b in ipairs(backends) do
-    cap = cap + b.cap
-    running = running + b.running
-    if b.up and serves(b, A.model) then serving_cap = serving_cap + b.cap end
-  end
-  local mean = redis.call('HGET', K_MODEL_STATS, A.model) or redis.call('HGET', K_STATS, 'mean_job_ms')
   local out = {
     outcome = outcome, job_id = job_id, rank = rank, now_ms = now,
     tokens = tokens, full_in_ms = full_in_ms(tokens, A.rate_per_ms, A.burst),
     next_token_ms = math.max(0, math.ceil((1 - tokens) / A.rate_per_ms)),
-    depth = redis.call('ZCARD', K_QUEUED), running = running, cap = cap,
-    serving_cap = serving_cap, mean_job_ms = tonumber(mean),
   }
+  if ESTIMATED[outcome] then
+    local cap, running, serving_cap = 0, 0, 0
+    for _, b in ipairs(read_backends(2)) do
+      cap = cap + b.cap
+      running = running + b.running
+      if b.up and serves(b, A.model) then serving_cap = serving_cap + b.cap end
+    end
+    local mean = redis.call('HGET', K_MODEL_STATS, A.model) or redis.call('HGET', K_STATS, 'mean_job_ms')
+    out.depth, out.running, out.cap = redis.call('ZCARD', K_QUEUED), running, cap
+    out.serving_cap, out.mean_job_ms = serving_cap, tonumber(mean)
+  end
   if budget ~= nil then
     out.budget = budget
     out.budget_full_in_ms = full_in_ms(budget, A.tpm_per_ms, A.tpm_burst)
@@ -54,7 +58,9 @@ if A.idempotency_key ~= '' then
 end
 if live_workers(now, A.worker_stale_ms) == 0 then return answer('no_worker', '', -1) end
 local any_up = false
-for _, b in ipairs(backends) do any_up = any_up or b.up end
+for i = 2, #ARGV, 2 do
+  any_up = any_up or redis.call('EXISTS', K_BACKEND_DOWN .. ARGV[i]) == 0
+end
 if not any_up then return answer('backend_down', '', -1) end
 if tokens < 1 then return answer('rate_limit_exceeded', '', -1) end
 if budget ~= nil and (budget <= 0 or A.reserve_tokens > budget) then
