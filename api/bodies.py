@@ -26,16 +26,18 @@ class Inference(BaseModel):
 
     def named_max_tokens(self) -> int:
         """The most tokens the request may generate, when it names a limit (0: none)."""
-        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-            value = getattr(self, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        options = getattr(self, "options", None)
+        fields = {**(self.model_extra or {}), **self.__dict__}
+        options = fields.get("options")
+        candidates = [fields.get(name) for name in _MAX_TOKENS]
         if isinstance(options, dict):
-            value = options.get("num_predict")
+            candidates.append(options.get("num_predict"))
+        for value in candidates:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
         return 0
+
+
+_MAX_TOKENS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 class ChatCompletionBody(Inference):

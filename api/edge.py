@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -40,7 +39,15 @@ Plan = Callable[[bytes, HTTPConnection, Settings], JobRequest]
 """What to queue for a request body; raises InvalidRequest when the body will not do."""
 
 
-def _request(endpoint: str, body: Inference, text: str, sync: bool) -> JobRequest:
+def _request(
+    endpoint: str,
+    body: Inference,
+    text: str,
+    *,
+    sync: bool,
+    deadline_s: float | None,
+    idempotency_key: str | None = None,
+) -> JobRequest:
     return JobRequest(
         endpoint=endpoint,
         model=body.model,
@@ -48,6 +55,8 @@ def _request(endpoint: str, body: Inference, text: str, sync: bool) -> JobReques
         stream=INFERENCE[endpoint].streams(body.stream) if sync else False,
         sync=sync,
         max_tokens=body.named_max_tokens(),
+        deadline_s=deadline_s,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -55,9 +64,8 @@ def _sync_plan(endpoint: str) -> Plan:
     model = BODIES[endpoint]
 
     def plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobRequest:
-        body = parse(model, raw)
-        request = _request(endpoint, body, raw.decode(), sync=True)  # relayed as sent
-        return replace(request, deadline_s=settings.sync_timeout)
+        body = parse(model, raw)  # relayed as sent
+        return _request(endpoint, body, raw.decode(), sync=True, deadline_s=settings.sync_timeout)
 
     return plan
 
@@ -69,8 +77,14 @@ def _job_plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobReques
     job: JobBody = parse(JobBody, raw)
     body: Inference = parse(BODIES[job.endpoint], job.body, prefix="body.")
     text = json.dumps({**job.body, "stream": False})  # jobs always run unstreamed
-    request = _request(job.endpoint, body, text, sync=False)
-    return replace(request, deadline_s=job.deadline_s, idempotency_key=idempotency_key)
+    return _request(
+        job.endpoint,
+        body,
+        text,
+        sync=False,
+        deadline_s=job.deadline_s,
+        idempotency_key=idempotency_key,
+    )
 
 
 PLANS: dict[str, Plan] = {endpoint: _sync_plan(endpoint) for endpoint in BODIES}

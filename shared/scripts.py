@@ -226,6 +226,10 @@ class TokenReply:
     next_token_ms: int
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""One encoder for every call (json.dumps with options builds one per call)."""
+
+
 def _list(value: Any) -> list[Any]:
     """cjson encodes an empty array as `{}`."""
     return value if isinstance(value, list) else []
@@ -238,7 +242,7 @@ class Scripts:
         self._execute = execute
 
     async def _run(self, name: str, args: dict[str, Any], *tail: str | int) -> Any:
-        payload = json.dumps(args, separators=(",", ":"))
+        payload = _encode(args)
         with redis_errors():
             try:
                 reply = await self._execute(
