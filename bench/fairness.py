@@ -66,6 +66,7 @@ from typing import Any
 import httpx
 
 from bench.admission import cpu_s
+from bench.overload import _pct
 from bench.report import ROOT, write_section
 from tests.processes import Process, start_api, start_redis, start_sim, start_worker, wait_until
 
@@ -290,16 +291,6 @@ def run_one(sim: Process, policy: str, n: int, plan: Plan) -> Run:
 
 
 # --- figures -----------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def _backlogs(run: Run) -> dict[str, list[tuple[float, float]]]:

@@ -53,6 +53,7 @@ from typing import Any
 import httpx
 
 from bench.admission import cpu_s
+from bench.overload import _pct
 from bench.report import ROOT, write_section
 from tests.processes import (
     Process,
@@ -344,16 +345,6 @@ def run_one(policy: Policy, backends: int, duration_s: float) -> Run:
 
 
 # --- figures -----------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 @dataclass(frozen=True)
