@@ -14,10 +14,17 @@ from api.identity import Identity, identify
 from api.state import Gate, gate
 from shared.errors import Forbidden, InvalidRequest, NotFound
 
-GateDep = Annotated[Gate, Depends(gate)]
+
+async def current_gate(request: Request) -> Gate:
+    return gate(request)
 
 
-def current_identity(request: Request) -> Identity:
+GateDep = Annotated[Gate, Depends(current_gate)]
+"""Dependencies here are `async def`: FastAPI runs a plain `def` dependency in its thread
+pool, two thread hand-offs per request for a dictionary lookup."""
+
+
+async def current_identity(request: Request) -> Identity:
     """The caller (api/identity.py): its key, else its IP; 401 where a key is required."""
     g = gate(request)
     return identify(request, g.keyring, g.trusted, g.settings.require_api_key)
@@ -26,7 +33,7 @@ def current_identity(request: Request) -> Identity:
 CurrentIdentity = Annotated[Identity, Depends(current_identity)]
 
 
-def admitted_job(request: Request) -> Admitted:
+async def admitted_job(request: Request) -> Admitted:
     """The edge's decision for an admitted inference request (api/edge.py)."""
     admitted = admitted_from(request)
     if not isinstance(admitted, Admitted):  # only a body the edge never saw gets here
@@ -37,7 +44,7 @@ def admitted_job(request: Request) -> Admitted:
 AdmittedJob = Annotated[Admitted, Depends(admitted_job)]
 
 
-def require_admin(request: Request) -> Gate:
+async def require_admin(request: Request) -> Gate:
     """The admin API: 404 while GPUGATE_ADMIN_KEY is unset, 403 without the right key."""
     g = gate(request)
     admin_key = g.settings.admin_key

@@ -36,7 +36,7 @@ import signal
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
@@ -199,9 +199,12 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     context.redis = store.connect(settings.redis_url)
     context.blocking_redis = store.connect(settings.redis_url, blocking=True)
     context.scripts = Scripts(context.redis.execute_command)
-    context.http = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.job_timeout, connect=5.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    context.http = aiohttp.ClientSession(
+        # a run's own bound is GPUGATE_JOB_TIMEOUT (worker/jobs.py); no pool limit: the
+        # scheduler's slots bound how many calls are open
+        timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        auto_decompress=False,  # relay bytes as Ollama sent them
     )
     start_loops(context)
     log.info(
@@ -220,7 +223,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
             pipe.zrem(keys.WORKERS, context.worker_id)
             pipe.delete(keys.worker(context.worker_id))
             await pipe.execute()
-    await context.http.aclose()
+    await context.http.close()
     await context.blocking_redis.aclose()
     await context.redis.aclose()
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import httpx
+import aiohttp
 from redis.exceptions import RedisError
 
 from shared import keys
@@ -36,7 +36,7 @@ log = logging.getLogger("gpugate.worker")
 RETRY_S = 0.5
 WAKE_BLOCK_S = 1
 PROBE_S = 1.0
-PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 LOADED_REFRESH_S = 2.0
 """How often some worker reads each backend's /api/ps."""
 MODELS_REFRESH_S = 15.0
@@ -147,18 +147,17 @@ async def cancel_loop(ctx: WorkerContext) -> None:
 async def _answers(ctx: WorkerContext, backend: Backend) -> bool:
     """Any HTTP answer below 500 from the backend's cheapest endpoint."""
     try:
-        response = await ctx.http.get(backend.url + "/api/version", timeout=PROBE_TIMEOUT_S)
-    except httpx.HTTPError:
+        async with ctx.http.get(backend.url + "/api/version", timeout=PROBE_TIMEOUT) as response:
+            return response.status < 500
+    except (aiohttp.ClientError, TimeoutError):
         return False
-    return response.status_code < 500
 
 
 async def _get_json(ctx: WorkerContext, url: str) -> Any:
     try:
-        response = await ctx.http.get(url, timeout=PROBE_TIMEOUT_S)
-        response.raise_for_status()
-        return response.json()
-    except (httpx.HTTPError, ValueError):
+        async with ctx.http.get(url, timeout=PROBE_TIMEOUT, raise_for_status=True) as response:
+            return await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
 
 

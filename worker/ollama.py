@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from redis.asyncio import Redis
 
 from shared import keys
@@ -73,21 +73,18 @@ def _ollama_error_message(text: str) -> str:
     return str(err)
 
 
-def _answered(response: httpx.Response, raw: bytes) -> Outcome:
+def _success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _answered(status: int, ctype: str, raw: bytes) -> Outcome:
     """Ollama answered in full: a result, or its own error relayed unchanged."""
-    ctype = response.headers.get("content-type", "application/json")
     text = raw.decode(errors="replace")
     usage, load_ms = usage_of(raw), model_load_ms(raw)
-    if response.is_success:
-        return Outcome(
-            FinishStatus.SUCCEEDED, response.status_code, ctype, text, None, usage, load_ms
-        )
-    error = {
-        "code": "ollama_error",
-        "message": _ollama_error_message(text),
-        "status": response.status_code,
-    }
-    return Outcome(FinishStatus.FAILED, response.status_code, ctype, text, error, usage, load_ms)
+    if _success(status):
+        return Outcome(FinishStatus.SUCCEEDED, status, ctype, text, None, usage, load_ms)
+    error = {"code": "ollama_error", "message": _ollama_error_message(text), "status": status}
+    return Outcome(FinishStatus.FAILED, status, ctype, text, error, usage, load_ms)
 
 
 def stream_error_chunk(endpoint: str, message: str) -> bytes:
@@ -157,7 +154,9 @@ class EventWriter:
             self._writer.cancel()
 
 
-async def call(http: httpx.AsyncClient, work: Work, events: EventWriter, retries: int) -> Outcome:
+async def call(
+    http: aiohttp.ClientSession, work: Work, events: EventWriter, retries: int
+) -> Outcome:
     """Run `work` on Ollama, retrying refused connections and 5xx before anything is relayed."""
     if work.endpoint not in INFERENCE:  # only a writer of Redis could put it there
         message = f"Refused to call Ollama at {work.endpoint!r}: not an inference endpoint."
@@ -166,7 +165,7 @@ async def call(http: httpx.AsyncClient, work: Work, events: EventWriter, retries
     while True:
         try:
             outcome = await _call_once(http, work, events)
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:  # refused, reset, cut mid-body, connect timeout
             if events.started:
                 message = f"Ollama stream broke: {exc.__class__.__name__}"
                 await events.chunk(stream_error_chunk(work.endpoint, message))
@@ -188,28 +187,23 @@ async def call(http: httpx.AsyncClient, work: Work, events: EventWriter, retries
         await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
-async def _call_once(http: httpx.AsyncClient, work: Work, events: EventWriter) -> Outcome:
-    request = http.build_request(
-        "POST",
+async def _call_once(http: aiohttp.ClientSession, work: Work, events: EventWriter) -> Outcome:
+    async with http.post(
         work.url + work.endpoint,
-        content=work.body.encode(),
+        data=work.body.encode(),
         headers={"content-type": "application/json"},
-    )
-    response = await http.send(request, stream=True)
-    try:
-        if not (work.stream and response.is_success):
-            return _answered(response, await response.aread())
-        await events.head(response.status_code, response.headers.get("content-type", ""))
-        async for data in response.aiter_raw():
-            if data:
-                await events.chunk(data)
+    ) as response:
+        status, ctype = response.status, response.headers.get("content-type", "")
+        if not (work.stream and _success(status)):
+            return _answered(status, ctype or "application/json", await response.read())
+        await events.head(status, ctype)
+        async for data in response.content.iter_any():
+            await events.chunk(data)
         await events.flush()
         return Outcome(
             FinishStatus.SUCCEEDED,
-            response.status_code,
-            response.headers["content-type"],
+            status,
+            ctype,
             usage=usage_of(events.tail, events.events),
             model_load_ms=model_load_ms(events.tail),
         )
-    finally:
-        await response.aclose()

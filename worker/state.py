@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from redis.asyncio import Redis
 
 from shared.outage import Outage
@@ -52,7 +52,7 @@ class WorkerContext:
     blocking_redis: Redis = field(init=False)
     """BLPOP on the wake list, pub/sub: no read timeout."""
     scripts: Scripts = field(init=False)
-    http: httpx.AsyncClient = field(init=False)
+    http: aiohttp.ClientSession = field(init=False)
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     )

@@ -19,11 +19,11 @@ from api.dependencies import require_admin
 from shared.errors import Forbidden, NotFound
 
 
-def console_on(request: Request) -> None:
+async def console_on(request: Request) -> None:
     """404 while the admin API is off, like the rest of /admin/*; but no key needed: the
     console holds no data, and every call it makes carries the key."""
     try:
-        require_admin(request)
+        await require_admin(request)
     except Forbidden:
         pass
 
