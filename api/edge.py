@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -76,7 +77,7 @@ def _job_plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobReques
         raise InvalidRequest(f"Idempotency-Key: at most {MAX_IDEMPOTENCY_KEY} characters")
     job: JobBody = parse(JobBody, raw)
     body: Inference = parse(BODIES[job.endpoint], job.body, prefix="body.")
-    text = json.dumps({**job.body, "stream": False})  # jobs always run unstreamed
+    text = _json_text({**job.body, "stream": False})  # jobs always run unstreamed
     return _request(
         job.endpoint,
         body,
@@ -85,6 +86,13 @@ def _job_plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobReques
         deadline_s=job.deadline_s,
         idempotency_key=idempotency_key,
     )
+
+
+def _json_text(value: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the json module takes it
+        return json.dumps(value)
 
 
 PLANS: dict[str, Plan] = {endpoint: _sync_plan(endpoint) for endpoint in BODIES}

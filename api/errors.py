@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -21,8 +22,11 @@ _HTTP_CODES = {
 }
 
 
-def error_response(error: GatewayError) -> JSONResponse:
-    return JSONResponse(error.body(), error.status, headers=error.headers)
+def error_response(error: GatewayError) -> Response:
+    """The error's JSON body (orjson: every refusal under load is one of these)."""
+    return Response(
+        orjson.dumps(error.body()), error.status, error.headers, media_type="application/json"
+    )
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:

@@ -5,7 +5,7 @@ so every API instance reports the same truth."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -137,14 +137,21 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        for reason in REJECTIONS:
-            self.rejections.labels(reason)
+        self._rejected = {reason: self.rejections.labels(reason) for reason in REJECTIONS}
+        self._requests: dict[tuple[str, int], Any] = {}
         self.queue = _QueueCollector()
         self.registry.register(self.queue)
 
+    def request_done(self, path: str, status: int) -> None:
+        counter = self._requests.get((path, status))
+        if counter is None:  # prometheus_client's labels() costs more than the count
+            counter = self._requests[path, status] = self.requests.labels(path, str(status))
+        counter.inc()
+
     def admission(self, outcome: str) -> None:
-        if outcome in REJECTIONS:
-            self.rejections.labels(outcome).inc()
+        counter = self._rejected.get(outcome)
+        if counter is not None:
+            counter.inc()
 
     def render(self, snapshot: Snapshot) -> bytes:
         self.queue.snapshot = snapshot
@@ -179,4 +186,4 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or scope.get(EDGE_ROUTE, "unmatched")
-            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.request_done(path, status)

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import tomllib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ class ApiKey:
     tier: Tier
 
 
+@lru_cache(maxsize=4096)
 def key_digest(key: str) -> str:
+    """A key's SHA-256, remembered for the keys seen lately (one per request otherwise)."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 

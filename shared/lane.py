@@ -6,12 +6,15 @@ connection taken and given back, a task per timeout); admission is one command, 
 was most of the price of a rejection. A `Lane` is one connection per process that all
 requests share: each caller writes its command and awaits a future, and replies, which
 Redis sends in order, resolve the futures in order. Commands of concurrent requests leave
-in the same packets. hiredis packs the commands and parses the replies.
+in the same packets: the commands of one turn of the event loop are written at its end,
+in one system call. hiredis packs the commands and parses the replies.
 
 Failures look like redis-py's (`ConnectionError`, `TimeoutError`, `rx.ResponseError`), so
 `shared.store.redis_errors` turns them into 503 as for any other Redis call. A command
 that times out closes the connection (later replies would be out of step), failing the
-commands still waiting on it; the next command connects again.
+commands still waiting on it; the next command connects again. The timeout is one timer
+per connection, armed for its oldest unanswered command, not one per command
+(`asyncio.timeout` per command was 5% of a rejection's CPU).
 
 With a `redis+sentinel://` URL, every (re)connection first asks the Sentinels, one after
 the other, where the master is (`SENTINEL get-master-addr-by-name`); the happy path costs
@@ -50,9 +53,15 @@ Address = tuple[str, int] | str  # host and port, or a unix socket path
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.reader = hiredis.Reader(replyError=rx.ResponseError)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        """Commands sent and not yet answered, with when they were sent (loop time)."""
+        self.timeout_s = timeout_s
+        """No reply for this long fails the connection; None: the caller bounds its wait."""
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._unsent: list[bytes] = []
+        """Commands packed in this turn of the event loop, written together at its end."""
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.address: Address = ""
@@ -64,26 +73,63 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():  # its caller may have given up (cancelled)
                 future.set_result(reply)
         if self.lost is not None and not self.waiting and self.transport is not None:
             self.transport.close()  # retired, and the last reply is in
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = rx.ConnectionError(f"Redis connection lost: {exc or 'closed by the server'}")
+        if not isinstance(self.lost, rx.TimeoutError):
+            self.lost = rx.ConnectionError(
+                f"Redis connection lost: {exc or 'closed by the server'}"
+            )
+        self._fail_waiting(self.lost)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
-                future.set_exception(self.lost)
+                future.set_exception(error)
 
     def send(self, args: Sequence[Any]) -> asyncio.Future[Any]:
         if self.lost is not None or self.transport is None:
             raise self.lost or rx.ConnectionError("Redis connection not open")
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append(future)
-        self.transport.write(hiredis.pack_command(tuple(args)))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        now = loop.time()
+        self.waiting.append((future, now))
+        if not self._unsent:
+            loop.call_soon(self._write)
+        self._unsent.append(hiredis.pack_command(tuple(args)))
+        if self._watchdog is None and self.timeout_s is not None:
+            self._watchdog = loop.call_at(now + self.timeout_s, self._check)
         return future
+
+    def _write(self) -> None:
+        """One write (one system call) for every command of this loop turn."""
+        unsent, self._unsent = self._unsent, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(unsent))
+
+    def _check(self) -> None:
+        """The watchdog: fail the connection if its oldest command went unanswered for
+        `timeout_s`; else look again when that one's time is up."""
+        self._watchdog = None
+        if not self.waiting or self.timeout_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self.waiting[0][1] + self.timeout_s
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._check)
+            return
+        self.lost = rx.TimeoutError(f"Redis did not answer within {self.timeout_s:g}s")
+        self._fail_waiting(self.lost)  # later replies would be out of step
+        if self.transport is not None:
+            self.transport.close()
 
     def retire(self, reason: Exception) -> None:
         """Send nothing more here; close once the commands in flight have their replies."""
@@ -128,17 +174,14 @@ class Lane:
         self._round_runner: asyncio.Task[None] | None = None
 
     async def execute(self, *args: Any) -> Any:
-        """Send one command and return its reply; a Redis error reply is raised."""
+        """Send one command and return its reply; a Redis error reply is raised. No reply
+        within `timeout_s` raises rx.TimeoutError (the connection's watchdog)."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                reply = await self._send(args)
-                if _readonly(reply) and self.sentinel is not None:
-                    reply = await self._send(args)  # to the master the Sentinels name now
-                    if _readonly(reply):
-                        raise MasterDemoted(f"the Sentinels still name a replica: {reply}")
-        except TimeoutError as exc:  # Redis did not answer in time (or not at all)
-            self._drop()
-            raise rx.TimeoutError(f"Redis did not answer within {self.timeout_s:g}s") from exc
+            reply = await self._send(args)
+            if _readonly(reply) and self.sentinel is not None:
+                reply = await self._send(args)  # to the master the Sentinels name now
+                if _readonly(reply):
+                    raise MasterDemoted(f"the Sentinels still name a replica: {reply}")
         except OSError as exc:  # refused, unreachable
             raise rx.ConnectionError(f"Redis unreachable: {exc}") from exc
         if isinstance(reply, rx.ResponseError):
@@ -229,7 +272,13 @@ class Lane:
             return protocol
         async with self._connecting:
             if self._protocol is None or self._protocol.lost is not None:
-                self._protocol = await self._connect()
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        self._protocol = await self._connect()
+                except TimeoutError as exc:
+                    raise rx.TimeoutError(
+                        f"Redis did not accept a connection within {self.timeout_s:g}s"
+                    ) from exc
             return self._protocol
 
     async def _connect(self) -> _Protocol:
@@ -239,22 +288,24 @@ class Lane:
                 opts.get("host", "localhost"),
                 opts.get("port", 6379),
             )
-            return await self._open(address)
+            return await self._open(address, self.timeout_s)
         address, named_by = await self._find_master(self.sentinel)
-        protocol = await self._open(address)
+        protocol = await self._open(address, self.timeout_s)
         protocol.named_by = named_by
         return protocol
 
-    async def _open(self, address: Address) -> _Protocol:
+    async def _open(self, address: Address, timeout_s: float | None) -> _Protocol:
         loop = asyncio.get_running_loop()
         opts = self.options
         protocol: _Protocol
         if isinstance(address, str):
-            _, protocol = await loop.create_unix_connection(_Protocol, address)
+            _, protocol = await loop.create_unix_connection(lambda: _Protocol(timeout_s), address)
         else:
             secure = opts.get("connection_class") is SSLConnection
             tls = ssl.create_default_context() if secure else None
-            _, protocol = await loop.create_connection(_Protocol, *address, ssl=tls)
+            _, protocol = await loop.create_connection(
+                lambda: _Protocol(timeout_s), *address, ssl=tls
+            )
         protocol.address = address
         setup: list[Sequence[Any]] = []
         if opts.get("password"):
@@ -360,7 +411,7 @@ class Lane:
             if waiter is None or waiter.lost is not None or waiter.address != address:
                 if waiter is not None:
                     waiter.close()
-                self._waiter = waiter = await self._open(address)
+                self._waiter = waiter = await self._open(address, None)  # WAIT may block
             return waiter
 
 

@@ -3,6 +3,7 @@
 -- token (tpm) bucket, the backlog (the fleet's, then the key's own quota). Only an
 -- admission spends: one request token, and the tokens the request names.
 local A = cjson.decode(ARGV[1])
+local BODY = ARGV[2]  -- the request body, as sent (not JSON-escaped into ARGV[1])
 local now = now_ms()
 local owner = A.owner
 local bucket_key = K_BUCKET .. owner
@@ -25,7 +26,7 @@ local function answer(outcome, job_id, rank, extra)
   }
   if ESTIMATED[outcome] then
     local cap, running, serving_cap = 0, 0, 0
-    for _, b in ipairs(read_backends(2)) do
+    for _, b in ipairs(read_backends(3)) do
       cap = cap + b.cap
       running = running + b.running
       if b.up and serves(b, A.model) then serving_cap = serving_cap + b.cap end
@@ -58,7 +59,7 @@ if A.idempotency_key ~= '' then
 end
 if live_workers(now, A.worker_stale_ms) == 0 then return answer('no_worker', '', -1) end
 local any_up = false
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   any_up = any_up or redis.call('EXISTS', K_BACKEND_DOWN .. ARGV[i]) == 0
 end
 if not any_up then return answer('backend_down', '', -1) end
@@ -83,7 +84,7 @@ local job_id = A.job_id
 local score = now - A.boost_ms
 local jk = K_JOB .. job_id
 redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
-  'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', A.body,
+  'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', BODY,
   'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0, 'status', 'queued',
   'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
