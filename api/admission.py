@@ -128,8 +128,11 @@ def _with_limits(error: GatewayError, rate_limit: RateLimit) -> GatewayError:
     return error
 
 
-async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:
-    """Admit `request` for `who` and enqueue it as `job_id`, or raise the SPEC's 429/409/503."""
+async def admit(
+    gate: Gate, who: Identity, request: JobRequest, job_id: str, *, inbox: str = ""
+) -> Admitted:
+    """Admit `request` for `who` and enqueue it as `job_id`, or raise the SPEC's 429/409/503.
+    `inbox`: the API process's inbox that waits for the job's end (api/inbox.py)."""
     settings, tier = gate.settings, who.tier
     idem = digest = ""
     if request.idempotency_key:  # the request is compared only when a key may replay it
@@ -166,6 +169,7 @@ async def admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> 
             worker_stale_ms=settings.worker_stale_ms,
             backends=gate.fleet,
             hold_ms=settings.redis_wait_ms + HOLD_MARGIN_MS if settings.redis_min_replicas else 0,
+            inbox=inbox,
         )
     )
     if reply is None:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from api import errors
 from api.body_limit import BodyLimit
 from api.edge import AdmissionEdge
+from api.inbox import Inbox
 from api.metrics import Metrics, RequestMetrics
 from api.routes import admin, console, inference, jobs, models, service
 from api.state import Gate
@@ -40,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
         blocking_redis = store.connect(settings.redis_url, blocking=True)
         http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
         lane = Lane(settings.redis_url)
+        inbox = Inbox(blocking_redis)
         app.state.gate = Gate(
             settings=settings,
             redis=redis,
@@ -47,14 +49,17 @@ def create_app(settings: Settings) -> FastAPI:
             scripts=Scripts(redis.execute_command),
             lane=lane,
             lane_scripts=Scripts(lane.execute),
+            inbox=inbox,
             http=http,
             keyring=keyring,
             trusted=settings.trusted_networks,
             metrics=metrics,
         )
+        inbox.start()
         try:
             yield
         finally:
+            await inbox.stop()
             await http.aclose()
             lane.close()
             await blocking_redis.aclose()

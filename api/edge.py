@@ -20,11 +20,11 @@ import orjson
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.admission import JobRequest, admit
+from api.admission import Admitted, JobRequest, admit
 from api.bodies import BODIES, Inference, JobBody, parse
 from api.body_limit import BODY
 from api.errors import error_response
-from api.identity import identify
+from api.identity import Identity, identify
 from api.metrics import EDGE_ROUTE
 from api.state import Gate
 from shared.endpoints import INFERENCE
@@ -116,7 +116,8 @@ class AdmissionEdge:
         try:
             request = plan(scope[BODY], conn, gate.settings)
             who = identify(conn, gate.keyring, gate.trusted, gate.settings.require_api_key)
-            scope[ADMITTED] = await admit(gate, who, request, new_job_id())
+            job_id = new_job_id()
+            scope[ADMITTED] = await _admit(gate, who, request, job_id)
         except GatewayError as error:
             scope[EDGE_ROUTE] = path  # for the request metrics
             await error_response(error)(scope, receive, send)
@@ -127,6 +128,18 @@ class AdmissionEdge:
             await error_response(not_text)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+async def _admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:
+    """Admission; a synchronous call waiting for its end alone waits in the inbox."""
+    if not request.sync or request.stream:
+        return await admit(gate, who, request, job_id)
+    gate.inbox.expect(job_id)
+    try:
+        return await admit(gate, who, request, job_id, inbox=gate.inbox.name)
+    except BaseException:
+        gate.inbox.forget(job_id)
+        raise
 
 
 def _route_path(scope: Scope) -> str:

@@ -98,7 +98,16 @@ class JobRelay(Response):
         self.finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay = asyncio.create_task(self._relay(send))
+        try:
+            await self._relay_until_left(receive, send)
+        finally:
+            self.gate.inbox.forget(self.job_id)
+
+    async def _relay_until_left(self, receive: Receive, send: Send) -> None:
+        ended = self.gate.inbox.ended(self.job_id)
+        relay = asyncio.create_task(
+            self._relay(send) if ended is None else self._answer(ended, send)
+        )
         left = asyncio.create_task(_client_left(receive))
         done, _ = await asyncio.wait({relay, left}, return_when=asyncio.FIRST_COMPLETED)
         if relay in done:
@@ -114,6 +123,30 @@ class JobRelay(Response):
     async def _cancel(self, code: str, message: str) -> None:
         with contextlib.suppress(GatewayError):
             await cancel_job(self.gate, self.owner, self.job_id, code=code, message=message)
+
+    async def _answer(self, ended: asyncio.Future[Event], send: Send) -> None:
+        """A call that is not streamed: its end arrives in the process's inbox."""
+        end: Event | None = None
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                end = await ended
+            self.finished = True
+        except TimeoutError:
+            pass
+        except RedisUnavailable as exc:
+            self.finished = True  # nothing to cancel without Redis; the job lives on
+            await self._unavailable(exc, send)
+            return
+        response = await self._final_response(end)
+        await response({"type": "http"}, _no_receive, send)
+
+    async def _unavailable(self, exc: RedisUnavailable, send: Send) -> None:
+        unavailable = JSONResponse(
+            {**exc.body(), "job_id": self.job_id},
+            exc.status,
+            headers={**self.relay_headers, **exc.headers},
+        )
+        await unavailable({"type": "http"}, _no_receive, send)
 
     async def _relay(self, send: Send) -> None:
         started = False
@@ -152,12 +185,7 @@ class JobRelay(Response):
         except RedisUnavailable as exc:
             if not started:
                 self.finished = True  # nothing to cancel without Redis; the job lives on
-                unavailable = JSONResponse(
-                    {**exc.body(), "job_id": self.job_id},
-                    exc.status,
-                    headers={**self.relay_headers, **exc.headers},
-                )
-                await unavailable({"type": "http"}, _no_receive, send)
+                await self._unavailable(exc, send)
                 return
             log.warning("job %s: Redis went away mid-stream; the stream ends early", self.job_id)
             self.finished = True

@@ -14,6 +14,7 @@ from starlette.requests import HTTPConnection
 
 from api.fallback import OUTAGE_NOTE, LocalBuckets
 from api.identity import Network
+from api.inbox import Inbox
 from api.metrics import Metrics
 from api.tiers import Keyring
 from shared.errors import RedisUnavailable
@@ -40,6 +41,8 @@ class Gate:
     lane: Lane
     """The pipelined connection of the per-request scripts (admission, /health bucket)."""
     lane_scripts: Scripts
+    inbox: Inbox
+    """Where the ends of this process's waiting synchronous calls arrive (api/inbox.py)."""
     http: httpx.AsyncClient
     """Metadata and model-management calls straight to Ollama."""
     keyring: Keyring

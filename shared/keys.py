@@ -18,6 +18,7 @@ PREFIX = "gpugate:"
 # jobs
 JOB = PREFIX + "job:"  # + id: HASH, the job record (shared/jobs.py)
 EVENTS = PREFIX + "events:"  # + id: STREAM of head / chunk / end events for waiters
+INBOX = PREFIX + "inbox:"  # + API process: STREAM of the ends of its waiting sync calls
 IDEMPOTENCY = PREFIX + "idem:"  # + owner + ":" + sha256(key): STRING "job id digest"
 
 # waiting: the fair-share order (shared/lua/dispatch.lua)

@@ -37,6 +37,7 @@ _LUA_DIR = Path(__file__).with_name("lua")
 _KEYS: tuple[tuple[str, str], ...] = (
     ("K_JOB", keys.JOB),
     ("K_EVENTS", keys.EVENTS),
+    ("K_INBOX", keys.INBOX),
     ("K_QUEUED", keys.QUEUED),
     ("K_OWNER_QUEUE", keys.OWNER_QUEUE),
     ("K_BACKLOG", keys.BACKLOG),
@@ -289,6 +290,7 @@ class Scripts:
         worker_stale_ms: int,
         backends: Sequence[str | int],
         hold_ms: int = 0,
+        inbox: str = "",
     ) -> AdmitReply:
         args = dict(locals())
         del args["self"], args["backends"], args["body"]

@@ -42,6 +42,7 @@ from arq.worker import Worker
 
 from shared import keys, store
 from shared.errors import RedisUnavailable
+from shared.lane import Lane
 from shared.scripts import Grant, Scripts, fleet_argv
 from shared.settings import Settings
 from worker import jobs
@@ -198,7 +199,8 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     settings = context.settings
     context.redis = store.connect(settings.redis_url)
     context.blocking_redis = store.connect(settings.redis_url, blocking=True)
-    context.scripts = Scripts(context.redis.execute_command)
+    context.lane = Lane(settings.redis_url)
+    context.scripts = Scripts(context.lane.execute)
     context.http = aiohttp.ClientSession(
         # a run's own bound is GPUGATE_JOB_TIMEOUT (worker/jobs.py); no pool limit: the
         # scheduler's slots bound how many calls are open
@@ -224,6 +226,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
             pipe.delete(keys.worker(context.worker_id))
             await pipe.execute()
     await context.http.close()
+    context.lane.close()
     await context.blocking_redis.aclose()
     await context.redis.aclose()
 

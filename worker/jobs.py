@@ -130,7 +130,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
             continue
         if settings.redis_min_replicas > 0:  # the end survives a failover too
             with contextlib.suppress(*DRIVER_ERRORS):
-                await wait_replicas(ctx.redis, settings.redis_min_replicas, settings.redis_wait_ms)
+                await wait_replicas(ctx.lane, settings.redis_min_replicas, settings.redis_wait_ms)
         if reply.breaker_opened:
             log.warning(
                 "backend %s failed %d jobs in a row (last: %s); it is out of dispatch until it "

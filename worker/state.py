@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from shared.lane import Lane
 from shared.outage import Outage
 from shared.scripts import Grant, HeldRun, Scripts
 from shared.settings import Backend, Settings
@@ -48,9 +49,12 @@ class Held:
 class WorkerContext:
     settings: Settings
     redis: Redis = field(init=False)
-    """Commands with a short timeout (scripts, events). Opened in `on_startup`."""
+    """Commands with a short timeout (events, fleet facts). Opened in `on_startup`."""
     blocking_redis: Redis = field(init=False)
     """BLPOP on the wake list, pub/sub: no read timeout."""
+    lane: Lane = field(init=False)
+    """The pipelined connection of the scripts (shared/lane.py): the runs that end in one
+    turn of the event loop send their finish in one write."""
     scripts: Scripts = field(init=False)
     http: aiohttp.ClientSession = field(init=False)
     worker_id: str = field(

@@ -89,7 +89,7 @@ redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
-  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '')
+  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox)
 redis.call('PEXPIRE', jk, A.record_ttl_ms)
 local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
 if A.hold_ms > 0 then

@@ -156,27 +156,41 @@ local function free_run(run_id, backend, wake)
   return removed
 end
 
+local INBOX_MAX = 10000
+
+-- A job's `end` event, on its stream; and for a synchronous call that waits for its end
+-- alone (no stream), on the inbox of the API process that waits (api/inbox.py): one
+-- XREAD there serves all the calls the process has waiting.
+local function post_end(job_id, event, inbox, ttl_ms)
+  local ek = K_EVENTS .. job_id
+  redis.call('XADD', ek, '*', unpack(event))
+  redis.call('PEXPIRE', ek, ttl_ms)
+  if inbox and inbox ~= '' then
+    local ik = K_INBOX .. inbox
+    redis.call('XADD', ik, 'MAXLEN', '~', INBOX_MAX, '*', 'job', job_id, unpack(event))
+    redis.call('PEXPIRE', ik, ttl_ms)
+  end
+end
+
 -- End a job: final fields, the `end` event for waiters (with the outcome itself for a
 -- synchronous caller, so it needs no second read), the record kept for result_ttl.
 local function finalize(job_id, status, fields, now, result_ttl_ms)
   local jk = K_JOB .. job_id
   redis.call('HSET', jk, 'status', status, 'finished_at', now, unpack(fields))
   redis.call('PEXPIRE', jk, result_ttl_ms)
-  local ek = K_EVENTS .. job_id
   local event = {'type', 'end', 'status', status}
-  if redis.call('HGET', jk, 'sync') == '1' then
+  local waiter = redis.call('HMGET', jk, 'sync', 'inbox')
+  if waiter[1] == '1' then
     for i = 1, #fields do table.insert(event, fields[i]) end
   end
-  redis.call('XADD', ek, '*', unpack(event))
-  redis.call('PEXPIRE', ek, result_ttl_ms)
+  post_end(job_id, event, waiter[2], result_ttl_ms)
   redis.call('HINCRBY', K_STATS, 'jobs_' .. status, 1)
 end
 
 -- The `end` event of a job cancelled while it ran, once its run has stopped.
 local function end_cancelled_run(job_id, result_ttl_ms)
-  local ek = K_EVENTS .. job_id
-  redis.call('XADD', ek, '*', 'type', 'end', 'status', 'cancelled')
-  redis.call('PEXPIRE', ek, result_ttl_ms)
+  local inbox = redis.call('HGET', K_JOB .. job_id, 'inbox')
+  post_end(job_id, {'type', 'end', 'status', 'cancelled'}, inbox, result_ttl_ms)
 end
 
 -- Cancel a job that is still queued: it never starts.

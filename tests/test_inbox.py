@@ -1,0 +1,75 @@
+"""A synchronous call that is not streamed waits for its job's end in its API process's
+inbox (api/inbox.py): one XREAD per process for all such calls, fed by the end-of-job
+scripts. Streamed calls keep reading their job's own event stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.conftest import Stack, StackFactory, slow_sim_fixture
+from tests.processes import Process, wait_until
+
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+
+slow_sim = slow_sim_fixture(0.3)  # 5 tokens at 0.3 s: a reply takes about 1.5 s
+
+
+def _call(stack: Stack, key: str, body: dict[str, object]) -> httpx.Response:
+    with stack.client(key) as client:
+        return client.post("/api/generate", json=body)
+
+
+def test_concurrent_synchronous_calls_get_their_ends_through_one_inbox(stack: Stack) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda i: _call(stack, f"inbox-{i}", GENERATE), range(32)))
+    assert all(r.status_code == 200 and r.json()["done"] is True for r in replies), [
+        (r.status_code, r.text[:200]) for r in replies if r.status_code != 200
+    ]
+    job_ids = [r.headers["x-gpugate-job-id"] for r in replies]
+    with stack.redis() as rdb:
+        inboxes = {rdb.hget(f"gpugate:job:{job_id}", "inbox") for job_id in job_ids}
+        assert len(inboxes) == 1 and b"" not in inboxes and None not in inboxes, inboxes
+        (inbox,) = inboxes
+        assert inbox is not None
+        delivered = {
+            fields[b"job"].decode()
+            for _, fields in rdb.xrange(b"gpugate:inbox:" + inbox)
+            if fields[b"type"] == b"end"
+        }
+    assert set(job_ids) <= delivered
+
+
+def test_a_streamed_call_reads_its_own_event_stream_not_the_inbox(stack: Stack) -> None:
+    reply = _call(stack, "inbox-stream", {**GENERATE, "stream": True})
+    assert reply.status_code == 200 and reply.text.count("\n") >= 2
+    with stack.redis() as rdb:
+        assert rdb.hget(f"gpugate:job:{reply.headers['x-gpugate-job-id']}", "inbox") == b""
+
+
+def test_a_waiting_call_whose_running_job_is_cancelled_gets_its_409(
+    make_stack: StackFactory, slow_sim: Process
+) -> None:
+    stack = make_stack(ollama_url=slow_sim.url)
+    answer: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answer.append(_call(stack, "inbox-c", GENERATE)))
+    caller.start()
+    with stack.redis() as rdb:
+
+        def running_job() -> str | None:
+            for key in rdb.scan_iter("gpugate:job:*"):
+                if rdb.hget(key, "status") == b"running":
+                    return key.decode().removeprefix("gpugate:job:")
+            return None
+
+        job_id = wait_until(running_job, timeout=10, interval=0.02, what="the job running")
+    cancelled_at = time.monotonic()
+    with stack.client("inbox-c") as client:
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    caller.join(timeout=10)
+    assert answer and answer[0].status_code == 409, answer and answer[0].text
+    assert answer[0].json()["job_id"] == job_id
+    assert time.monotonic() - cancelled_at < 5
