@@ -2,8 +2,9 @@
 
 Streamed answers go to the job's event stream (`head`, then `chunk`s with a sequence
 number) as they arrive: a writer task appends what has piled up since its last write as
-one event, so a lone chunk goes out at once and a fast stream costs one XADD per batch,
-not per chunk. Chunks stay byte for byte as Ollama sent them, in order.
+one event, at most one every MIN_WRITE_INTERVAL_S, so a lone chunk goes out at once and
+a fast stream costs one XADD per batch, not per chunk (Redis is the whole fleet's).
+Chunks stay byte for byte as Ollama sent them, in order.
 
 Connection failures and 5xx answers, while nothing has been relayed yet, are retried on
 the same backend with backoff when it is the only one, and handed back for another
@@ -32,6 +33,9 @@ log = logging.getLogger("gpugate.worker")
 STREAM_MAX_EVENTS = 100_000
 """A job's event stream is trimmed beyond this many events (the API detects a gap)."""
 BACKOFF_S = 0.25
+MIN_WRITE_INTERVAL_S = 0.002
+"""A stream appends at most one event per this interval while chunks keep coming; what
+arrives meanwhile joins the next event. A chunk after a pause goes out at once."""
 MAX_PENDING_BYTES = 4 << 20
 """A stream whose writer lags by this much waits for it (Redis is slower than Ollama)."""
 
@@ -107,6 +111,7 @@ class EventWriter:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._writer: asyncio.Task[None] | None = None
+        self._last_write = -MIN_WRITE_INTERVAL_S
         self.started = False
         self.tail = b""
         """The last TAIL_BYTES of the stream (its usage is there)."""
@@ -132,7 +137,12 @@ class EventWriter:
             await self.flush()
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
+            wait_s = self._last_write + MIN_WRITE_INTERVAL_S - loop.time()
+            if wait_s > 0 and self._pending_bytes < MAX_PENDING_BYTES:
+                await asyncio.sleep(wait_s)
+            self._last_write = loop.time()
             batch, self._pending, self._pending_bytes = self._pending, [], 0
             self._seq += 1
             await self._redis.xadd(
