@@ -443,7 +443,7 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
         "`GPUGATE_BURST=1`, GPU cap 1, worker concurrency 1. Each worker holds one parked "
         "job on the simulator in `fail_mode=hang`, which never answers, so the one GPU slot "
         "stays taken, admitted jobs stay queued and the worker runs nothing during the "
-        "benchmark (it still receives the wake-up message published per admission). "
+        "benchmark (with its one place taken it does not even wait on the wake list). "
         f"*admitted*: `GPUGATE_MAX_QUEUE_DEPTH={HUGE}` and a new key per request "
         f"({piled_up} jobs queued at the end); *bucket empty*: the same stack, one key whose "
         "token is spent; *queue full*: a second stack with `GPUGATE_MAX_QUEUE_DEPTH=1` and "
