@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from shared import keys
 from shared.endpoints import INFERENCE
@@ -111,6 +112,7 @@ class EventWriter:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._writer: asyncio.Task[None] | None = None
+        self._head: dict[FieldT, EncodableT] | None = None
         self._last_write = -MIN_WRITE_INTERVAL_S
         self.started = False
         self.tail = b""
@@ -118,10 +120,9 @@ class EventWriter:
         self.events = 0
 
     async def head(self, status: int, content_type: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self._key, {"type": "head", "status": status, "ctype": content_type})
-            pipe.pexpire(self._key, self._ttl_ms)
-            await pipe.execute()
+        """Ollama answered a streamed call. The head is written with the first chunk (or
+        by `flush`): the caller's headers leave with it, one round trip sooner."""
+        self._head = {"type": "head", "status": status, "ctype": content_type}
         self.started = True
 
     async def chunk(self, data: bytes) -> None:
@@ -138,25 +139,39 @@ class EventWriter:
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._head is not None:
+            await self._write_head()
         while self._pending:
             wait_s = self._last_write + MIN_WRITE_INTERVAL_S - loop.time()
             if wait_s > 0 and self._pending_bytes < MAX_PENDING_BYTES:
                 await asyncio.sleep(wait_s)
             self._last_write = loop.time()
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
-            self._seq += 1
             await self._redis.xadd(
-                self._key,
-                {"type": "chunk", "seq": self._seq, "data": b"".join(batch)},
-                maxlen=STREAM_MAX_EVENTS,
-                approximate=True,
+                self._key, self._next_chunk(), maxlen=STREAM_MAX_EVENTS, approximate=True
             )
+
+    def _next_chunk(self) -> dict[FieldT, EncodableT]:
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        self._seq += 1
+        return {"type": "chunk", "seq": self._seq, "data": b"".join(batch)}
+
+    async def _write_head(self) -> None:
+        """The head, the chunks so far with it, in one round trip."""
+        head, self._head = self._head, None
+        assert head is not None
+        self._last_write = asyncio.get_running_loop().time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._key, head)
+            if self._pending:
+                pipe.xadd(self._key, self._next_chunk())
+            pipe.pexpire(self._key, self._ttl_ms)
+            await pipe.execute()
 
     async def flush(self) -> None:
         """Wait until every chunk so far is in Redis."""
         if self._writer is not None:
             await self._writer
-        if self._pending:
+        if self._pending or self._head is not None:
             await self._write()
 
     def abandon(self) -> None:
