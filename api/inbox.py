@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 
 from redis.asyncio import Redis
@@ -24,8 +23,6 @@ from api.events import Event
 from shared import keys
 from shared.errors import RedisUnavailable
 from shared.store import DRIVER_ERRORS
-
-log = logging.getLogger("gpugate.api")
 
 BLOCK_MS = 5_000
 READ_COUNT = 512

@@ -5,7 +5,7 @@ so every API instance reports the same truth."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -138,7 +138,7 @@ class Metrics:
             registry=self.registry,
         )
         self._rejected = {reason: self.rejections.labels(reason) for reason in REJECTIONS}
-        self._requests: dict[tuple[str, int], Any] = {}
+        self._requests: dict[tuple[str, int], Counter] = {}
         self.queue = _QueueCollector()
         self.registry.register(self.queue)
 

@@ -31,6 +31,7 @@ backend (`retry`).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
@@ -56,6 +57,7 @@ def record_ttl_ms(result_ttl_s: int) -> int:
 
 _ID_BYTES = 16
 _random_ids: list[str] = []
+os.register_at_fork(after_in_child=_random_ids.clear)  # a forked child draws its own
 
 
 def new_job_id() -> str:
