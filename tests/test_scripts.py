@@ -186,6 +186,26 @@ async def test_finish_of_a_stale_run_records_nothing(scripts: Scripts, redis: Re
     assert await redis.hget(keys.job(grant.job_id), "status") == b"running"
 
 
+async def test_finish_keeps_the_moving_means_of_cost_and_time(
+    scripts: Scripts, redis: Redis
+) -> None:
+    """Cost (input + 2 x output tokens) moves with whatever was served, time only with a
+    success; EWMA weight 0.2."""
+    runs = [
+        {"duration_ms": 12.0, "input_tokens": 3, "output_tokens": 5},
+        {"duration_ms": 22.0, "input_tokens": 1, "output_tokens": 2},
+        {"duration_ms": 50.0, "input_tokens": 2, "output_tokens": 0, "status": "failed"},
+    ]
+    for run in runs:
+        await admit(scripts)
+        (grant,) = await dispatch(scripts)
+        await finish(scripts, grant, **run)
+    stats = await redis.hmget(keys.STATS, "mean_cost", "mean_job_ms")
+    # cost: 13, then 13 + 0.2 (5 - 13) = 11.4, then 11.4 + 0.2 (2 - 11.4) = 9.52
+    assert [float(v) for v in stats] == pytest.approx([9.52, 14.0])
+    assert float(await redis.hget(keys.MODEL_STATS, "llama3.2")) == pytest.approx(14.0)
+
+
 async def test_fair_share_alternates_a_flood_and_a_trickle(scripts: Scripts) -> None:
     for _ in range(6):
         await admit(scripts, owner="key:flood")

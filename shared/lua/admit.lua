@@ -69,7 +69,8 @@ if budget ~= nil and (budget <= 0 or A.reserve_tokens > budget) then
 end
 if redis.call('ZCARD', K_QUEUED) >= A.max_depth then return answer('queue_full', '', -1) end
 local oq = K_OWNER_QUEUE .. owner
-if redis.call('ZCARD', oq) >= A.max_queued then
+local owner_queued = redis.call('ZCARD', oq)
+if owner_queued >= A.max_queued then
   local first = redis.call('ZRANGE', oq, 0, 0)[1]
   return answer('queue_full_key', '', first and redis.call('ZRANK', K_QUEUED, first) or -1)
 end
@@ -98,7 +99,7 @@ if A.hold_ms > 0 then
   deadline = math.min(deadline or math.huge, now + A.hold_ms)
 end
 if deadline then redis.call('ZADD', K_DEADLINES, deadline, job_id) end
-enqueue_waiting(job_id, owner, score, A.model, A.priority)
+enqueue_waiting(job_id, owner, score, A.model, A.priority, owner_queued)
 arq_enqueue(job_id, 1, score, now, A.record_ttl_ms)
 if A.idempotency_key ~= '' then
   redis.call('SET', A.idempotency_key, job_id .. ' ' .. A.digest, 'PX', A.result_ttl_ms)

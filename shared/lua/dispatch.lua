@@ -136,6 +136,9 @@ local function choose_backend(model, avoid, waited_ms)
   return most_free(open)
 end
 
+-- the highest counter served so far (prelude.lua `fair_share_floor`)
+local vtc_floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
+
 local function grant(c, job_id, job, b)
   leave_waiting(job_id, c.owner, job.model)
   local run_id = run_of(job_id, job.attempt)
@@ -146,8 +149,10 @@ local function grant(c, job_id, job, b)
   redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
   local weight = tonumber(job.weight) or 1
   local cost = A.provisional_cost / weight
-  local floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
-  if c.counter > floor then redis.call('HSET', K_STATS, 'vtc_floor', tostring(c.counter)) end
+  if c.counter > vtc_floor then
+    vtc_floor = c.counter
+    redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
+  end
   charge(c.owner, cost)
   c.counter = c.counter + cost
   redis.call('HSET', K_JOB .. job_id, 'status', 'running', 'started_at', now,

@@ -13,7 +13,7 @@ local job_id = A.job_id
 local run_id = run_of(job_id, A.attempt)
 local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_name', 'model',
   'weight', 'vtc_charged', 'reserved_tokens', 'tpm_rate', 'tpm_burst', 'runs', 'score',
-  'priority', 'avoid', 'started_at')
+  'priority', 'avoid', 'started_at', 'sync', 'inbox')
 local backend = A.backend
 free_run(run_id, backend, A.wake)
 arq_forget(run_id)
@@ -43,10 +43,6 @@ if served > 0 or A.duration_ms > 0 then
     bucket_store(key, level, rate, burst, now)
     redis.call('HSET', K_JOB .. job_id, 'reserved_tokens', 0)
   end
-  local mean_cost = tonumber(redis.call('HGET', K_STATS, 'mean_cost'))
-  local this_cost = A.input_tokens + 2 * A.output_tokens
-  mean_cost = mean_cost and (mean_cost + A.ewma_weight * (this_cost - mean_cost)) or this_cost
-  redis.call('HSET', K_STATS, 'mean_cost', tostring(mean_cost))
 end
 if A.model_load_ms > 0 then
   redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
@@ -62,7 +58,7 @@ if job.status == 'running' then
     local fields = {'http_status', A.http_status, 'content_type', A.content_type,
       'result', A.result}
     if A.error ~= '' then table.insert(fields, 'error'); table.insert(fields, A.error) end
-    finalize(job_id, status, fields, now, A.result_ttl_ms)
+    finalize(job_id, status, fields, now, A.result_ttl_ms, job)
   end
 elseif job.status == 'cancelled' then
   end_cancelled_run(job_id, A.result_ttl_ms)
@@ -84,12 +80,29 @@ do
   end
 end
 if A.error_code ~= '' then redis.call('HINCRBY', K_STATS, 'errors_' .. A.error_code, 1) end
-if status == 'succeeded' then
-  for _, pair in ipairs({{K_STATS, 'mean_job_ms'}, {K_MODEL_STATS, job.model or ''}}) do
-    local mean = tonumber(redis.call('HGET', pair[1], pair[2]))
-    mean = mean and (mean + A.ewma_weight * (A.duration_ms - mean)) or A.duration_ms
-    redis.call('HSET', pair[1], pair[2], tostring(mean))
+-- The fleet's moving means: a job's cost (the provisional charge of dispatch.lua) for
+-- whatever was served, and a success's time, the fleet's and its model's (wait estimates).
+local function ewma(mean, value)
+  mean = tonumber(mean)
+  return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
+end
+local costed, timed = served > 0 or A.duration_ms > 0, status == 'succeeded'
+if costed or timed then
+  local means = redis.call('HMGET', K_STATS, 'mean_cost', 'mean_job_ms')
+  local fields = {}
+  if costed then
+    table.insert(fields, 'mean_cost')
+    table.insert(fields, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
   end
+  if timed then
+    table.insert(fields, 'mean_job_ms')
+    table.insert(fields, ewma(means[2], A.duration_ms))
+  end
+  redis.call('HSET', K_STATS, unpack(fields))
+end
+if timed then
+  local model = job.model or ''
+  redis.call('HSET', K_MODEL_STATS, model, ewma(redis.call('HGET', K_MODEL_STATS, model), A.duration_ms))
 end
 observe('job_duration_seconds', A.duration_ms / 1000, JOB_DURATION_BOUNDS)
 return reply(status, opened)

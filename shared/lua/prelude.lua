@@ -108,10 +108,11 @@ local function fair_share_floor()
 end
 
 -- Add a queued job to the waiting sets: the fleet's backlog, its owner's queue, and the
--- owner to the fair-share backlog (lifted, if it had nothing waiting).
-local function enqueue_waiting(job_id, owner, score, model, priority)
+-- owner to the fair-share backlog (lifted, if it had nothing waiting). `owner_queued`: how
+-- many jobs the owner has waiting, when the caller read it already.
+local function enqueue_waiting(job_id, owner, score, model, priority, owner_queued)
   local oq = K_OWNER_QUEUE .. owner
-  if redis.call('ZCARD', oq) == 0 then
+  if (owner_queued or redis.call('ZCARD', oq)) == 0 then
     local counter = tonumber(redis.call('ZSCORE', K_VTC, owner)) or 0
     counter = math.max(counter, fair_share_floor())
     redis.call('ZADD', K_VTC, counter, owner)
@@ -156,6 +157,15 @@ local function free_run(run_id, backend, wake)
   return removed
 end
 
+-- The job's fields as a table (only those asked for).
+local function read_job(job_id, ...)
+  local names = {...}
+  local values = redis.call('HMGET', K_JOB .. job_id, unpack(names))
+  local job = {}
+  for i, name in ipairs(names) do job[name] = values[i] end
+  return job
+end
+
 local INBOX_MAX = 10000
 
 -- A job's `end` event, on its stream; and for a synchronous call that waits for its end
@@ -174,16 +184,17 @@ end
 
 -- End a job: final fields, the `end` event for waiters (with the outcome itself for a
 -- synchronous caller, so it needs no second read), the record kept for result_ttl.
-local function finalize(job_id, status, fields, now, result_ttl_ms)
+-- `waiter`: the job's `sync` and `inbox` fields, when the caller read them already.
+local function finalize(job_id, status, fields, now, result_ttl_ms, waiter)
   local jk = K_JOB .. job_id
   redis.call('HSET', jk, 'status', status, 'finished_at', now, unpack(fields))
   redis.call('PEXPIRE', jk, result_ttl_ms)
   local event = {'type', 'end', 'status', status}
-  local waiter = redis.call('HMGET', jk, 'sync', 'inbox')
-  if waiter[1] == '1' then
+  waiter = waiter or read_job(job_id, 'sync', 'inbox')
+  if waiter.sync == '1' then
     for i = 1, #fields do table.insert(event, fields[i]) end
   end
-  post_end(job_id, event, waiter[2], result_ttl_ms)
+  post_end(job_id, event, waiter.inbox, result_ttl_ms)
   redis.call('HINCRBY', K_STATS, 'jobs_' .. status, 1)
 end
 
@@ -215,11 +226,3 @@ local function requeue(job_id, job, now, record_ttl_ms, extra)
   wake_one()
 end
 
--- The job's fields as a table (only those asked for).
-local function read_job(job_id, ...)
-  local names = {...}
-  local values = redis.call('HMGET', K_JOB .. job_id, unpack(names))
-  local job = {}
-  for i, name in ipairs(names) do job[name] = values[i] end
-  return job
-end
