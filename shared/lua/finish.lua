@@ -89,20 +89,21 @@ end
 local costed, timed = served > 0 or A.duration_ms > 0, status == 'succeeded'
 if costed or timed then
   local means = redis.call('HMGET', K_STATS, 'mean_cost', 'mean_job_ms')
-  local fields = {}
+  local update = {}
   if costed then
-    table.insert(fields, 'mean_cost')
-    table.insert(fields, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
+    table.insert(update, 'mean_cost')
+    table.insert(update, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
   end
   if timed then
-    table.insert(fields, 'mean_job_ms')
-    table.insert(fields, ewma(means[2], A.duration_ms))
+    table.insert(update, 'mean_job_ms')
+    table.insert(update, ewma(means[2], A.duration_ms))
   end
-  redis.call('HSET', K_STATS, unpack(fields))
+  redis.call('HSET', K_STATS, unpack(update))
 end
 if timed then
   local model = job.model or ''
-  redis.call('HSET', K_MODEL_STATS, model, ewma(redis.call('HGET', K_MODEL_STATS, model), A.duration_ms))
+  local mean = redis.call('HGET', K_MODEL_STATS, model)
+  redis.call('HSET', K_MODEL_STATS, model, ewma(mean, A.duration_ms))
 end
 observe('job_duration_seconds', A.duration_ms / 1000, JOB_DURATION_BOUNDS)
 return reply(status, opened)
