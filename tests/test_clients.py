@@ -11,7 +11,9 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -130,17 +132,42 @@ def test_litellm_providers(gate: Stack) -> None:
     import litellm
 
     messages = [{"role": "user", "content": "hi"}]
-    for model in (f"ollama/{MODEL}", f"ollama_chat/{MODEL}"):
-        reply = litellm.completion(model=model, messages=messages, api_base=gate.url)
-        assert reply.choices[0].message.content
-        chunks = litellm.completion(model=model, messages=messages, api_base=gate.url, stream=True)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks)
-    via_openai = litellm.completion(
-        model=f"openai/{MODEL}", messages=messages, api_base=gate.url + "/v1", api_key="sk"
-    )
-    assert via_openai.choices[0].message.content
-    vectors = litellm.embedding(model=f"ollama/{EMBED_MODEL}", input=["a"], api_base=gate.url)
-    assert len(vectors.data[0]["embedding"]) > 10
+    try:
+        for model in (f"ollama/{MODEL}", f"ollama_chat/{MODEL}"):
+            reply = litellm.completion(model=model, messages=messages, api_base=gate.url)
+            assert reply.choices[0].message.content
+            chunks = litellm.completion(
+                model=model, messages=messages, api_base=gate.url, stream=True
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        via_openai = litellm.completion(
+            model=f"openai/{MODEL}", messages=messages, api_base=gate.url + "/v1", api_key="sk"
+        )
+        assert via_openai.choices[0].message.content
+        vectors = litellm.embedding(model=f"ollama/{EMBED_MODEL}", input=["a"], api_base=gate.url)
+        assert len(vectors.data[0]["embedding"]) > 10
+    finally:
+        close_litellm_leftovers(litellm)
+
+
+def close_litellm_leftovers(litellm: Any) -> None:
+    """LiteLLM keeps its clients for the life of the process, and its openai/ route sets an
+    event loop in the main thread that it never closes: close them, or their sockets and
+    the loop are left to the garbage collector (a ResourceWarning, an error here) in
+    whichever test runs next."""
+    cache = litellm.in_memory_llm_clients_cache
+    for client in list(cache.cache_dict.values()):
+        if isinstance(client, openai.OpenAI | litellm.llms.custom_httpx.http_handler.HTTPHandler):
+            client.close()
+    cache.flush_cache()
+    with warnings.catch_warnings():  # Python 3.12+ warns when this creates the loop instead
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:  # none set (after an asyncio.run() in this thread, LiteLLM sets none)
+            return
+    loop.close()
+    asyncio.set_event_loop(None)
 
 
 def test_langchain_ollama(gate: Stack) -> None:
