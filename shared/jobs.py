@@ -19,7 +19,7 @@ backend (`retry`).
 | id, owner, owner_name, usage_name | admit | the job id; who submitted it (secret-free); its name in logs; its name in usage (the keys file's `name`, else `anonymous`) |
 | endpoint, model, body, stream, sync | admit | the Ollama path, the model, the body as JSON text, 1 if streamed, 1 for a synchronous call |
 | inbox | admit | the API process waiting for a synchronous call's end (not streamed): its end goes to that process's inbox too |
-| created_at, score, deadline_at | admit | ms; start score (admission ms minus priority boost); ms after which it is cancelled while still queued |
+| created_at, score, deadline_at | admit | ms; start score (admission time in ms, to the µs, minus priority boost); ms after which it is cancelled while still queued |
 | weight, reserved_tokens, tpm_rate, tpm_burst | admit | fair-share weight; tokens reserved from the tier's tpm bucket, and that bucket's refill per ms and size |
 | status, attempt, runs | admit, dispatch, reap, finish, cancel | state above; current attempt; runs started |
 | worker, backend, started_at, vtc_charged | dispatch | who runs it where, since when; fair-share charge made at dispatch |

@@ -176,6 +176,18 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
 
 
+async def test_jobs_admitted_in_one_millisecond_start_in_their_order(scripts: Scripts) -> None:
+    """Admissions a few microseconds apart (several per millisecond here) keep their order:
+    a start score at millisecond resolution tied them, and ties went by the random id."""
+    admitted = [(await admit(scripts)).job_id for _ in range(30)]
+    started = []
+    for _ in admitted:
+        (grant,) = await dispatch(scripts)
+        started.append(grant.job_id)
+        await finish(scripts, grant)
+    assert started == admitted
+
+
 async def test_finish_of_a_stale_run_records_nothing(scripts: Scripts, redis: Redis) -> None:
     """The latent bug of issue 10: the stale reply was a bare string."""
     await admit(scripts)

@@ -4,7 +4,7 @@
 -- admission spends: one request token, and the tokens the request names.
 local A = cjson.decode(ARGV[1])
 local BODY = ARGV[2]  -- the request body, as sent (not JSON-escaped into ARGV[1])
-local now = now_ms()
+local now, now_exact = clock_ms()
 local owner = A.owner
 local bucket_key = K_BUCKET .. owner
 local tokens = bucket_level(bucket_key, A.rate_per_ms, A.burst, now)
@@ -82,7 +82,7 @@ if budget ~= nil then
   bucket_store(tpm_key, budget, A.tpm_per_ms, A.tpm_burst, now)
 end
 local job_id = A.job_id
-local score = now - A.boost_ms
+local score = now_exact - A.boost_ms  -- FIFO, even within one ms
 local jk = K_JOB .. job_id
 redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', BODY,

@@ -3,9 +3,17 @@
 -- shared/keys.py (fixed keys, and the prefixes of per-job, per-owner, per-backend keys).
 -- The job record's fields and lifecycle are the table of shared/jobs.py.
 
-local function now_ms()
+-- The time in whole ms, and exact to the microsecond (a fraction of a ms): scripts run one
+-- at a time on a Redis, so no two of them see the same microsecond.
+local function clock_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local whole = tonumber(t[1]) * 1000
+  local us = tonumber(t[2])
+  return whole + math.floor(us / 1000), whole + us / 1000
+end
+
+local function now_ms()
+  return (clock_ms())
 end
 
 local function run_of(job_id, attempt)
