@@ -7,22 +7,27 @@ the end there too (prelude.lua `post_end`), and one reader task serves every wai
 call: it reads whatever ends piled up and resolves each call's future.
 
 A call registers before its admission (the job may end before the route runs), and is
-forgotten when its relay ends. While Redis is unreachable the reader fails the calls
-waiting (the relay answers 503 with the job id: the job is safe in Redis) and tries again.
+forgotten when its relay ends. While Redis is unreachable, or answers the XREAD with an
+error, the reader fails the calls waiting (the relay answers 503 with the job id: the job
+is safe in Redis) and tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 
+from redis import exceptions as rx
 from redis.asyncio import Redis
 
 from api.events import Event
 from shared import keys
 from shared.errors import RedisUnavailable
 from shared.store import DRIVER_ERRORS
+
+log = logging.getLogger("gpugate.api")
 
 BLOCK_MS = 5_000
 READ_COUNT = 512
@@ -65,7 +70,11 @@ class Inbox:
                 reply = await self.redis.xread(
                     {self.key: last_id}, block=BLOCK_MS, count=READ_COUNT
                 )
-            except DRIVER_ERRORS as exc:
+            except (*DRIVER_ERRORS, rx.RedisError) as exc:
+                # also an error reply (an ACL, a wrong type): the reader must live on, or
+                # every call of this process would wait out its deadline
+                if not isinstance(exc, DRIVER_ERRORS):  # an outage is logged elsewhere
+                    log.warning("the inbox's XREAD failed (%s); retrying", exc)
                 self._fail_all(exc)
                 await asyncio.sleep(RETRY_S)
                 continue

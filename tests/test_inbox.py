@@ -73,3 +73,28 @@ def test_a_waiting_call_whose_running_job_is_cancelled_gets_its_409(
     assert answer and answer[0].status_code == 409, answer and answer[0].text
     assert answer[0].json()["job_id"] == job_id
     assert time.monotonic() - cancelled_at < 5
+
+
+def test_the_inbox_reader_outlives_a_redis_error_reply(make_stack: StackFactory) -> None:
+    """A Redis error that is not a lost connection (here: XREAD denied by an ACL) must not
+    end the reader: once XREAD is allowed again, waiting calls get their ends at once, not
+    at their sync deadline."""
+    stack = make_stack()
+    assert _call(stack, "inbox-acl", GENERATE).status_code == 200
+    with stack.redis() as rdb:
+        rdb.acl_log_reset()
+        rdb.execute_command("ACL", "SETUSER", "default", "-xread")
+        try:
+            # the reader's XREAD in flight returns with this call's end; its next is denied
+            assert _call(stack, "inbox-acl", GENERATE).status_code == 200
+
+            def denied() -> bool:
+                return any(e.get("object") == "xread" for e in rdb.acl_log())
+
+            wait_until(denied, timeout=10, what="the inbox's XREAD denied")
+        finally:
+            rdb.execute_command("ACL", "SETUSER", "default", "+xread")
+    started = time.monotonic()
+    reply = _call(stack, "inbox-acl", GENERATE)
+    assert reply.status_code == 200, reply.text
+    assert time.monotonic() - started < 5
