@@ -16,7 +16,7 @@ What is replaced, and why:
   the model), and claims arq's in-progress key in the same script: one round trip for
   the whole batch. `_poll_iteration` asks it, then starts arq's `run_job` for each grant.
 - *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
-  list (BLPOP `gpugate:wake`): admission pushes one entry when a slot is free, so one
+  list (BLPOP `gpugate:wake`): admission pushes one entry (at most 16 wait there), so one
   idle worker wakes, not all; a worker whose run ended asks again at once.
 - *arq's per-job reads and writes.* arq's `run_job` reads the job record back and
   counts a try (a MULTI/EXEC), then writes the end (another): the grant already carries
