@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     """When set, `/metrics` requires `Authorization: Bearer <token>`."""
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per log line (shared/logs.py)."""
+    otel: bool = False
+    """OpenTelemetry traces over OTLP (shared/telemetry.py); also on when the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT is set."""
 
     @field_validator("rate_limit", "health_rate_limit")
     @classmethod
