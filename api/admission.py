@@ -30,7 +30,7 @@ from shared.errors import (
 from shared.estimates import Backlog
 from shared.jobs import JobStatus, job_object, record_ttl_ms
 from shared.scripts import AdmitOutcome, AdmitReply
-from shared.store import DRIVER_ERRORS, wait_replicas
+from shared.store import REDIS_ERRORS, wait_replicas
 
 BREAKER_RETRY_AFTER_S = 5
 """Workers probe a backend every second while its breaker is open; it closes on an answer."""
@@ -212,7 +212,7 @@ async def _replicated(gate: Gate, who: Identity, job_id: str, rate_limit: RateLi
         return
     try:
         acked = await wait_replicas(gate.lane, settings.redis_min_replicas, settings.redis_wait_ms)
-    except DRIVER_ERRORS:
+    except REDIS_ERRORS:
         acked = -1  # the master went away: nobody can tell whether the job survived
     if acked >= settings.redis_min_replicas:
         with contextlib.suppress(GatewayError):
@@ -289,7 +289,10 @@ def refuse_during_outage(gate: Gate, who: Identity) -> GatewayError:
         decision.remaining,
         decision.full_in_s,
     )
-    error: GatewayError = (
-        RateLimited(decision.next_token_s) if not decision.allowed else RedisUnavailable()
-    )
+    error: GatewayError = RateLimited(decision.next_token_s)
+    if decision.allowed:
+        down = gate.redis_outage.error
+        error = RedisUnavailable(
+            down.reason if isinstance(down, RedisUnavailable) else "unreachable"
+        )
     return _with_limits(error, RateLimit(requests))

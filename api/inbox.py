@@ -8,8 +8,13 @@ call: it reads whatever ends piled up and resolves each call's future.
 
 A call registers before its admission (the job may end before the route runs), and is
 forgotten when its relay ends. While Redis is unreachable, or answers the XREAD with an
-error, the reader fails the calls waiting (the relay answers 503 with the job id: the job
-is safe in Redis) and tries again.
+error (out of memory, an ACL), the reader fails the calls waiting (the relay answers 503
+with the job id: the job is safe in Redis) and tries again; the outage is logged once.
+
+Nothing is trimmed that the reader has not read: the scripts append without a length cap,
+and the reader trims what it read, keeping the last KEEP_READ entries (an operator's
+record of recent ends), so an inbox holds at most KEEP_READ entries more than its unread
+ends, whatever the number of calls waiting.
 """
 
 from __future__ import annotations
@@ -18,20 +23,23 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import deque
 
-from redis import exceptions as rx
 from redis.asyncio import Redis
 
 from api.events import Event
 from shared import keys
 from shared.errors import RedisUnavailable
-from shared.store import DRIVER_ERRORS
+from shared.outage import Outage, supervised
+from shared.store import redis_errors
 
 log = logging.getLogger("gpugate.api")
 
 BLOCK_MS = 5_000
 READ_COUNT = 512
 RETRY_S = 0.5
+KEEP_READ = 1_000
+"""Entries already read that an inbox keeps; older ones are trimmed, KEEP_READ at a time."""
 
 
 class Inbox:
@@ -42,6 +50,9 @@ class Inbox:
         self.key = keys.INBOX + self.name
         self._waiting: dict[str, asyncio.Future[Event]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._outage = Outage(log, "Redis, for the inbox of waiting calls,")
+        self._last_id = b"0-0"
+        self._read_ids: deque[bytes] = deque()
 
     def expect(self, job_id: str) -> None:
         """Wait for `job_id`'s end from now on (before its admission)."""
@@ -64,30 +75,37 @@ class Inbox:
                 await self._reader
 
     async def _read(self) -> None:
-        last_id = b"0-0"
+        await supervised("inbox", self._read_forever, self._outage, log, retry_s=RETRY_S)
+
+    async def _read_forever(self) -> None:
         while True:
             try:
-                reply = await self.redis.xread(
-                    {self.key: last_id}, block=BLOCK_MS, count=READ_COUNT
-                )
-            except (*DRIVER_ERRORS, rx.RedisError) as exc:
-                # also an error reply (an ACL, a wrong type): the reader must live on, or
-                # every call of this process would wait out its deadline
-                if not isinstance(exc, DRIVER_ERRORS):  # an outage is logged elsewhere
-                    log.warning("the inbox's XREAD failed (%s); retrying", exc)
-                self._fail_all(exc)
-                await asyncio.sleep(RETRY_S)
-                continue
+                with redis_errors():
+                    reply = await self.redis.xread(
+                        {self.key: self._last_id}, block=BLOCK_MS, count=READ_COUNT
+                    )
+            except RedisUnavailable as exc:
+                self._fail_all(exc)  # the calls answer 503 with their job id at once
+                raise
+            self._outage.recovered()
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    last_id = entry_id
+                    self._last_id = entry_id
+                    self._read_ids.append(entry_id)
                     future = self._waiting.pop(fields.pop(b"job").decode(), None)
                     if future is not None and not future.done():
                         future.set_result(Event("end", fields))
+            if len(self._read_ids) >= 2 * KEEP_READ:
+                await self._trim_read()
 
-    def _fail_all(self, exc: Exception) -> None:
-        error = RedisUnavailable()
-        error.__cause__ = exc
+    async def _trim_read(self) -> None:
+        """Drop the entries read before the last KEEP_READ (never an unread one)."""
+        while len(self._read_ids) > KEEP_READ:
+            self._read_ids.popleft()
+        with redis_errors():
+            await self.redis.xtrim(self.key, minid=self._read_ids[0])
+
+    def _fail_all(self, error: RedisUnavailable) -> None:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)

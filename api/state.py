@@ -71,7 +71,7 @@ class Gate:
         try:
             reply = await call(self.lane_scripts)
         except RedisUnavailable as exc:
-            self.redis_outage.failed(exc.__cause__ or exc, OUTAGE_NOTE)
+            self.redis_outage.failed(exc, OUTAGE_NOTE)
             return None
         self.redis_outage.recovered()
         return reply

@@ -11,7 +11,9 @@ GatewayError                      code, status, message, headers, extra body fie
  ├── QueueFull                    429 queue_full (Retry-After, queue_depth)
  ├── BackendError                 502 backend_error
  ├── Unavailable                  503 unavailable (Retry-After)
- │    └── RedisUnavailable        Redis could not be reached
+ │    └── RedisUnavailable        Redis could not be reached, or refused the command with an
+ │                                error reply (out of memory, read-only, loading, busy, ACL…):
+ │                                `reason` says which (shared/store.py maps every driver error)
  └── GatewayTimeout               504 timeout (job_id, status)
 """
 
@@ -133,8 +135,12 @@ class Unavailable(_RetryLater):
 
 
 class RedisUnavailable(Unavailable):
-    def __init__(self) -> None:
-        super().__init__("Redis is unavailable; try again shortly.", retry_after_s=2)
+    """Redis cannot take the command now. `reason` is what `/ready` and the outage log
+    name: "unreachable", "out of memory", "read-only", "loading", "busy", "denied"…"""
+
+    def __init__(self, reason: str = "unreachable") -> None:
+        super().__init__(f"Redis is unavailable ({reason}); try again shortly.", retry_after_s=2)
+        self.reason = reason
 
 
 class GatewayTimeout(GatewayError):

@@ -51,6 +51,7 @@ STATS = PREFIX + "stats"  # HASH: means, counters by outcome and rejection reaso
 MODEL_STATS = PREFIX + "model-ms"  # HASH model -> mean job ms (EWMA)
 MODEL_LOADS = PREFIX + "loads"  # HASH "backend|model" -> model loads seen
 HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum
+READY_PROBE = PREFIX + "ready-probe"  # STRING, PX: /ready checks that Redis takes writes
 USAGE = PREFIX + "usage"  # HASH "name|requests|input_tokens|output_tokens|gpu_ms" -> count
 
 # limits

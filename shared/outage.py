@@ -1,10 +1,16 @@
 """One warning when a dependency stops answering and one when it is back, however many
-requests or loop turns fail in between."""
+requests or loop turns fail in between; and `supervised`, the one way a long-lived loop
+runs: it never ends but by cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+
+from shared.errors import RedisUnavailable
+from shared.store import REDIS_ERRORS, unavailable
 
 RETRY_S = 1.0
 """While down, one caller this often may find out whether it is back (`should_try`)."""
@@ -17,6 +23,8 @@ class Outage:
         self.log = log
         self.what = what
         self.since: float | None = None
+        self.error: BaseException | None = None
+        """What failed last (while down)."""
         self._next_try = 0.0
 
     @property
@@ -36,12 +44,48 @@ class Outage:
 
     def failed(self, exc: BaseException, consequence: str = "") -> None:
         self._next_try = time.monotonic() + RETRY_S
+        self.error = exc
         if self.since is None:
             self.since = time.monotonic()
             detail = f"; {consequence}" if consequence else ""
-            self.log.warning("%s is unreachable (%s)%s", self.what, exc.__class__.__name__, detail)
+            self.log.warning("%s is unavailable (%s)%s", self.what, _describe(exc), detail)
 
     def recovered(self) -> None:
         if self.since is not None:
             self.log.warning("%s is back after %.1fs", self.what, time.monotonic() - self.since)
             self.since = None
+            self.error = None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RedisUnavailable):
+        cause = exc.__cause__
+        detail = f": {cause.__class__.__name__} {cause}" if cause is not None else ""
+        return exc.reason + detail[:200]
+    return exc.__class__.__name__
+
+
+async def supervised(
+    name: str,
+    loop: Callable[[], Awaitable[None]],
+    outage: Outage,
+    log: logging.Logger,
+    *,
+    retry_s: float,
+) -> None:
+    """Run `loop` for ever. A Redis failure of any kind (no connection, a timeout, an
+    error reply such as OOM) is the outage's: logged once, retried every `retry_s`. Any
+    other exception is a bug: logged with its traceback once per kind in a row, and
+    retried too. Only cancellation ends it."""
+    last_bug: type[BaseException] | None = None
+    while True:
+        try:
+            await loop()
+            last_bug = None
+        except (RedisUnavailable, *REDIS_ERRORS) as exc:
+            outage.failed(unavailable(exc), "waiting for it")
+        except Exception as exc:
+            if type(exc) is not last_bug:
+                log.exception("the %s loop failed; it goes on", name)
+            last_bug = type(exc)
+        await asyncio.sleep(retry_s)

@@ -104,10 +104,16 @@ _CONSTANTS = f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n" + "".join(
 
 @cache
 def source(name: str) -> str:
-    """The full text of script `name` (without `.lua`): key bindings, prelude, script."""
+    """The full text of script `name` (without `.lua`): key bindings, prelude, script.
+    A script whose file starts with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
     bind = "".join(f"local {lua} = KEYS[{i}]\n" for i, (lua, _) in enumerate(_KEYS, 1))
     prelude = (_LUA_DIR / "prelude.lua").read_text()
-    return bind + _CONSTANTS + prelude + (_LUA_DIR / f"{name}.lua").read_text()
+    body = (_LUA_DIR / f"{name}.lua").read_text()
+    shebang = ""
+    if body.startswith("#!"):
+        shebang, body = body.split("\n", 1)
+        shebang += "\n"
+    return shebang + bind + _CONSTANTS + prelude + body
 
 
 @cache

@@ -9,6 +9,10 @@ a replica answers writes with READONLY: the connection is dropped, the Sentinel 
 named it is asked last from then on, and the command is sent once more to the master
 the Sentinels name now (a command refused with READONLY was not run, so this is safe).
 
+`redis_errors()` is the one place where a Redis failure — no connection, a timeout, or an
+error reply (OOM, READONLY, LOADING, BUSY, NOPERM…) — becomes `RedisUnavailable` with the
+reason named (`unavailable()`).
+
 `wait_replicas()` is Redis WAIT for the writes made before it; `replication()` is what
 `gpugate doctor` shows of the master and its replicas.
 """
@@ -39,6 +43,54 @@ DRIVER_ERRORS = (
     redis_exceptions.BusyLoadingError,
     OSError,
 )
+"""Redis could not be reached (or did not answer in time)."""
+
+REDIS_ERRORS = (*DRIVER_ERRORS, redis_exceptions.RedisError)
+"""Every failure of a Redis call: the above, and error replies (`ResponseError`)."""
+
+_REPLY_REASONS: tuple[tuple[type[Exception], str, str], ...] = (
+    # redis-py raises a class per reply prefix and drops the prefix from the message;
+    # the lane (shared/lane.py) raises `ResponseError` with the reply as it came.
+    (redis_exceptions.OutOfMemoryError, "OOM", "out of memory"),
+    (redis_exceptions.ReadOnlyError, "READONLY", "read-only"),
+    (redis_exceptions.BusyLoadingError, "LOADING", "loading"),
+    (redis_exceptions.NoPermissionError, "NOPERM", "denied"),
+    (redis_exceptions.NoScriptError, "NOSCRIPT", "script missing"),
+    (redis_exceptions.ExecAbortError, "EXECABORT", "transaction refused"),
+)
+_PREFIX_REASONS = {
+    "BUSY": "busy",
+    "MASTERDOWN": "master down",
+    "NOAUTH": "denied",
+    "WRONGPASS": "denied",
+    "MISCONF": "cannot persist",
+    "TRYAGAIN": "busy",
+}
+
+
+def unavailable(exc: BaseException) -> RedisUnavailable:
+    """The one mapping of a Redis failure onto the error tree: why Redis cannot take
+    the command, for a client's 503, `/ready` and the outage log."""
+    if isinstance(exc, RedisUnavailable):
+        return exc
+    text = str(exc)
+    reason = "error reply"
+    for cls, prefix, name in _REPLY_REASONS:
+        if isinstance(exc, cls) or text.startswith(prefix):
+            reason = name
+            break
+    else:
+        first = text.split(" ", 1)[0]
+        if first in _PREFIX_REASONS:
+            reason = _PREFIX_REASONS[first]
+        elif isinstance(exc, DRIVER_ERRORS):
+            reason = "unreachable"
+        elif " OOM " in text or "-OOM" in text:  # a script's error carries the reply inside
+            reason = "out of memory"
+    error = RedisUnavailable(reason)
+    error.__cause__ = exc
+    return error
+
 
 WAIT_BARRIER_CHANNEL = "gpugate:wait-barrier"
 """A PUBLISH here (nobody listens) is a write that replicates without touching a key: the
@@ -67,11 +119,12 @@ def connect(url: str, *, blocking: bool = False) -> Redis:
 
 @contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turn a Redis driver failure into `RedisUnavailable` (503 for a client)."""
+    """Turn any Redis failure, an error reply included, into `RedisUnavailable` (503 for
+    a client; what every long-lived loop catches)."""
     try:
         yield
-    except DRIVER_ERRORS as exc:
-        raise RedisUnavailable() from exc
+    except REDIS_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 # --- Redis WAIT ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 from arq.connections import ArqRedis
-from arq.worker import Worker
+from arq.worker import Worker, func
 
 from shared import keys, store
 from shared.errors import RedisUnavailable
@@ -93,13 +93,26 @@ class GateWorker(Worker):
             try:
                 await self.pool.ping()
                 break
-            except store.DRIVER_ERRORS as exc:
-                self.context.redis_outage.failed(exc, "waiting for it")
+            except store.REDIS_ERRORS as exc:
+                self.context.redis_outage.failed(store.unavailable(exc), "waiting for it")
                 await asyncio.sleep(REDIS_RETRY_S)
         self.context.redis_outage.recovered()
         await super().main()
 
     async def _poll_iteration(self) -> None:
+        """One turn of arq's loop, which ends the worker on any exception: so nothing
+        raises out of here. Redis failures (error replies included) wait for Redis; any
+        other failure is logged and the next turn tries again."""
+        try:
+            await self._poll_once()
+        except (RedisUnavailable, *store.REDIS_ERRORS) as exc:
+            self.context.redis_outage.failed(store.unavailable(exc), "waiting for it")
+            await asyncio.sleep(REDIS_RETRY_S)
+        except Exception:
+            log.exception("a turn of the worker's loop failed; it goes on")
+            await asyncio.sleep(REDIS_RETRY_S)
+
+    async def _poll_once(self) -> None:
         ctx = self.context
         ctx.wake.clear()
         for run_id, task in list(self.tasks.items()):
@@ -108,15 +121,10 @@ class GateWorker(Worker):
         free = self.max_jobs - self.job_counter
         granted: list[Grant] = []
         if free > 0 and self.allow_pick_jobs and not ctx.draining:
-            try:
-                granted = await self._dispatch(free)
-            except RedisUnavailable as exc:
-                ctx.redis_outage.failed(exc.__cause__ or exc, "waiting for it")
-                await asyncio.sleep(REDIS_RETRY_S)
-                return
+            granted = await self._dispatch(free)
         for grant in granted:
             await self._start(grant)
-        with contextlib.suppress(*store.DRIVER_ERRORS):
+        with contextlib.suppress(*store.REDIS_ERRORS):
             await self.heart_beat()  # arq's health-check key
         if len(granted) < free or free <= 0:
             with contextlib.suppress(TimeoutError):
@@ -142,7 +150,7 @@ class GateWorker(Worker):
         """The fleet's mean job cost (fair-share units), re-read at most once a second."""
         at, cost = self._cost
         if time.monotonic() - at > 1.0:
-            with contextlib.suppress(*store.DRIVER_ERRORS):
+            with contextlib.suppress(*store.REDIS_ERRORS):
                 raw = await self.context.redis.hget(keys.STATS, "mean_cost")  # type: ignore[misc]
                 cost = float(raw) if raw else 1.0
             self._cost = (time.monotonic(), cost)
@@ -168,7 +176,7 @@ class GateWorker(Worker):
         already carries the work, attempts are ours, and finish.lua removes the run
         from arq's keys. Here the job function runs directly, under arq's job timeout."""
         job_id_, attempt = keys.split_run(job_id)
-        task = asyncio.ensure_future(jobs.run_job(self.context, job_id_, attempt))
+        task = asyncio.ensure_future(granted_run(self.ctx, job_id_, attempt))
         self.job_tasks[job_id] = task
         try:
             await asyncio.wait_for(task, self.job_timeout_s)
@@ -189,8 +197,9 @@ class GateWorker(Worker):
         super().handle_sig(signum)
 
 
-async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
-    """The one arq job function; arq passes its ctx dict, ours is the typed context."""
+async def granted_run(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
+    """The one arq job function (`GateWorker.run_job` calls it for each grant); arq's
+    ctx dict carries ours, the typed context."""
     await jobs.run_job(ctx["gate"], job_id, attempt)
 
 
@@ -220,7 +229,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext = ctx["gate"]
     await stop_loops(context)
-    with contextlib.suppress(*store.DRIVER_ERRORS):
+    with contextlib.suppress(*store.REDIS_ERRORS):
         async with context.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys.WORKERS, context.worker_id)
             pipe.delete(keys.worker(context.worker_id))
@@ -243,7 +252,9 @@ def create_worker(settings: Settings) -> GateWorker:
     )
     return GateWorker(
         context,
-        functions=[run_job],  # the only job function; listed here, not registered by import
+        # the only job function, under the name the runs' arq records carry; listed here,
+        # not registered by import
+        functions=[func(granted_run, name=keys.ARQ_FUNCTION)],
         queue_name=keys.ARQ_QUEUE,
         redis_pool=arq_redis,
         ctx={"gate": context},

@@ -20,7 +20,7 @@ from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import record_ttl_ms
 from shared.scripts import FinishStatus
-from shared.store import DRIVER_ERRORS, wait_replicas
+from shared.store import REDIS_ERRORS, wait_replicas
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
 
@@ -77,11 +77,11 @@ async def run(ctx: WorkerContext, held: Held) -> Outcome:
     except TimeoutError:
         message = f"Ollama did not finish within GPUGATE_JOB_TIMEOUT ({settings.job_timeout:g}s)"
         if events.started:
-            with contextlib.suppress(*DRIVER_ERRORS):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await events.chunk(stream_error_chunk(work.endpoint, message))
                 await events.flush()
         return backend_failure(message, code="timeout")
-    except DRIVER_ERRORS as exc:  # a streamed chunk could not be written
+    except REDIS_ERRORS as exc:  # a streamed chunk could not be written (an OOM reply too)
         return Outcome(
             FinishStatus.FAILED,
             error={
@@ -98,6 +98,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     """Run `finish.lua`, retrying through a Redis outage while the run is still ours."""
     settings, grant = ctx.settings, held.grant
     started = time.monotonic()
+    warned = False
     error = outcome.error
     while not held.lost:
         try:
@@ -123,13 +124,18 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 result_ttl_ms=settings.result_ttl * 1000,
                 record_ttl_ms=record_ttl_ms(settings.result_ttl),
             )
-        except RedisUnavailable:
-            if time.monotonic() - started > settings.lease_ttl * 3:
-                log.warning("job %s: could not record its end while Redis was away", grant.job_id)
+        except RedisUnavailable as exc:
+            if not warned and time.monotonic() - started > settings.lease_ttl * 3:
+                warned = True  # once: the outage itself is logged by the heartbeat
+                log.warning(
+                    "job %s: its end waits for Redis (%s); kept while the run is ours",
+                    grant.job_id,
+                    exc.reason,
+                )
             await asyncio.sleep(REDIS_RETRY_S)
             continue
         if settings.redis_min_replicas > 0:  # the end survives a failover too
-            with contextlib.suppress(*DRIVER_ERRORS):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await wait_replicas(ctx.lane, settings.redis_min_replicas, settings.redis_wait_ms)
         if reply.breaker_opened:
             log.warning(

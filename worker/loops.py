@@ -1,4 +1,6 @@
-"""The worker's background loops, each surviving Redis outages:
+"""The worker's background loops, each run by `supervised` (shared/outage.py): a Redis
+failure of any kind, an error reply such as OOM included, is an outage logged once and
+retried; no loop ends but by cancellation.
 
 - `heartbeat`: say it is alive, renew the leases of its runs, reap the runs of dead
   workers, cancel expired queued jobs (heartbeat.lua);
@@ -21,14 +23,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
-from redis.exceptions import RedisError
 
 from shared import keys
-from shared.errors import RedisUnavailable
 from shared.jobs import record_ttl_ms
+from shared.outage import supervised
 from shared.scripts import fleet_argv
 from shared.settings import Backend, Settings
-from shared.store import DRIVER_ERRORS
+from shared.store import redis_errors
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker")
@@ -98,29 +99,30 @@ async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:
 async def heartbeat_loop(ctx: WorkerContext) -> None:
     started_at = time.time()
     interval = heartbeat_interval_s(ctx.settings)
-    while True:
-        try:
+
+    async def beat() -> None:
+        while True:
             await heartbeat_once(ctx, started_at)
             ctx.redis_outage.recovered()
-        except RedisUnavailable as exc:
-            ctx.redis_outage.failed(exc.__cause__ or exc, "waiting for it")
-        await asyncio.sleep(interval)
+            await asyncio.sleep(interval)
+
+    await supervised("heartbeat", beat, ctx.redis_outage, log, retry_s=interval)
 
 
 async def waker_loop(ctx: WorkerContext) -> None:
     """Take one wake-up from the list while this worker could start a run."""
-    while True:
-        if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
-            await _room(ctx)
-            continue
-        try:
-            popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
-        except (*DRIVER_ERRORS, RedisError) as exc:
-            ctx.redis_outage.failed(exc, "waiting for it")  # a held connection notices first
-            await asyncio.sleep(RETRY_S)
-            continue
-        if popped is not None:
-            ctx.wake.set()
+
+    async def wait_for_wakes() -> None:
+        while True:
+            if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
+                await _room(ctx)
+                continue
+            with redis_errors():
+                popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
+            if popped is not None:
+                ctx.wake.set()
+
+    await supervised("waker", wait_for_wakes, ctx.redis_outage, log, retry_s=RETRY_S)
 
 
 async def _room(ctx: WorkerContext) -> None:
@@ -132,16 +134,16 @@ async def _room(ctx: WorkerContext) -> None:
 
 
 async def cancel_loop(ctx: WorkerContext) -> None:
-    """Subscribe to cancelled job ids; resubscribe after any Redis failure."""
-    while True:
-        try:
+    """Subscribe to cancelled job ids; subscribe again after any Redis failure."""
+
+    async def listen() -> None:
+        with redis_errors():
             async with ctx.blocking_redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(keys.CANCEL_CHANNEL)
                 async for message in pubsub.listen():
                     ctx.cancel_job(message["data"].decode())
-        except (*DRIVER_ERRORS, RedisError) as exc:
-            ctx.redis_outage.failed(exc, "waiting for it")
-            await asyncio.sleep(RETRY_S)
+
+    await supervised("cancels", listen, ctx.redis_outage, log, retry_s=RETRY_S)
 
 
 async def _answers(ctx: WorkerContext, backend: Backend) -> bool:
@@ -215,12 +217,15 @@ async def configure_models(ctx: WorkerContext) -> None:
 
 async def fleet_loop(ctx: WorkerContext) -> None:
     configured = False
-    while True:
-        try:
-            if not configured:
-                await configure_models(ctx)
-                configured = True
-            await asyncio.gather(*(refresh_backend(ctx, b) for b in ctx.settings.backends))
-        except (*DRIVER_ERRORS, RedisError):
-            pass  # the heartbeat reports Redis outages
-        await asyncio.sleep(PROBE_S)
+
+    async def refresh() -> None:
+        nonlocal configured
+        while True:
+            with redis_errors():
+                if not configured:
+                    await configure_models(ctx)
+                    configured = True
+                await asyncio.gather(*(refresh_backend(ctx, b) for b in ctx.settings.backends))
+            await asyncio.sleep(PROBE_S)
+
+    await supervised("fleet", refresh, ctx.redis_outage, log, retry_s=PROBE_S)

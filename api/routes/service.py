@@ -15,7 +15,9 @@ from api.health_limit import check_cheap_limit
 from api.metrics import CONTENT_TYPE
 from api.snapshot import read_queue, read_snapshot
 from api.state import Gate
+from shared import keys
 from shared.errors import InvalidApiKey, RedisUnavailable
+from shared.store import redis_errors
 
 router = APIRouter(tags=["service"])
 
@@ -36,6 +38,16 @@ async def _answers(gate: Gate, url: str) -> bool:
     return response.status_code < 500
 
 
+READY_PROBE_MS = 5_000
+
+
+async def _takes_writes(gate: Gate) -> None:
+    """Redis answers reads while it refuses writes (out of memory, a replica): admission
+    needs writes, so readiness writes a short-lived key."""
+    with redis_errors():
+        await gate.redis.set(keys.READY_PROBE, 1, px=READY_PROBE_MS)
+
+
 @router.get("/ready")
 async def ready(gate: GateDep) -> JSONResponse:
     """200 only when Redis answers, a worker is alive and at least one backend answers."""
@@ -45,13 +57,15 @@ async def ready(gate: GateDep) -> JSONResponse:
     answers = await asyncio.gather(*(_answers(gate, b.url) for b in backends))
     try:
         workers = len((await read_snapshot(gate.redis, gate.settings)).workers)
-        checks["redis"] = "ok"
         checks["workers"] = f"{workers} alive"
         if workers == 0:
             missing.append("no live worker")
-    except RedisUnavailable:
-        checks["redis"] = checks["workers"] = "unreachable"
-        missing.append("redis unreachable")
+        await _takes_writes(gate)
+        checks["redis"] = "ok"
+    except RedisUnavailable as exc:
+        checks["redis"] = exc.reason
+        checks.setdefault("workers", "unknown")
+        missing.append(f"redis {exc.reason}")
     up = sum(answers)
     checks["ollama"] = "ok" if up else "unreachable"
     if len(backends) > 1:

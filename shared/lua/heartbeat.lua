@@ -1,3 +1,6 @@
+#!lua flags=allow-oom
+-- allow-oom: a worker keeps its leases and its place while Redis refuses writes for want
+-- of memory (maxmemory with noeviction); its few small writes renew what exists.
 -- A worker's tick (shared/scripts.py `heartbeat`): say it is alive, renew the leases of
 -- the runs it holds, reap the runs of workers that stopped renewing (queue them again, or
 -- fail them after max runs or once their stream had begun), cancel queued jobs whose

@@ -174,18 +174,17 @@ local function read_job(job_id, ...)
   return job
 end
 
-local INBOX_MAX = 10000
-
 -- A job's `end` event, on its stream; and for a synchronous call that waits for its end
 -- alone (no stream), on the inbox of the API process that waits (api/inbox.py): one
--- XREAD there serves all the calls the process has waiting.
+-- XREAD there serves all the calls the process has waiting; its reader trims what it has
+-- read, so nothing here caps the inbox (an end must never be trimmed before it is read).
 local function post_end(job_id, event, inbox, ttl_ms)
   local ek = K_EVENTS .. job_id
   redis.call('XADD', ek, '*', unpack(event))
   redis.call('PEXPIRE', ek, ttl_ms)
   if inbox and inbox ~= '' then
     local ik = K_INBOX .. inbox
-    redis.call('XADD', ik, 'MAXLEN', '~', INBOX_MAX, '*', 'job', job_id, unpack(event))
+    redis.call('XADD', ik, '*', 'job', job_id, unpack(event))
     redis.call('PEXPIRE', ik, ttl_ms)
   end
 end
