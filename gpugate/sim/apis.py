@@ -16,6 +16,8 @@ API_ERROR = "api_error"
 
 
 class Api(Enum):
+    """The API a request came in on: Ollama's native, OpenAI's or Anthropic's."""
+
     GENERATE = "generate"
     CHAT = "chat"
     EMBED = "embed"

@@ -18,11 +18,12 @@ from gpugate.sim.apis import PLAIN_JSON_TYPE, Api, ApiError
 from gpugate.sim.asgi import error_response, json_response, native_errors
 from gpugate.sim.config import SimConfig
 from gpugate.sim.golang import decode_object
+from gpugate.sim.inference import InferenceEndpoint
 from gpugate.sim.management import ModelManagement
 from gpugate.sim.models import SimModel
 from gpugate.sim.names import display_name, name_parts
 from gpugate.sim.requests import name_field
-from gpugate.sim.simulator import InferenceEndpoint, Simulator
+from gpugate.sim.simulator import Simulator
 
 OLLAMA_VERSION = "0.6.0"
 
