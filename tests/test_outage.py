@@ -1,0 +1,189 @@
+"""Redis that refuses or stalls, on a real redis-server of the test's own: out of memory
+(`CONFIG SET maxmemory`, noeviction), paused (`CLIENT PAUSE`), error replies. New work gets
+`503 unavailable` with `Retry-After`, never a 500; workers keep heartbeating and keep
+their runs; when Redis takes writes again, work resumes by itself and nothing admitted is
+lost (shared/outage.py, shared/store.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import Stack, build_stack, slow_sim_fixture
+from tests.processes import Process, start_redis, wait_until
+
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+JOB = {"endpoint": "/api/generate", "body": GENERATE}
+
+slow_sim = slow_sim_fixture(0.1)  # 5 tokens at 0.1 s: a job takes about half a second
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Process]:
+    """A redis-server of this test alone: the faults below are server-wide."""
+    proc = start_redis()
+    yield proc
+    proc.stop()
+
+
+def _submit(client: httpx.Client, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = client.post("/v1/jobs", json=JOB)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+def _job(client: httpx.Client, job_id: str) -> dict[str, object]:
+    job: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
+    return job
+
+
+def _all_succeeded(client: httpx.Client, ids: list[str]) -> bool:
+    return all(_job(client, i)["status"] == "succeeded" for i in ids)
+
+
+def _heartbeats(rdb: redis.Redis) -> dict[bytes, float]:
+    return dict(rdb.zrange("gpugate:workers", 0, -1, withscores=True))
+
+
+def _assert_503(reply: httpx.Response) -> None:
+    assert reply.status_code == 503, (reply.status_code, reply.text)
+    body = reply.json()
+    assert body["error"] == "unavailable", body
+    assert 1 <= int(reply.headers["Retry-After"]) <= 120
+    assert int(reply.headers["Retry-After"]) == body["retry_after"]
+
+
+def test_redis_out_of_memory_refuses_new_work_with_503_and_loses_nothing(
+    own_redis: Process, slow_sim: Process
+) -> None:
+    stack = build_stack(
+        own_redis, slow_sim, workers=2, gpu_concurrency=2, burst=10_000, rate_limit="100000/minute"
+    )
+    rdb = stack.redis()
+    try:
+        with stack.client("oom") as client:
+            jobs = _submit(client, 4)  # two run, two wait
+            wait_until(
+                lambda: sum(_job(client, i)["status"] == "running" for i in jobs) == 2,
+                what="two jobs running",
+            )
+            rdb.config_set("maxmemory-policy", "noeviction")
+            rdb.config_set("maxmemory", 1)
+            try:
+                began = time.monotonic()
+                before = _heartbeats(rdb)
+                while time.monotonic() - began < 4:
+                    _assert_503(client.post("/api/generate", json=GENERATE))
+                    _assert_503(client.post("/v1/jobs", json=JOB))
+                ready = httpx.get(stack.url + "/ready", timeout=5)
+                assert ready.status_code == 503, ready.text
+                assert ready.json()["checks"]["redis"] == "out of memory", ready.text
+                assert "redis out of memory" in ready.json()["message"]
+                during = _heartbeats(rdb)
+                assert len(during) == 2, during
+                for worker, beat in during.items():  # both kept beating through the refusal
+                    assert beat > before[worker] + 2_000, (worker, before, during)
+                assert all(w.alive() for w in stack.workers)
+            finally:
+                rdb.config_set("maxmemory", 0)
+            wait_until(lambda: _all_succeeded(client, jobs), timeout=20, what="every job ended")
+            attempts = [rdb.hget(f"gpugate:job:{i}", "attempt") for i in jobs]
+            assert attempts == [b"1"] * 4, attempts  # no run was lost and run again
+            reply = client.post("/api/generate", json=GENERATE)
+            assert reply.status_code == 200, reply.text
+            assert httpx.get(stack.url + "/ready", timeout=5).status_code == 200
+    finally:
+        stack.stop()
+        rdb.close()
+
+
+def test_a_paused_redis_gives_no_500_and_loses_no_job(
+    own_redis: Process, slow_sim: Process
+) -> None:
+    stack = build_stack(
+        own_redis, slow_sim, workers=2, gpu_concurrency=2, burst=10_000, rate_limit="100000/minute"
+    )
+    rdb = stack.redis()
+    try:
+        with stack.client("paused") as client:
+            jobs = _submit(client, 4)
+            wait_until(
+                lambda: any(_job(client, i)["status"] == "running" for i in jobs),
+                what="a job running",
+            )
+            replies: list[httpx.Response] = []
+
+            def call() -> None:
+                with stack.client("paused") as own:
+                    replies.append(own.post("/api/generate", json=GENERATE))
+
+            rdb.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            callers = [threading.Thread(target=call) for _ in range(6)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(timeout=30)
+            assert len(replies) == 6
+            for reply in replies:  # answered once Redis was back, or 503 while it was not
+                assert reply.status_code in (200, 503), (reply.status_code, reply.text)
+                if reply.status_code == 503:
+                    _assert_503(reply)
+            wait_until(lambda: _all_succeeded(client, jobs), timeout=20, what="every job ended")
+            for reply in replies:
+                if reply.status_code == 503 and "job_id" in reply.json():
+                    job_id = str(reply.json()["job_id"])  # admitted before the pause bit
+                    wait_until(
+                        lambda j=job_id: _job(client, j)["status"] == "succeeded",  # type: ignore[misc]
+                        timeout=20,
+                        what=f"admitted job {job_id} to succeed",
+                    )
+            assert client.post("/api/generate", json=GENERATE).status_code == 200
+            assert all(w.alive() for w in stack.workers)
+    finally:
+        stack.stop()
+        rdb.close()
+
+
+def test_error_replies_to_every_loop_do_not_end_them(own_redis: Process, slow_sim: Process) -> None:
+    """An ACL that denies the scripts (an error reply, not a lost connection) for a few
+    seconds: the heartbeat, the worker's loop and the inbox reader all live on, each
+    outage is logged once, and service resumes by itself."""
+    stack: Stack = build_stack(
+        own_redis, slow_sim, workers=1, burst=10_000, rate_limit="100000/minute"
+    )
+    rdb = stack.redis()
+    try:
+        with stack.client("denied") as client:
+            assert client.post("/api/generate", json=GENERATE).status_code == 200
+            rdb.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval", "-blpop")
+            try:
+                began = time.monotonic()
+                while time.monotonic() - began < 3:
+                    _assert_503(client.post("/api/generate", json=GENERATE))
+            finally:
+                rdb.execute_command("ACL", "SETUSER", "default", "+evalsha", "+eval", "+blpop")
+            wait_until(
+                lambda: client.post("/api/generate", json=GENERATE).status_code == 200,
+                timeout=10,
+                what="service back once the scripts are allowed again",
+            )
+            beat = _heartbeats(rdb)
+            wait_until(
+                lambda: max(_heartbeats(rdb).values()) > max(beat.values()),
+                timeout=5,
+                what="the heartbeat going on",
+            )
+        logs = "".join(w.log() for w in stack.workers)
+        assert logs.count("Redis is unavailable (denied") == 1, logs[-2000:]
+        assert "Traceback" not in logs, logs[-2000:]
+    finally:
+        stack.stop()
+        rdb.close()
