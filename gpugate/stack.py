@@ -3,30 +3,25 @@
 Redis: the one at GPUGATE_REDIS_URL if it answers, else a private redis-server on a free
 port. Ollama: the one at GPUGATE_OLLAMA_URL if it answers, else the bundled simulator.
 Then one worker and the API. Ctrl-C stops everything this command started.
+
+The processes are started as the tests and benchmarks start theirs (`gpugate.testing`),
+with their output on this terminal and in this working directory.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 
-import httpx
-
+from gpugate.testing.processes import Process, Spawn, answers_http, stop_all
+from gpugate.testing.stack import start_api, start_redis, start_sim, start_worker
 from shared.settings import Settings
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+STOP_TIMEOUT_S = 15
+"""How long each process may take to stop after SIGTERM (then SIGKILL)."""
 
 
 def _redis_answers(url: str) -> bool:
@@ -42,111 +37,49 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _http_answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code < 500
-    except httpx.HTTPError:
-        return False
-
-
-def _wait(
-    what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 30
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gpugate up: {what} exited with status {proc.returncode}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"gpugate up: {what} did not become ready within {timeout:g}s")
-
-
-@dataclass
-class Stack:
-    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, env=env)
-        self.children.append((name, proc))
-        return proc
-
-    def stop(self) -> None:
-        for _name, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _name, proc in reversed(self.children):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def run_stack(settings: Settings) -> None:
-    stack = Stack()
-    env = dict(os.environ)
-    me = [sys.executable, "-m", "gpugate"]
+    children: list[Process] = []
+    env: dict[str, str] = {}
+    here = Spawn(cwd=Path.cwd(), log=False, new_session=False)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         redis_url = settings.redis_url
         if _redis_answers(redis_url):
             print(f"gpugate up: using Redis at {settings.masked()['GPUGATE_REDIS_URL']}")
         else:
-            binary = shutil.which("redis-server")
-            if binary is None:
+            if shutil.which("redis-server") is None:
                 raise SystemExit("gpugate up: no Redis answers and redis-server is not installed")
-            port = _free_port()
-            redis_url = f"redis://127.0.0.1:{port}/0"
-            data_dir = tempfile.mkdtemp(prefix="gpugate-redis-")
-            proc = stack.start(
-                "redis",
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    data_dir,
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                env,
-            )
-            _wait("redis-server", lambda: _redis_answers(redis_url), proc)
-            print(f"gpugate up: started a private redis-server on port {port}")
+            children.append(start_redis(**here))
+            redis_url = children[-1].url
+            print(f"gpugate up: started a private redis-server on port {children[-1].port}")
         env["GPUGATE_REDIS_URL"] = redis_url
 
         ollama_url = settings.ollama_url
-        if _http_answers(ollama_url + "/api/version"):
+        if answers_http(ollama_url + "/api/version"):
             print(f"gpugate up: using Ollama at {ollama_url}")
         else:
-            port = _free_port()
-            ollama_url = f"http://127.0.0.1:{port}"
-            proc = stack.start("sim", [*me, "sim", "--port", str(port)], env)
-            _wait("the Ollama simulator", lambda: _http_answers(ollama_url + "/api/version"), proc)
+            children.append(start_sim(**here))
+            ollama_url = children[-1].url
             print(f"gpugate up: no Ollama answered; started the simulator at {ollama_url}")
         env["GPUGATE_OLLAMA_URL"] = ollama_url
 
-        stack.start("worker", [*me, "worker"], env)
-        api_url = f"http://{settings.host}:{settings.port}"
-        proc = stack.start("api", [*me, "api"], env)
-        _wait("the API", lambda: _http_answers(api_url + "/health"), proc)
-        print(_banner(api_url, ollama_url))
-        while all(p.poll() is None for _, p in stack.children):
+        children.append(start_worker(env, **here))
+        children.append(start_api(env, settings.port, host=settings.host, **here))
+        print(_banner(children[-1].url, ollama_url))
+        while all(p.alive() for p in children):
             time.sleep(0.5)
-        dead = [name for name, p in stack.children if p.poll() is not None]
+        dead = [p.name for p in children if not p.alive()]
         print(f"gpugate up: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+    except AssertionError as exc:  # a child that exited or never became ready
+        raise SystemExit(f"gpugate up: {exc}") from None
     except KeyboardInterrupt:
         print("\ngpugate up: stopping")
     finally:
-        stack.stop()
+        stop_all(children, timeout=STOP_TIMEOUT_S)
 
 
 def _banner(api_url: str, ollama_url: str) -> str:
