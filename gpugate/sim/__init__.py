@@ -93,8 +93,9 @@ The package, one module a seam:
 - `golang`: how Go reads and writes values; `apis`: the nine APIs and their error bodies;
   `messages`, `requests`: request parsing; `content`: the reply's words and embeddings;
 - `answers`, `streams`: the reply formats, whole and streamed;
-- `asgi`: the HTTP plumbing; `simulator`: the state and the inference requests;
-  `management`: pull, push, create, copy, delete, blobs; `app`: the routes; `cli`: the command.
+- `asgi`: the HTTP plumbing; `simulator`: the state every route shares; `inference`: one
+  inference request, from its body to its last byte; `management`: pull, push, create, copy,
+  delete, blobs; `app`: the routes; `cli`: the command line.
 """
 
 from gpugate.sim.cli import main
