@@ -26,6 +26,7 @@ QUEUED = PREFIX + "queued"  # ZSET id -> start score (admission ms minus priorit
 OWNER_QUEUE = PREFIX + "q:"  # + owner: ZSET that owner's waiting ids -> start score
 BACKLOG = PREFIX + "backlog"  # ZSET owner -> fair-share counter, owners with jobs waiting
 VTC = PREFIX + "vtc"  # ZSET owner -> fair-share counter (virtual tokens served / weight)
+VTC_IDLE = PREFIX + "vtc-idle"  # ZSET owner -> ms since it has had nothing waiting (VTC kept)
 OWNER_PRIORITY = PREFIX + "priority"  # HASH owner -> tier priority, while it has jobs waiting
 WAITING_MODELS = PREFIX + "waiting-models"  # HASH model -> jobs waiting for it
 

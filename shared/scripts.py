@@ -7,7 +7,8 @@ order of `_KEYS` (fixed keys, and the prefixes of per-job, per-owner and per-bac
 keys), bound to `K_*` locals. Its arguments travel as one JSON object in ARGV[1] (the
 names below are the names in Lua); admit's request body as it came, in ARGV[2] (up to
 16 MiB is not worth escaping into JSON and decoding again); then, for the scripts that
-look at the fleet, the backends as name, configured cap pairs. Replies are JSON objects.
+look at the fleet, the backends as name, configured cap, kind triples. Replies are JSON
+objects.
 
 Scripts run by SHA; after a Redis restart or a failover (an empty script cache) the
 script is sent whole once. Driver errors become `RedisUnavailable`, here and nowhere else.
@@ -27,6 +28,7 @@ import orjson
 from redis import exceptions as rx
 
 from shared import keys
+from shared.endpoints import INFERENCE, Api
 from shared.settings import Backend
 from shared.store import redis_errors
 
@@ -42,6 +44,7 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_OWNER_QUEUE", keys.OWNER_QUEUE),
     ("K_BACKLOG", keys.BACKLOG),
     ("K_VTC", keys.VTC),
+    ("K_VTC_IDLE", keys.VTC_IDLE),
     ("K_OWNER_PRIORITY", keys.OWNER_PRIORITY),
     ("K_WAITING_MODELS", keys.WAITING_MODELS),
     ("K_RUNNING", keys.RUNNING),
@@ -96,10 +99,17 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
 """The bucket bounds of the histograms the scripts keep in Redis (one count per
 observation in its own bucket; api/metrics.py adds them up for Prometheus)."""
 
-_CONSTANTS = f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n" + "".join(
-    f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
-    for name, b in HISTOGRAMS.items()
+_OPENAI_PATHS = ", ".join(f"['{p}'] = true" for p, e in INFERENCE.items() if e.api is Api.OPENAI)
+_CONSTANTS = (
+    f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n"
+    + "".join(
+        f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
+        for name, b in HISTOGRAMS.items()
+    )
+    + f"local OPENAI_PATHS = {{{_OPENAI_PATHS}}}\n"
 )
+"""Lua constants: arq's function name, the histogram bounds, the paths an `openai` backend
+runs (the others need Ollama)."""
 
 
 @cache
@@ -122,8 +132,8 @@ def _sha(name: str) -> str:
 
 
 def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
-    """The ARGV tail of the scripts that look at the fleet: name, configured cap, ..."""
-    return tuple(v for b in backends for v in (b.name, b.gpu_concurrency))
+    """The ARGV tail of the scripts that look at the fleet: name, configured cap, kind, ..."""
+    return tuple(v for b in backends for v in (b.name, b.gpu_concurrency, b.kind))
 
 
 class AdmitOutcome(StrEnum):
@@ -210,6 +220,13 @@ class Grant:
     stream: bool
     backend: str
     model: str
+    owner_name: str = ""
+    """The key's name or fingerprint, for the worker's log lines."""
+    traceparent: str = ""
+    """The trace of a request admitted while the API traced; then also when it was
+    queued and when it was dispatched, in Redis's clock (shared/telemetry.py)."""
+    queued_at_ms: int = 0
+    started_at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -297,9 +314,12 @@ class Scripts:
         backends: Sequence[str | int],
         hold_ms: int = 0,
         inbox: str = "",
+        traceparent: str = "",
     ) -> AdmitReply:
         args = dict(locals())
         del args["self"], args["backends"], args["body"]
+        if not traceparent:  # only a traced request writes it (shared/telemetry.py)
+            del args["traceparent"]
         raw = await self._run("admit", args, body, *backends)
         raw["outcome"] = AdmitOutcome(raw["outcome"])
         return AdmitReply(**raw)
@@ -378,6 +398,7 @@ class Scripts:
         max_runs: int,
         result_ttl_ms: int,
         record_ttl_ms: int,
+        fair_share_memory_ms: int,
         held: Sequence[HeldRun],
         backends: Sequence[str | int],
     ) -> HeartbeatReply:

@@ -55,7 +55,8 @@ class Rate:
 
 
 class Backend(BaseModel):
-    """One Ollama (one GPU, or one GPU host) behind the gate."""
+    """One Ollama (one GPU, or one GPU host) behind the gate, or with `kind = "openai"` any
+    server that speaks OpenAI's API (llama.cpp's llama-server, vLLM, SGLang, ...)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,7 +65,29 @@ class Backend(BaseModel):
     gpu_concurrency: Annotated[int, Field(ge=1, le=1024)]
     """Its own cap: requests running there at once (at most its OLLAMA_NUM_PARALLEL)."""
     models: tuple[str, ...] | None = None
-    """What it serves; None: what its /api/tags lists (refreshed by the workers)."""
+    """What it serves; None: what its /api/tags (an openai one: /v1/models) lists, refreshed
+    by the workers."""
+    kind: Literal["ollama", "openai"] = "ollama"
+    """`openai`: only the OpenAI inference paths run there (the Ollama-native ones need
+    Ollama); its models come from /v1/models, its health from /health."""
+    api_key: SecretStr | None = None
+    """Sent to it as `Authorization: Bearer`; masked wherever it is shown."""
+
+    @property
+    def openai(self) -> bool:
+        return self.kind == "openai"
+
+    def auth_headers(self) -> dict[str, str]:
+        """The header that carries its `api_key` (none without one)."""
+        if self.api_key is None:
+            return {}
+        return {"authorization": f"Bearer {self.api_key.get_secret_value()}"}
+
+    def shown(self) -> dict[str, Any]:
+        """Its settings for display (doctor, /admin/status): the api_key masked."""
+        out = self.model_dump(mode="json", exclude={"api_key"})
+        out["api_key"] = None if self.api_key is None else "********"
+        return out
 
     @field_validator("url")
     @classmethod
@@ -219,6 +242,14 @@ class Settings(BaseSettings):
         return self.lease_ms * 3
 
     @property
+    def fair_share_memory_ms(self) -> int:
+        """How long a key with nothing waiting or running keeps its fair-share counter:
+        as long as the default tier's request bucket takes to fill again. A key idle that
+        long comes back level with the others, and a flood of one-off keys leaves no
+        counter behind (SPEC "Invariants": per-key state expires)."""
+        return max(1000, int(self.burst / self.rate.per_second * 1000))
+
+    @property
     def rate(self) -> Rate:
         return Rate.parse(self.rate_limit)
 
@@ -238,9 +269,25 @@ class Settings(BaseSettings):
                 value = None if value is None else "********"
             elif name == "redis_url":
                 value = re.sub(r"//([^@/]*)@", "//***@", str(value))
+            elif name == "backends_json" and value:
+                value = _masked_backends(str(value))
             env_name = "BACKENDS" if name == "backends_json" else name.upper()
             out[f"GPUGATE_{env_name}"] = value if value is None else str(value)
         return out
+
+
+def _masked_backends(raw_json: str) -> str:
+    """GPUGATE_BACKENDS with each `api_key` masked (the text as given, if it is not a list)."""
+    try:
+        raw = json.loads(raw_json)
+    except ValueError:
+        return raw_json
+    if not isinstance(raw, list):
+        return raw_json
+    for entry in raw:
+        if isinstance(entry, dict) and entry.get("api_key"):
+            entry["api_key"] = "********"
+    return json.dumps(raw)
 
 
 @cache

@@ -53,6 +53,7 @@ async def heartbeat(scripts: Scripts, held: list[HeldRun] | None = None) -> Any:
         max_runs=3,
         result_ttl_ms=60_000,
         record_ttl_ms=600_000,
+        fair_share_memory_ms=10_000,
         held=held or [],
         backends=FLEET,
     )

@@ -7,7 +7,7 @@ retried; no loop ends but by cancellation.
 - `waker`: while it has room, block on the wake list (one entry wakes one worker);
 - `cancels`: pub/sub of cancelled job ids, turned into closing the Ollama call;
 - `fleet`: probe backends whose breaker is open, and learn what each backend serves
-  (/api/tags) and has loaded (/api/ps).
+  (/api/tags) and has loaded (/api/ps); of an `openai` backend, both from /v1/models.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 LOADED_REFRESH_S = 2.0
 """How often some worker reads each backend's /api/ps."""
 MODELS_REFRESH_S = 15.0
-"""How often some worker reads each backend's /api/tags (the SPEC: at least every 30 s)."""
+"""How often some worker reads each backend's /api/tags or /v1/models (the SPEC: at least
+every 30 s)."""
 
 
 def start_loops(ctx: WorkerContext) -> None:
@@ -84,6 +85,7 @@ async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:
         max_runs=settings.max_attempts,
         result_ttl_ms=settings.result_ttl * 1000,
         record_ttl_ms=record_ttl_ms(settings.result_ttl),
+        fair_share_memory_ms=settings.fair_share_memory_ms,
         held=ctx.held_runs(),
         backends=fleet_argv(settings.backends),
     )
@@ -146,18 +148,35 @@ async def cancel_loop(ctx: WorkerContext) -> None:
     await supervised("cancels", listen, ctx.redis_outage, log, retry_s=RETRY_S)
 
 
-async def _answers(ctx: WorkerContext, backend: Backend) -> bool:
-    """Any HTTP answer below 500 from the backend's cheapest endpoint."""
+async def _status(ctx: WorkerContext, backend: Backend, path: str) -> int | None:
     try:
-        async with ctx.http.get(backend.url + "/api/version", timeout=PROBE_TIMEOUT) as response:
-            return response.status < 500
+        async with ctx.http.get(
+            backend.url + path, timeout=PROBE_TIMEOUT, headers=backend.auth_headers()
+        ) as response:
+            return response.status
     except (aiohttp.ClientError, TimeoutError):
-        return False
+        return None
 
 
-async def _get_json(ctx: WorkerContext, url: str) -> Any:
+async def _answers(ctx: WorkerContext, backend: Backend) -> bool:
+    """Ollama: any HTTP answer below 500 from its cheapest endpoint. An `openai` backend:
+    200 from /health, or else from /v1/models (not every such server has /health)."""
+    if not backend.openai:
+        status = await _status(ctx, backend, "/api/version")
+        return status is not None and status < 500
+    if await _status(ctx, backend, "/health") == 200:
+        return True
+    return await _status(ctx, backend, "/v1/models") == 200
+
+
+async def _get_json(ctx: WorkerContext, backend: Backend, path: str) -> Any:
     try:
-        async with ctx.http.get(url, timeout=PROBE_TIMEOUT, raise_for_status=True) as response:
+        async with ctx.http.get(
+            backend.url + path,
+            timeout=PROBE_TIMEOUT,
+            raise_for_status=True,
+            headers=backend.auth_headers(),
+        ) as response:
             return await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
@@ -179,19 +198,43 @@ async def refresh_backend(ctx: WorkerContext, backend: Backend) -> None:
             closed, _ = await pipe.execute()
         if closed:
             log.warning("backend %s answers again: back in dispatch", backend.name)
+    if backend.openai:
+        await refresh_openai_models(ctx, backend)
+        return
     if await _turn(ctx, "ps", backend, LOADED_REFRESH_S):
-        ps = await _get_json(ctx, backend.url + "/api/ps")
+        ps = await _get_json(ctx, backend, "/api/ps")
         if isinstance(ps, dict):
             await set_loaded(ctx, backend, [str(m.get("name")) for m in ps.get("models", [])])
     if backend.models is None and await _turn(ctx, "tags", backend, MODELS_REFRESH_S):
-        tags = await _get_json(ctx, backend.url + "/api/tags")
+        tags = await _get_json(ctx, backend, "/api/tags")
         if isinstance(tags, dict) and tags.get("models"):
             names = {str(m.get("name")) for m in tags["models"]}
             names |= {n.removesuffix(":latest") for n in names}
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.backend_models(backend.name))
-                pipe.sadd(keys.backend_models(backend.name), *names)
-                await pipe.execute()
+            await set_models(ctx, backend, names)
+
+
+async def set_models(ctx: WorkerContext, backend: Backend, names: set[str]) -> None:
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.backend_models(backend.name))
+        pipe.sadd(keys.backend_models(backend.name), *names)
+        await pipe.execute()
+
+
+async def refresh_openai_models(ctx: WorkerContext, backend: Backend) -> None:
+    """An `openai` backend serves what its /v1/models lists (or its configured `models`),
+    all of it counted as loaded: such a server has no /api/ps, and serves them at once."""
+    if not await _turn(ctx, "tags", backend, MODELS_REFRESH_S):
+        return
+    if backend.models is not None:
+        await set_loaded(ctx, backend, list(backend.models))
+        return
+    listed = await _get_json(ctx, backend, "/v1/models")
+    data = listed.get("data") if isinstance(listed, dict) else None
+    if isinstance(data, list) and data:
+        names = {str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id")}
+        if names:
+            await set_models(ctx, backend, names)
+            await set_loaded(ctx, backend, sorted(names))
 
 
 async def set_loaded(ctx: WorkerContext, backend: Backend, models: list[str]) -> None:

@@ -7,12 +7,15 @@
 -- lowest fair-share counter (VTC) goes first, then the oldest. An owner's jobs go in
 -- start-score order; the first one that some backend can take now is granted.
 --
--- Where: a backend that is up, has a free slot, serves the model (and is not one this
--- job already failed on, unless no other serves it). Among those, one with the model
+-- Where: a backend that is up, has a free slot, can run the job's endpoint (an `openai`
+-- backend runs only OpenAI's paths), serves the model (and is not one this job already
+-- failed on, unless no other serves it). Among those, one with the model
 -- loaded, most free slots first; else one whose loaded models have no work waiting,
 -- preferring an empty one; else, once the job has waited GPUGATE_AFFINITY_WAIT, any
 -- (unless its model is loaded on a busy backend: it waits for a slot there).
--- A job for a model that no backend serves goes to any backend: Ollama's 404 answers it.
+-- A job for a model that no backend serves (for its endpoint) goes to any backend, an
+-- Ollama one first: Ollama's 404 answers it (the worker answers that 404 itself for a
+-- native path on an `openai` backend).
 --
 -- Each grant charges the owner a provisional cost (the fleet's mean job cost / weight),
 -- settled against the real usage by finish.lua, so several grants in one call alternate
@@ -92,19 +95,23 @@ local function most_free(list)
   return best
 end
 
-local function choose_backend(model, avoid, waited_ms)
+local function choose_backend(model, endpoint, avoid, waited_ms)
   local serving, open = {}, {}
   for _, b in ipairs(backends) do
-    if serves(b, model) then
+    if runs_endpoint(b, endpoint) and serves(b, model) then
       table.insert(serving, b)
       if b.up and b.free > 0 then table.insert(open, b) end
     end
   end
   if #serving == 0 then  -- nobody serves it: any backend, for Ollama's own answer
+    local other = nil
     for _, b in ipairs(backends) do
-      if b.up and b.free > 0 then return b end
+      if b.up and b.free > 0 then
+        if b.kind ~= 'openai' then return b end
+        other = other or b
+      end
     end
-    return nil
+    return other
   end
   local fresh = {}
   for _, b in ipairs(open) do
@@ -140,7 +147,7 @@ end
 local vtc_floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
 
 local function grant(c, job_id, job, b)
-  leave_waiting(job_id, c.owner, job.model)
+  leave_waiting(job_id, c.owner, job.model, now)
   local run_id = run_of(job_id, job.attempt)
   redis.call('ZADD', K_RUNNING, now, run_id)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
@@ -153,7 +160,7 @@ local function grant(c, job_id, job, b)
     vtc_floor = c.counter
     redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
   end
-  charge(c.owner, cost)
+  charge(c.owner, cost, now)
   c.counter = c.counter + cost
   redis.call('HSET', K_JOB .. job_id, 'status', 'running', 'started_at', now,
     'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,
@@ -163,10 +170,14 @@ local function grant(c, job_id, job, b)
   b.running = b.running + 1
   free_total = free_total - 1
   waiting_models[job.model] = nil
-  return {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
-    endpoint = job.endpoint, body = redis.call('HGET', K_JOB .. job_id, 'body'),
-    stream = job.stream == '1', backend = b.name,
-    model = job.model}
+  local more = redis.call('HMGET', K_JOB .. job_id, 'body', 'owner_name', 'traceparent')
+  local out = {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
+    endpoint = job.endpoint, body = more[1], stream = job.stream == '1', backend = b.name,
+    model = job.model, owner_name = more[2]}
+  if more[3] then  -- traced (shared/telemetry.py): the worker's spans join the trace
+    out.traceparent, out.queued_at_ms, out.started_at_ms = more[3], tonumber(job.created_at), now
+  end
+  return out
 end
 
 -- The first job of owner `c` that a backend can take now, granted; nil if none.
@@ -178,12 +189,13 @@ local function grant_for(c)
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
     elseif job.status ~= 'queued' then
-      leave_waiting(job_id, c.owner, job.model or '')  -- a stray entry: mend it
+      leave_waiting(job_id, c.owner, job.model or '', now)  -- a stray entry: mend it
     elseif deadline and now >= deadline then
       cancel_queued(job_id, c.owner, job.model, job.attempt, 'deadline_exceeded',
         'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
     else
-      local b = choose_backend(job.model, job.avoid or '', now - tonumber(job.created_at))
+      local b = choose_backend(job.model, job.endpoint, job.avoid or '',
+        now - tonumber(job.created_at))
       if b then return grant(c, job_id, job, b) end
     end
   end

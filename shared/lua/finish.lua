@@ -28,7 +28,7 @@ local served = A.input_tokens + A.output_tokens
 if served > 0 or A.duration_ms > 0 then
   local weight = tonumber(job.weight) or 1
   local cost = (A.input_tokens + 2 * A.output_tokens) / weight
-  charge(job.owner, cost - (tonumber(job.vtc_charged) or 0))
+  charge(job.owner, cost - (tonumber(job.vtc_charged) or 0), now)
   redis.call('HSET', K_JOB .. job_id, 'vtc_charged', 0, 'input_tokens', A.input_tokens,
     'output_tokens', A.output_tokens)
   local name = job.usage_name

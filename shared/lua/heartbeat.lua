@@ -45,7 +45,7 @@ for _, run_id in ipairs(reaped) do
   local job_id, attempt = split_run(run_id)
   local job = read_job(job_id, 'status', 'attempt', 'owner', 'score', 'runs', 'stream',
     'model', 'priority')
-  for i = 2, #ARGV, 2 do redis.call('ZREM', K_BACKEND_RUNNING .. ARGV[i], run_id) end
+  for i = 2, #ARGV, 3 do redis.call('ZREM', K_BACKEND_RUNNING .. ARGV[i], run_id) end
   free_run(run_id, '', true)
   arq_forget(run_id)
   if job.status and tonumber(job.attempt) == attempt then
@@ -71,8 +71,15 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', now, 'L
     redis.call('ZREM', K_DEADLINES, job_id)
   end
 end
--- A counter below every floor a waiting key is lifted to is the same as none.
+-- A counter below every floor a waiting key is lifted to is the same as none; so is the
+-- counter of a key idle for the fair-share memory (it would come back level anyway).
 local floor = math.min(fair_share_floor(),
   tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0)
 redis.call('ZREMRANGEBYSCORE', K_VTC, '-inf', '(' .. floor)
+local forgotten = redis.call('ZRANGEBYSCORE', K_VTC_IDLE, '-inf', now - A.fair_share_memory_ms,
+  'LIMIT', 0, 1000)
+if #forgotten > 0 then
+  redis.call('ZREM', K_VTC, unpack(forgotten))
+  redis.call('ZREM', K_VTC_IDLE, unpack(forgotten))
+end
 return cjson.encode({lost = lost, cancelled = cancelled, reaped = #reaped})

@@ -52,12 +52,12 @@ local function live_workers(now, stale_ms)
   return redis.call('ZCOUNT', K_WORKERS, now - stale_ms, '+inf')
 end
 
--- The fleet as passed in ARGV from index `first` on: name, configured cap, name, cap ...
+-- The fleet as passed in ARGV from index `first` on: name, configured cap, kind, name, ...
 local function read_backends(first)
   local backends = {}
-  for i = first, #ARGV, 2 do
+  for i = first, #ARGV, 3 do
     local name = ARGV[i]
-    local b = {name = name}
+    local b = {name = name, kind = ARGV[i + 2]}
     b.cap = tonumber(redis.call('GET', K_BACKEND_CAP .. name)) or tonumber(ARGV[i + 1])
     b.running = redis.call('ZCARD', K_BACKEND_RUNNING .. name)
     b.up = redis.call('EXISTS', K_BACKEND_DOWN .. name) == 0
@@ -70,6 +70,11 @@ end
 
 local function serves(b, model)
   return b.any_model or redis.call('SISMEMBER', K_BACKEND_MODELS .. b.name, model) == 1
+end
+
+-- Whether `b` can run a job of `endpoint`: an `openai` backend runs only OpenAI's paths.
+local function runs_endpoint(b, endpoint)
+  return b.kind ~= 'openai' or OPENAI_PATHS[endpoint] == true
 end
 
 -- One run of a job on arq: payload in arq's JSON job format {t,f,a,k,et}.
@@ -124,6 +129,7 @@ local function enqueue_waiting(job_id, owner, score, model, priority, owner_queu
     local counter = tonumber(redis.call('ZSCORE', K_VTC, owner)) or 0
     counter = math.max(counter, fair_share_floor())
     redis.call('ZADD', K_VTC, counter, owner)
+    redis.call('ZREM', K_VTC_IDLE, owner)
     redis.call('ZADD', K_BACKLOG, counter, owner)
     redis.call('HSET', K_OWNER_PRIORITY, owner, priority)
   end
@@ -132,8 +138,10 @@ local function enqueue_waiting(job_id, owner, score, model, priority, owner_queu
   redis.call('HINCRBY', K_WAITING_MODELS, model, 1)
 end
 
--- Take a job out of the waiting sets (it starts, is cancelled, or expires).
-local function leave_waiting(job_id, owner, model)
+-- Take a job out of the waiting sets (it starts, is cancelled, or expires). An owner left
+-- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
+-- for the fair-share memory (heartbeat.lua), unless it waits again first.
+local function leave_waiting(job_id, owner, model, now)
   local oq = K_OWNER_QUEUE .. owner
   if redis.call('ZREM', oq, job_id) == 1 then
     if redis.call('HINCRBY', K_WAITING_MODELS, model, -1) <= 0 then
@@ -145,14 +153,18 @@ local function leave_waiting(job_id, owner, model)
   if redis.call('ZCARD', oq) == 0 then
     redis.call('ZREM', K_BACKLOG, owner)
     redis.call('HDEL', K_OWNER_PRIORITY, owner)
+    redis.call('ZADD', K_VTC_IDLE, now, owner)
   end
 end
 
--- Grow an owner's fair-share counter (in the backlog too, while it waits there).
-local function charge(owner, amount)
+-- Grow an owner's fair-share counter (in the backlog too, while it waits there; else its
+-- idle time starts again at `now`, so a counter charged at a run's end is forgotten too).
+local function charge(owner, amount, now)
   if amount == 0 then return end
   redis.call('ZINCRBY', K_VTC, amount, owner)
-  redis.call('ZADD', K_BACKLOG, 'XX', 'INCR', amount, owner)
+  if not redis.call('ZADD', K_BACKLOG, 'XX', 'INCR', amount, owner) then
+    redis.call('ZADD', K_VTC_IDLE, now, owner)
+  end
 end
 
 -- A run gives its GPU slot back; `wake`: an idle worker should take it (the run's own
@@ -213,7 +225,7 @@ end
 
 -- Cancel a job that is still queued: it never starts.
 local function cancel_queued(job_id, owner, model, attempt, code, message, now, result_ttl_ms)
-  leave_waiting(job_id, owner, model)
+  leave_waiting(job_id, owner, model, now)
   arq_forget(run_of(job_id, attempt))
   finalize(job_id, 'cancelled', {'error', error_json(code, message)}, now, result_ttl_ms)
   redis.call('PUBLISH', K_CANCEL_CHANNEL, job_id)
