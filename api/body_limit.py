@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.paths import route_path
 from shared.errors import RequestTooLarge
 
 UNLIMITED_PREFIX = "/api/blobs/"
@@ -23,7 +24,7 @@ class BodyLimit:
         if (
             scope["type"] != "http"
             or scope["method"] in ("GET", "HEAD", "OPTIONS")
-            or scope["path"].startswith(UNLIMITED_PREFIX)
+            or route_path(scope).startswith(UNLIMITED_PREFIX)
         ):
             await self.app(scope, receive, send)
             return

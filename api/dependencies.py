@@ -44,14 +44,22 @@ async def admitted_job(request: Request) -> Admitted:
 AdmittedJob = Annotated[Admitted, Depends(admitted_job)]
 
 
+def presents_admin_key(g: Gate, request: Request) -> bool:
+    """The request carries GPUGATE_ADMIN_KEY in `X-Admin-Key` (compared in constant time):
+    the one place the admin key is checked."""
+    admin_key = g.settings.admin_key
+    presented = request.headers.get("x-admin-key")
+    if admin_key is None or presented is None:
+        return False
+    return hmac.compare_digest(presented.encode(), admin_key.get_secret_value().encode())
+
+
 async def require_admin(request: Request) -> Gate:
     """The admin API: 404 while GPUGATE_ADMIN_KEY is unset, 403 without the right key."""
     g = gate(request)
-    admin_key = g.settings.admin_key
-    if admin_key is None:
+    if g.settings.admin_key is None:
         raise NotFound("Not Found")
-    presented = request.headers.get("x-admin-key", "")
-    if not hmac.compare_digest(presented.encode(), admin_key.get_secret_value().encode()):
+    if not presents_admin_key(g, request):
         raise Forbidden("This endpoint needs a valid X-Admin-Key.")
     return g
 

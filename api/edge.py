@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -26,7 +27,9 @@ from api.body_limit import BODY
 from api.errors import error_response
 from api.identity import Identity, identify
 from api.metrics import EDGE_ROUTE
+from api.paths import route_path
 from api.state import Gate
+from shared import logs, telemetry
 from shared.endpoints import INFERENCE
 from shared.errors import GatewayError, InvalidRequest
 from shared.jobs import new_job_id
@@ -106,7 +109,7 @@ class AdmissionEdge:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _route_path(scope) if scope["type"] == "http" else ""
+        path = route_path(scope) if scope["type"] == "http" else ""
         plan = PLANS.get(path)
         if plan is None or scope["method"] != "POST" or BODY not in scope:
             await self.app(scope, receive, send)
@@ -132,6 +135,17 @@ class AdmissionEdge:
 
 async def _admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:
     """Admission; a synchronous call waiting for its end alone waits in the inbox."""
+    if logs.JSON:
+        logs.bind(job_id=job_id, key=who.name)
+    if telemetry.ENABLED:  # `gpugate.admit`; the job record carries the trace to the worker
+        from api.tracing import admit_span
+
+        with admit_span(job_id, who.name, request.model, request.endpoint) as traceparent:
+            return await _admit_now(gate, who, replace(request, traceparent=traceparent), job_id)
+    return await _admit_now(gate, who, request, job_id)
+
+
+async def _admit_now(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:
     if not request.sync or request.stream:
         return await admit(gate, who, request, job_id)
     gate.inbox.expect(job_id)
@@ -140,13 +154,6 @@ async def _admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) ->
     except BaseException:
         gate.inbox.forget(job_id)
         raise
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the routes see: without the `root_path` a server may have put in front."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def admitted_from(conn: HTTPConnection) -> Any:

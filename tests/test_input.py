@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.app import create_app
+from shared.settings import Settings
 from tests.conftest import Stack, StackFactory
 from tests.processes import Process, free_port
 
@@ -339,3 +341,34 @@ def test_a_keys_file_entry_that_is_not_a_digest_stops_start_up(
     assert run.returncode != 0
     assert "keys[0].sha256 must be 64 hex digits" in run.stderr, run.stderr
     assert "my-clear-secret-key" not in run.stderr + run.stdout
+
+
+async def test_under_a_root_path_blob_uploads_pass_the_body_limit_and_the_rest_do_not(
+    make_stack: StackFactory,
+) -> None:
+    """Behind a path prefix the body limit sees the same paths as the routes: a model
+    blob over GPUGATE_MAX_BODY_BYTES streams through to Ollama, an inference body does not."""
+    stack = make_stack()
+    settings = Settings(
+        redis_url=stack.redis_url,
+        ollama_url=stack.ollama_url,
+        max_body_bytes=1024,
+        admin_key="admin-secret",
+    )
+    app = create_app(settings)
+    blob = b"GGUF" + os.urandom(4096)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    transport = httpx.ASGITransport(app=app, root_path="/gw")
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gpugate") as client,
+    ):
+        uploaded = await client.post(
+            f"/gw/api/blobs/{digest}", content=blob, headers={"X-Admin-Key": "admin-secret"}
+        )
+        too_large = await client.post(
+            "/gw/api/generate", content=b'{"model": "llama3.2", "prompt": "' + b"x" * 2048 + b'"}'
+        )
+    assert uploaded.status_code in (200, 201), uploaded.text
+    assert too_large.status_code == 413, too_large.text
+    assert too_large.json()["error"] == "request_too_large"

@@ -4,15 +4,14 @@ Ollama)."""
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from api.dependencies import GateDep
+from api.dependencies import GateDep, presents_admin_key
 from api.health_limit import check_cheap_limit
 from api.identity import identify
 from api.ollama import manage, metadata
+from api.paths import without_root
 from api.state import Gate
 from shared.errors import Forbidden, InvalidApiKey, InvalidRequest
 from shared.settings import Backend
@@ -26,9 +25,7 @@ def ollama_path(request: Request) -> str:
     """The path to ask Ollama for: as the client sent it (still percent-encoded), without
     the `root_path` a server may have put in front."""
     raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    path = raw.decode("latin-1")
-    root: str = request.scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    return without_root(request.scope, raw.decode("latin-1"))
 
 
 async def relay_metadata(request: Request, gate: GateDep) -> Response:
@@ -55,10 +52,8 @@ for _path, _methods in (
 
 
 def _may_manage(gate: Gate, request: Request) -> bool:
-    admin_key = gate.settings.admin_key
-    presented = request.headers.get("x-admin-key")
-    if admin_key is not None and presented is not None:
-        return hmac.compare_digest(presented.encode(), admin_key.get_secret_value().encode())
+    if gate.settings.admin_key is not None and request.headers.get("x-admin-key") is not None:
+        return presents_admin_key(gate, request)
     try:
         who = identify(request, gate.keyring, gate.trusted, require_key=True)
     except InvalidApiKey:
@@ -73,8 +68,12 @@ def _backend(gate: Gate, request: Request) -> Backend:
         return backends[0]
     backend = gate.settings.backend(name or "")
     if backend is None:
-        names = ", ".join(b.name for b in backends)
+        names = ", ".join(b.name for b in backends if not b.openai)
         raise InvalidRequest(f"X-Gpugate-Backend: name the backend to manage ({names})", status=400)
+    if backend.openai:
+        raise InvalidRequest(
+            f"backend {backend.name!r} is of kind openai: managing models needs Ollama", status=400
+        )
     return backend
 
 
