@@ -89,6 +89,8 @@ class JobRequest:
     """What the request names as its most output tokens (0: it names none)."""
     deadline_s: float | None = None
     idempotency_key: str | None = None
+    traceparent: str = ""
+    """The trace the job's spans join, when the API traces (api/tracing.py)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ async def admit(
             backends=gate.fleet,
             hold_ms=settings.redis_wait_ms + HOLD_MARGIN_MS if settings.redis_min_replicas else 0,
             inbox=inbox,
+            traceparent=request.traceparent,
         )
     )
     if reply is None:

@@ -8,9 +8,11 @@ which relays the job's events as the worker (worker/jobs.py) writes them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -23,12 +25,22 @@ from api.metrics import Metrics, RequestMetrics
 from api.routes import admin, console, inference, jobs, models, service
 from api.state import Gate
 from api.tiers import Keyring
-from shared import store
+from shared import store, telemetry
 from shared.lane import Lane
 from shared.scripts import Scripts
 from shared.settings import Settings
 
 log = logging.getLogger("gpugate.api")
+
+
+def _native_telemetry_off() -> dict[str, Any]:
+    """FastAPI (0.16x) traces, meters and logs by itself once an OpenTelemetry provider is
+    set, and asks the providers on every request to learn whether it should: gpugate's
+    spans are its own (api/tracing.py), and the request path must not pay for them."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = ("tracing", "metrics", "logs", "operation_spans", "auto_configure")
+    return {"telemetry": dict.fromkeys(off, False)}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -61,7 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await inbox.stop()
             await http.aclose()
-            lane.close()
+            await lane.aclose()
             await blocking_redis.aclose()
             await redis.aclose()
 
@@ -70,6 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Admission gateway for Ollama GPUs",
         version="0.1.0",
         lifespan=lifespan,
+        **_native_telemetry_off(),
     )
     errors.install(app)
     for module in (inference, jobs, models, service, admin, console):
@@ -77,4 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if telemetry.ENABLED:  # outermost; off, no request meets it (shared/telemetry.py)
+        from api.tracing import ServerSpans
+
+        app.add_middleware(ServerSpans)
     return app

@@ -24,27 +24,30 @@ def _settings(**overrides: object) -> Settings:
         sys.exit("gpugate: invalid settings:\n" + "\n".join(lines))
 
 
-def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Ollama call is noise
+def _observed(settings: Settings, service: str) -> None:
+    """Log lines as GPUGATE_LOG_FORMAT says; traces if wanted (shared/telemetry.py)."""
+    from shared import logs, telemetry
+
+    logs.setup(settings)
+    if telemetry.setup(settings, service):
+        logging.getLogger("gpugate").info("OpenTelemetry traces on (OTLP/HTTP)")
 
 
 def cmd_api(args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.app import create_app
+    from shared.logs import uvicorn_log_config
 
     settings = _settings(host=args.host, port=args.port)
-    _logging(settings)
+    _observed(settings, "gpugate-api")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         proxy_headers=False,  # X-Forwarded-For is judged by GPUGATE_TRUSTED_PROXIES only
         access_log=False,
+        log_config=uvicorn_log_config(),
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
     )
@@ -54,7 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker
 
     settings = _settings()
-    _logging(settings)
+    _observed(settings, "gpugate-worker")
     run_worker(settings)
 
 

@@ -26,6 +26,7 @@ backend (`retry`).
 | avoid | finish (retry) | backends it failed on, space-separated |
 | finished_at, http_status, content_type, result, error | finish, cancel | the end: Ollama's status, content type and body verbatim, or an error `{code, message}` |
 | input_tokens, output_tokens | finish | what Ollama reported it served |
+| traceparent | admit | only when the API traces: the W3C trace context the worker's spans join (shared/telemetry.py) |
 """
 
 from __future__ import annotations

@@ -14,15 +14,19 @@ import contextlib
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from shared import keys
+from shared import keys, logs, telemetry
 from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import record_ttl_ms
-from shared.scripts import FinishStatus
+from shared.scripts import FinishStatus, Grant
 from shared.store import REDIS_ERRORS, wait_replicas
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
+
+if TYPE_CHECKING:
+    from worker.tracing import RunSpans
 
 log = logging.getLogger("gpugate.worker")
 
@@ -36,8 +40,14 @@ async def run_job(ctx: WorkerContext, job_id: str, attempt: int) -> None:
     held = ctx.held.get(run_id)
     if held is None:  # arq ran a run we were not granted: nothing of ours to do
         return
+    grant = held.grant
+    if logs.JSON:  # the run's log lines name it (shared/logs.py)
+        logs.bind(job_id=job_id, backend=grant.backend, key=grant.owner_name)
+    spans = _spans(ctx, grant) if grant.traceparent and telemetry.ENABLED else None
     try:
         outcome = await run(ctx, held)
+        if spans is not None:
+            spans.called(outcome)
         if not held.lost:
             await record(ctx, held, outcome)
     except asyncio.CancelledError:
@@ -45,7 +55,16 @@ async def run_job(ctx: WorkerContext, job_id: str, attempt: int) -> None:
         await asyncio.shield(expire_lease(ctx, run_id))
         raise
     finally:
+        if spans is not None:
+            spans.end()
         ctx.release(run_id)
+
+
+def _spans(ctx: WorkerContext, grant: Grant) -> RunSpans:
+    """The run's spans, in the trace its request began (worker/tracing.py)."""
+    from worker.tracing import RunSpans
+
+    return RunSpans(grant, ctx.backend(grant.backend).url, ctx.worker_id)
 
 
 async def run(ctx: WorkerContext, held: Held) -> Outcome:

@@ -91,6 +91,7 @@ redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
   'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox)
+if A.traceparent then redis.call('HSET', jk, 'traceparent', A.traceparent) end
 redis.call('PEXPIRE', jk, A.record_ttl_ms)
 local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
 if A.hold_ms > 0 then
