@@ -27,8 +27,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
-from tests.conftest import StackFactory
 from gpugate.testing.processes import wait_until
+from tests.conftest import StackFactory
 
 MODEL = "llama3.2"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
