@@ -94,6 +94,9 @@ class JobRelay(Response):
         self.owner = owner
         self.job_id = job_id
         self.relay_headers = {**headers, "X-Gpugate-Job-Id": job_id}
+        self.raw_headers = _raw_headers(self.relay_headers)
+        """What a middleware reading `.headers` sees: the headers known before the job
+        answers (its id, the rate limits); the rest is decided while it relays."""
         self.deadline = time.monotonic() + gate.settings.sync_timeout
         self.finished = False
 

@@ -234,7 +234,15 @@ class Lane:
         except TimeoutError as exc:
             raise rx.TimeoutError(f"Redis did not answer WAIT within {bound_s:g}s") from exc
 
+    async def aclose(self) -> None:
+        """Close, and wait until the WAIT runner has stopped (nothing left pending)."""
+        runner = self._round_runner
+        self.close()
+        if runner is not None:
+            await asyncio.gather(runner, return_exceptions=True)
+
     def close(self) -> None:
+        """Close the connections and cancel the WAIT runner (`aclose` also awaits it)."""
         self._drop()
         if self._waiter is not None:
             self._waiter.close()

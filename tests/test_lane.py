@@ -69,3 +69,25 @@ def test_a_redis_still_loading_its_data_is_unavailable_not_an_error() -> None:
     loading = _error(rx.ResponseError("LOADING Redis is loading the dataset in memory"))
     assert isinstance(loading, rx.BusyLoadingError)
     assert type(_error(rx.ResponseError("ERR unknown command"))) is rx.ResponseError
+
+
+async def test_closing_the_lane_stops_its_wait_runner(redis_proc: Process) -> None:
+    """A WAIT round in flight (no replica will ever acknowledge) ends with the lane: its
+    caller hears that the lane closed, and no task is left pending."""
+    lane = Lane(redis_proc.url)
+    await lane.execute("SET", "lane-close", "1")
+    waiting = asyncio.create_task(lane.wait_replicas(1, 5_000))
+    runner = await _started(lane)
+    await lane.aclose()
+    assert runner.done()
+    with pytest.raises(rx.ConnectionError, match="closed"):
+        await waiting
+
+
+async def _started(lane: Lane) -> asyncio.Task[None]:
+    for _ in range(1000):
+        runner = lane._round_runner
+        if runner is not None:
+            return runner
+        await asyncio.sleep(0)
+    raise AssertionError("the lane's WAIT runner did not start")

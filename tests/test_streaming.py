@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import ollama
 import openai
 import pytest
 
+from api.relay import JobRelay
+from shared.settings import Settings
 from tests.conftest import Stack, StackFactory, sim_configure, sim_stats, slow_sim_fixture
 from tests.processes import Process, wait_until
 
@@ -144,3 +148,12 @@ def test_fifty_cancelled_requests_leak_no_slot(make_stack: StackFactory, slow_si
         for job_id in ids:
             r = client.get(f"/v1/jobs/{job_id}", params={"wait": 10}, headers={"X-API-Key": "x"})
             assert r.status_code == 404  # owner-only: another key sees nothing
+
+
+def test_the_relay_response_shows_its_known_headers_to_whoever_reads_them() -> None:
+    """A middleware or hook reading `.headers` of the response a route returned must not
+    raise: the relay's headers known before the job answers are there."""
+    gate: Any = SimpleNamespace(settings=Settings())
+    relay = JobRelay(gate, "owner", "job_1", {"X-RateLimit-Limit": "10"})
+    assert relay.headers["x-gpugate-job-id"] == "job_1"
+    assert relay.headers["x-ratelimit-limit"] == "10"

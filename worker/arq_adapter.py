@@ -235,7 +235,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
             pipe.delete(keys.worker(context.worker_id))
             await pipe.execute()
     await context.http.close()
-    context.lane.close()
+    await context.lane.aclose()
     await context.blocking_redis.aclose()
     await context.redis.aclose()
 
