@@ -4,6 +4,7 @@ scripts. Streamed calls keep reading their job's own event stream."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,3 +99,29 @@ def test_the_inbox_reader_outlives_a_redis_error_reply(make_stack: StackFactory)
     reply = _call(stack, "inbox-acl", GENERATE)
     assert reply.status_code == 200, reply.text
     assert time.monotonic() - started < 5
+
+
+async def test_a_thousand_synchronous_callers_at_once_each_get_their_answer(
+    make_stack: StackFactory,
+) -> None:
+    """SPEC "Invariants": every synchronous caller gets its answer, whatever the number
+    waiting at once. A thousand calls wait together on one API process's inbox."""
+    callers = 1_000
+    stack = make_stack(
+        gpu_concurrency=8,
+        worker_concurrency=8,
+        max_queue_depth=callers,
+        burst=callers,
+        rate_limit="100000/minute",
+    )
+    limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
+    async with httpx.AsyncClient(
+        base_url=stack.url, timeout=120, limits=limits, headers={"X-API-Key": "many"}
+    ) as client:
+        replies = await asyncio.gather(
+            *(client.post("/api/generate", json=GENERATE) for _ in range(callers))
+        )
+    codes = [r.status_code for r in replies]
+    assert codes.count(200) == callers, {c: codes.count(c) for c in set(codes)}
+    assert all(r.json()["done"] is True for r in replies)
+    assert len({r.headers["x-gpugate-job-id"] for r in replies}) == callers
