@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await inbox.stop()
             await http.aclose()
-            await lane.aclose()
+            lane.close()
             await blocking_redis.aclose()
             await redis.aclose()
 
