@@ -4,8 +4,8 @@ FastAPI endpoint and slowapi with Redis storage; and the Redis commands per requ
 Every target is one uvicorn process serving `POST /v1/jobs` with gpugate's body model,
 loaded by the same wrk command in interleaved rounds (the order rotates each round) so
 that the noise of the machine falls on every target alike; a target's figure is the
-median of its rounds. wrk's script (`bench/peers/post_job.lua`) counts every response
-that is not the expected status and body, and any such response fails the benchmark.
+median of its rounds. wrk's script (`gpugate.testing.wrk`) counts every response that is
+not the expected status and body, and any such response fails the benchmark.
 
 Redis commands per request are counted, not assumed: MONITOR on the private Redis while
 sequential requests are sent, keeping only the commands that arrive on the sockets of
@@ -18,15 +18,11 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -34,19 +30,12 @@ import limits
 import redis
 
 from bench.report import write_section
+from gpugate.testing import wrk
+from gpugate.testing.processes import Process, stop_all, wait_until
+from gpugate.testing.stack import queue, start_redis, start_sim, start_stack, start_uvicorn
+from gpugate.testing.stats import cpu_s
 from shared.scripts import source
-from tests.processes import (
-    ROOT,
-    Process,
-    free_port,
-    start_api,
-    start_redis,
-    start_sim,
-    start_worker,
-    wait_until,
-)
 
-WRK_SCRIPT = Path(__file__).with_name("peers") / "post_job.lua"
 THREADS, CONNECTIONS = 1, 32
 DURATION_S, ROUNDS, WARMUP_S = 5, 3, 1
 COUNTED_REQUESTS = 200
@@ -95,61 +84,15 @@ CASES = (BARE, ADMITTED, BUCKET_EMPTY, QUEUE_FULL, SLOWAPI_ALLOWED, SLOWAPI_REJE
 COUNTED = (BUCKET_EMPTY, QUEUE_FULL, SLOWAPI_REJECTED, ADMITTED, SLOWAPI_ALLOWED)
 
 
-def start_peer(app: str, env: dict[str, str] | None = None) -> Process:
-    """`app` (module:attribute) under uvicorn with the flags `gpugate api` passes to it."""
-    port = free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="gpugate-peer-")) / "output.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        app,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-proxy-headers",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--timeout-graceful-shutdown",
-        "5",
-    ]
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    proc = Process(app, popen, log_path, url=f"http://127.0.0.1:{port}", port=port)
-
-    def answers() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"{app} exited early:\n{proc.log()}")
-        try:
-            return httpx.get(proc.url + "/openapi.json", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(answers, timeout=20, what=f"{app} to answer")
-    return proc
-
-
-def stack_env(redis_url: str, ollama_url: str, max_queue_depth: int) -> dict[str, str]:
+def stack_settings(max_queue_depth: int) -> dict[str, object]:
     """One GPU slot, a worker holding one job at most, one request per key per hour."""
     return {
-        "GPUGATE_REDIS_URL": redis_url,
-        "GPUGATE_OLLAMA_URL": ollama_url,
-        "GPUGATE_RATE_LIMIT": LIMIT,
-        "GPUGATE_BURST": "1",
-        "GPUGATE_MAX_QUEUE_DEPTH": str(max_queue_depth),
-        "GPUGATE_GPU_CONCURRENCY": "1",
-        "GPUGATE_WORKER_CONCURRENCY": "1",
-        "GPUGATE_SHUTDOWN_GRACE": "0",
-        "GPUGATE_LOG_LEVEL": "warning",
+        "rate_limit": LIMIT,
+        "burst": 1,
+        "max_queue_depth": max_queue_depth,
+        "gpu_concurrency": 1,
+        "worker_concurrency": 1,
+        "shutdown_grace": 0,
     }
 
 
@@ -165,34 +108,23 @@ def expect(response: httpx.Response, status: int, text: str, what: str) -> None:
         )
 
 
-def queue(api: Process) -> dict[str, int]:
-    backlog: dict[str, int] = httpx.get(api.url + "/v1/queue").json()
-    return backlog
-
-
-def worker_alive(api: Process) -> bool:
-    return "1 alive" in httpx.get(api.url + "/ready").text
-
-
 def park_worker(api: Process, key: str) -> None:
     """Admit one job and wait until the worker runs it: the simulator never answers it, so
     the one GPU slot and the worker's one place stay taken and nothing else leaves the queue."""
     with httpx.Client(base_url=api.url, timeout=10) as client:
         expect(post(client, key), 202, '"id"', f"parking job {key}")
-    wait_until(lambda: queue(api)["running"] == 1, timeout=20, what="the parked job to run")
+    wait_until(lambda: queue(api.url)["running"] == 1, timeout=20, what="the parked job to run")
 
 
 def prepare(servers: dict[str, Process]) -> None:
     """Park each stack's worker, fill the queue of gpugate-full, spend the keys that must be
     refused; then check one request of every case."""
-    for name in ("gpugate", "gpugate-full"):
-        wait_until(partial(worker_alive, servers[name]), timeout=20, what=f"{name}'s worker")
     park_worker(servers["gpugate"], "bench-park")
     full = servers["gpugate-full"]
     park_worker(full, "bench-park")
     with httpx.Client(base_url=full.url, timeout=10) as client:
         expect(post(client, "bench-fill"), 202, '"queued"', "filling the queue")
-    wait_until(lambda: queue(full)["queue_depth"] == 1, timeout=10, what="a full queue")
+    wait_until(lambda: queue(full.url)["queue_depth"] == 1, timeout=10, what="a full queue")
     for case in (BUCKET_EMPTY, SLOWAPI_REJECTED):
         with httpx.Client(base_url=servers[case.server].url, timeout=10) as client:
             expect(post(client, case.key), 202, '"queued"', f"{case.label}: spending the key")
@@ -275,45 +207,16 @@ def count_commands(redis_url: str, server: Process, case: Case, n: int) -> Count
 # --- load --------------------------------------------------------------------------------
 
 
-def wrk(url: str, case: Case, duration_s: int, tag: str) -> float:
+def load(url: str, case: Case, duration_s: int, tag: str) -> float:
     """Requests per second of `case` under wrk; fails on any unexpected response."""
     key = f"{case.key}-{tag}" if case.fresh else case.key
-    argv = [
-        "wrk",
-        f"-t{THREADS}",
-        f"-c{CONNECTIONS}",
-        f"-d{duration_s}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(WRK_SCRIPT),
-        url + "/v1/jobs",
-        "--",
-        str(case.status),
-        case.text,
-        key,
-        "fresh" if case.fresh else "fixed",
-        json.dumps(JOB),
-    ]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, check=True, timeout=duration_s + 60
-    ).stdout
-    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise AssertionError(f"wrk printed no result for {case.label}:\n{out}")
-    requests, duration_us, unexpected, *socket_errors = (int(x) for x in line.split()[1:])
-    if unexpected or any(socket_errors):
-        raise AssertionError(
-            f"{case.label}: {unexpected} unexpected responses and socket errors "
-            f"(connect, read, write, timeout) {socket_errors} in {requests} requests"
-        )
-    return requests / (duration_us / 1e6)
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    sent = wrk.Load(
+        json.dumps(JOB), case.status, (case.text, ""), ("X-API-Key", key), fresh=case.fresh
+    )
+    run = wrk.run(
+        url + "/v1/jobs", sent, duration_s=duration_s, connections=CONNECTIONS, threads=THREADS
+    )
+    return run.check(case.label).rate
 
 
 @dataclass(frozen=True)
@@ -329,14 +232,14 @@ def interleaved(
     servers: dict[str, Process], redis_pid: int, duration_s: int, rounds: int
 ) -> dict[Case, list[Sample]]:
     for i, case in enumerate(CASES):
-        wrk(servers[case.server].url, case, WARMUP_S, f"warm{i}")
+        load(servers[case.server].url, case, WARMUP_S, f"warm{i}")
     samples: dict[Case, list[Sample]] = {case: [] for case in CASES}
     for r in range(rounds):
         order = CASES[r % len(CASES) :] + CASES[: r % len(CASES)]
         for case in order:
             server = servers[case.server]
             t, server_s, redis_s = time.perf_counter(), cpu_s(server.pid), cpu_s(redis_pid)
-            rate = wrk(server.url, case, duration_s, f"r{r}")
+            rate = load(server.url, case, duration_s, f"r{r}")
             elapsed = time.perf_counter() - t
             sample = Sample(
                 rate,
@@ -375,16 +278,16 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
     try:
         servers: dict[str, Process] = {}
         for name, db_index, depth in (("gpugate", 1, HUGE), ("gpugate-full", 2, 1)):
-            env = stack_env(db + str(db_index), sim.url, depth)
-            procs.append(start_worker(env))
-            servers[name] = start_api(env)
-            procs.append(servers[name])
-        servers["bare"] = start_peer("bench.peers.bare:app")
-        servers["slowapi"] = start_peer(
+            stack = start_stack(sim.url, db + str(db_index), **stack_settings(depth))
+            procs += stack.processes
+            servers[name] = stack.apis[0]
+        servers["bare"] = start_uvicorn("bench.peers.bare:app")
+        procs.append(servers["bare"])
+        servers["slowapi"] = start_uvicorn(
             "bench.peers.slowapi_app:app",
             {"BENCH_SLOWAPI_REDIS_URL": db + "3", "BENCH_SLOWAPI_LIMIT": LIMIT},
         )
-        procs += [servers["bare"], servers["slowapi"]]
+        procs.append(servers["slowapi"])
         prepare(servers)
 
         commands = {}
@@ -393,10 +296,9 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
             print(_commands_row(case, commands[case], COUNTED_REQUESTS), flush=True)
 
         samples = interleaved(servers, redis_server.pid, duration_s, rounds)
-        piled_up = queue(servers["gpugate"])["queue_depth"]
+        piled_up = queue(servers["gpugate"].url)["queue_depth"]
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stop_all(procs)
 
     median = {c: statistics.median(x.rate for x in samples[c]) for c in CASES}
     rows = [

@@ -47,13 +47,10 @@ shorter, fewer configurations, printed, nothing written.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -65,10 +62,11 @@ from typing import Any
 
 import httpx
 
-from bench.admission import cpu_s
-from bench.overload import _pct
-from bench.report import ROOT, write_section
-from tests.processes import Process, start_api, start_redis, start_sim, start_worker, wait_until
+from bench.report import ROOT, arguments, is_quick, publish, verdict
+from gpugate.testing.keys import Key, write_keys_file
+from gpugate.testing.processes import Process
+from gpugate.testing.stack import sim_configure, sim_stats, start_sim, start_stack
+from gpugate.testing.stats import cpu_s, percentile
 
 CAP = 2
 WORKERS = 2
@@ -81,11 +79,7 @@ BODY = {"model": "llama3.2", "prompt": "how far away is the moon tonight"}
 ADMIN_KEY = "fairness-bench-admin"
 SHARED_KEY = "shared"
 """The one API key of the FIFO runs."""
-TIER = """[tiers.free]
-rate = "100000/second"
-burst = 100000
-max_queued = 10000
-"""
+TIER = {"rate": "100000/second", "burst": 100000, "max_queued": 10000}
 MAX_QUEUE_DEPTH = 10000
 POLL_WAIT_S = 10
 DRAIN_S = 120.0
@@ -146,19 +140,6 @@ class Run:
 # --- the stack ---------------------------------------------------------------------------
 
 
-def _keys_file(directory: Path, names: list[str]) -> Path:
-    entries = "".join(
-        f'[[keys]]\nname = "{name}"\nsha256 = "{_digest(name)}"\ntier = "free"\n' for name in names
-    )
-    path = directory / "keys.toml"
-    path.write_text(TIER + entries)
-    return path
-
-
-def _digest(name: str) -> str:
-    return hashlib.sha256(_secret(name).encode()).hexdigest()
-
-
 def _secret(name: str) -> str:
     """The clear API key of key `name`."""
     return f"fairness-{name}"
@@ -167,31 +148,21 @@ def _secret(name: str) -> str:
 @contextlib.contextmanager
 def _stack(sim: Process, names: list[str]) -> Iterator[tuple[str, list[Process]]]:
     """A fresh gpugate (redis-server, workers, API) whose keys file lists `names`."""
-    redis = start_redis()
-    procs: list[Process] = [redis]
-    env = {
-        "GPUGATE_REDIS_URL": redis.url,
-        "GPUGATE_OLLAMA_URL": sim.url,
-        "GPUGATE_GPU_CONCURRENCY": str(CAP),
-        "GPUGATE_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH),
-        "GPUGATE_KEYS_FILE": str(_keys_file(Path(tempfile.mkdtemp(prefix="gpugate-fair-")), names)),
-        "GPUGATE_ADMIN_KEY": ADMIN_KEY,
-        "GPUGATE_LOG_LEVEL": "warning",
-    }
+    keys = [Key(name, _secret(name), "free") for name in names]
+    directory = Path(tempfile.mkdtemp(prefix="gpugate-fair-"))
+    stack = start_stack(
+        sim.url,
+        workers=WORKERS,
+        ready_timeout=30,
+        gpu_concurrency=CAP,
+        max_queue_depth=MAX_QUEUE_DEPTH,
+        keys_file=write_keys_file(directory / "keys.toml", keys, {"free": TIER}),
+        admin_key=ADMIN_KEY,
+    )
     try:
-        procs += [start_worker(env) for _ in range(WORKERS)]
-        api = start_api(env)
-        procs.append(api)
-        wait_until(
-            lambda: f"{WORKERS} alive" in httpx.get(api.url + "/ready").text,
-            timeout=30,
-            interval=0.1,
-            what=f"{WORKERS} workers alive",
-        )
-        yield api.url, procs
+        yield stack.url, stack.processes
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stack.stop()
 
 
 # --- load --------------------------------------------------------------------------------
@@ -277,14 +248,12 @@ def run_one(sim: Process, policy: str, n: int, plan: Plan) -> Run:
     keys = [f"key{i}" for i in range(n)]
     run = Run(policy, keys, plan)
     with _stack(sim, [SHARED_KEY] if policy == FIFO else keys) as (api_url, procs):
-        httpx.post(sim.url + "/sim/reset").raise_for_status()
+        sim_configure(sim)  # counters reset
         pids = [p.pid for p in procs]
         before = sum(cpu_s(pid) for pid in pids)
         asyncio.run(_drive(api_url, run))
         run.gateway_cores = (sum(cpu_s(pid) for pid in pids) - before) / run.wall_s
-        r = httpx.get(sim.url + "/sim/stats")
-        r.raise_for_status()
-        run.sim = r.json()
+        run.sim = sim_stats(sim)
     if run.sim["in_flight"] or run.sim["completed"] != len(run.jobs):
         raise AssertionError(f"the simulator saw {run.sim} for {len(run.jobs)} jobs")
     return run
@@ -374,7 +343,7 @@ def figures(run: Run) -> Figures:
     light = [j.started - j.created for j in in_window if j.light]
     flood = [j.started - j.created for j in in_window if not j.light]
     waits = {
-        k: (_pct(w, 50), _pct(w, 90))
+        k: (percentile(w, 50), percentile(w, 90))
         for k in run.keys
         for w in [[j.started - j.created for j in in_window if j.key == k]]
     }
@@ -386,10 +355,10 @@ def figures(run: Run) -> Figures:
         gap_tokens=gap,
         gap_pair=pair,
         tokens_per_job=statistics.fmean(j.tokens for j in run.jobs),
-        light_p50=_pct(light, 50),
-        light_p90=_pct(light, 90),
+        light_p50=percentile(light, 50),
+        light_p90=percentile(light, 90),
         light_n=len(light),
-        flood_p50=_pct(flood, 50),
+        flood_p50=percentile(flood, 50),
         served=served,
         waits=waits,
         inversions=_inversions(run.jobs),
@@ -424,10 +393,6 @@ def _inversions(jobs: list[Job]) -> int:
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"
 
 
 def summary_row(run: Run, f: Figures) -> str:
@@ -483,23 +448,23 @@ def targets(pairs: list[tuple[Run, Run]]) -> str:
         rows.append(
             f"| {n} keys: light keys' median wait ≥ {WAIT_RATIO_TARGET:g}x shorter than FIFO "
             f"| FIFO {_s(ff.light_p50)} s / gpugate {_s(gf.light_p50)} s = {ratio:.1f}x | "
-            f"{_verdict(ratio >= WAIT_RATIO_TARGET)} |"
+            f"{verdict(ratio >= WAIT_RATIO_TARGET)} |"
         )
         jain = gf.jain
         rows.append(
             f"| {n} keys: gpugate's Jain's index over backlogged keys ≥ {JAIN_TARGET:g} | "
             f"{'-' if jain is None else f'{jain:.3f}'} (FIFO {_s(ff.jain)}) | "
-            f"{_verdict(jain is not None and jain >= JAIN_TARGET)} |"
+            f"{verdict(jain is not None and jain >= JAIN_TARGET)} |"
         )
     worst = max(figures(r).max_in_flight for pair in pairs for r in pair)
     rows.append(
         f"| jobs in flight at the simulator ≤ cap ({CAP}), every run | max {worst} | "
-        f"{_verdict(worst <= CAP)} |"
+        f"{verdict(worst <= CAP)} |"
     )
     fifo_inv = sum(figures(f).inversions for f, _ in pairs)
     rows.append(
         f"| the FIFO baseline started every job in admission order | {fifo_inv} pairs out of "
-        f"order | {_verdict(fifo_inv == 0)} |"
+        f"order | {verdict(fifo_inv == 0)} |"
     )
     return "| target | measured | verdict |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
@@ -657,19 +622,13 @@ def run(plan: Plan) -> tuple[str, list[tuple[Run, Run]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
-    args = parser.parse_args(argv if argv is not None else [])
-    quick = args.quick or os.environ.get("FAIRNESS_QUICK", "") not in ("", "0")
+    quick = is_quick(arguments("fairness", __doc__).parse_args(argv or []), "fairness")
     text, pairs = run(QUICK if quick else FULL)
     print(text, flush=True)
-    if quick:
-        path = Path(tempfile.mkdtemp(prefix="gpugate-fairness-")) / "fairness.png"
-        plot(pairs, path)
-        print(f"quick run: plot in {path}, BENCHMARKS.md untouched", flush=True)
-    else:
-        plot(pairs, PLOT)
-        write_section("fairness", "make bench  # python -m bench fairness", text)
+    path = Path(tempfile.mkdtemp(prefix="gpugate-fairness-")) / "fairness.png" if quick else PLOT
+    plot(pairs, path)
+    print(f"plot: {path}", flush=True)
+    publish("fairness", text, quick=quick)
 
 
 if __name__ == "__main__":

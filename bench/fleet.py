@@ -39,31 +39,19 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.admission import cpu_s
-from bench.overload import _pct
-from bench.report import ROOT, write_section
-from tests.processes import (
-    Process,
-    free_port,
-    start_api,
-    start_redis,
-    start_sim,
-    start_worker,
-    wait_until,
-)
+from bench.report import arguments, is_quick, publish, verdict
+from gpugate.testing.processes import Process, free_port, start_http, wait_until
+from gpugate.testing.stack import NO_RATE_LIMIT, queue, start_sim, start_stack
+from gpugate.testing.stats import cpu_s, percentile
 
 MODELS = ("llama3.2", "qwen2.5", "gemma2")
 """No size tag: each is a 3.2B model for the simulator, loading in LOAD_S."""
@@ -185,25 +173,9 @@ def serve_proxy(policy: str, port: int, urls: list[str], cap: int) -> None:
 
 def start_proxy(policy: str, sims: list[Process]) -> Process:
     port = free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="gpugate-fleet-proxy-")) / "output.log"
     argv = [sys.executable, "-m", "bench.fleet", "--proxy", policy, "--port", str(port)]
     argv += ["--cap", str(CAP), "--backends", ",".join(s.url for s in sims)]
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-    proc = Process("proxy", popen, log_path, url=f"http://127.0.0.1:{port}", port=port)
-
-    def answers() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"the {policy} proxy exited early:\n{proc.log()}")
-        try:
-            return httpx.get(proc.url + "/proxy/stats", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(answers, timeout=30, interval=0.1, what=f"the {policy} proxy to answer")
-    return proc
+    return start_http("proxy", argv, port, "/proxy/stats", timeout=30, interval=0.1, status=200)
 
 
 # --- the stacks --------------------------------------------------------------------------
@@ -219,45 +191,38 @@ def start_sims(n: int) -> list[Process]:
 @contextlib.contextmanager
 def gateway(policy: Policy, sims: list[Process]) -> Iterator[tuple[str, list[Process]]]:
     """The gateway's URL and its processes (whose CPU is counted)."""
-    procs: list[Process] = []
+    if policy.gateway != "gpugate":
+        proxy = start_proxy(policy.gateway, sims)
+        try:
+            yield proxy.url, [proxy]
+        finally:
+            proxy.stop()
+        return
+    backends = [
+        {"name": f"gpu-{i}", "url": s.url, "gpu_concurrency": CAP} for i, s in enumerate(sims)
+    ]
+    settings: dict[str, object] = {**NO_RATE_LIMIT}
+    if policy.affinity_wait_s is not None:
+        settings["affinity_wait"] = policy.affinity_wait_s
+    stack = start_stack(
+        None,
+        workers=WORKERS,
+        ready_timeout=30,
+        backends=json.dumps(backends),
+        worker_concurrency=CAP * len(sims),
+        max_queue_depth=10000,
+        **settings,
+    )
     try:
-        if policy.gateway != "gpugate":
-            procs.append(start_proxy(policy.gateway, sims))
-            yield procs[0].url, procs
-            return
-        redis = start_redis()
-        procs.append(redis)
-        backends = [
-            {"name": f"gpu-{i}", "url": s.url, "gpu_concurrency": CAP} for i, s in enumerate(sims)
-        ]
-        env = {
-            "GPUGATE_REDIS_URL": redis.url,
-            "GPUGATE_BACKENDS": json.dumps(backends),
-            "GPUGATE_WORKER_CONCURRENCY": str(CAP * len(sims)),
-            "GPUGATE_MAX_QUEUE_DEPTH": "10000",
-            "GPUGATE_RATE_LIMIT": "100000/second",
-            "GPUGATE_BURST": "100000",
-            "GPUGATE_LOG_LEVEL": "warning",
-        }
-        if policy.affinity_wait_s is not None:
-            env["GPUGATE_AFFINITY_WAIT"] = str(policy.affinity_wait_s)
-        procs += [start_worker(env) for _ in range(WORKERS)]
-        api = start_api(env)
-        procs.append(api)
 
         def ready() -> bool:
-            if f"{WORKERS} alive" not in httpx.get(api.url + "/ready").text:
-                return False
-            queue = httpx.get(api.url + "/v1/queue").json()
-            return len(queue["backends"]) == len(sims) and all(
-                b["healthy"] for b in queue["backends"]
-            )
+            backends = queue(stack.url)["backends"]
+            return len(backends) == len(sims) and all(b["healthy"] for b in backends)
 
         wait_until(ready, timeout=30, interval=0.1, what="gpugate ready with every backend")
-        yield api.url, procs
+        yield stack.url, stack.processes
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stack.stop()
 
 
 # --- load --------------------------------------------------------------------------------
@@ -371,10 +336,11 @@ def figures(run: Run) -> Figures:
         loads=sum(int(s["loads"]) for s in run.sims_at_end_of_window),
         loads_total=sum(int(s["loads"]) for s in run.sims_at_end),
         evictions=sum(int(s["evictions"]) for s in run.sims_at_end_of_window),
-        p50_s=_pct(latencies, 50),
-        p99_s=_pct(latencies, 99),
+        p50_s=percentile(latencies, 50),
+        p99_s=percentile(latencies, 99),
         p99_by_model={
-            m: _pct([r.done - r.sent for r in run.requests if r.model == m], 99) for m in MODELS
+            m: percentile([r.done - r.sent for r in run.requests if r.model == m], 99)
+            for m in MODELS
         },
         max_in_flight=[int(s["max_in_flight"]) for s in run.sims_at_end],
         requests_per_backend=[int(s["requests"]) for s in run.sims_at_end],
@@ -406,10 +372,6 @@ HEADER = (
 )
 
 
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"
-
-
 def targets(runs: list[Run]) -> str:
     lines = []
     for n in sorted({r.backends for r in runs}):
@@ -420,17 +382,17 @@ def targets(runs: list[Run]) -> str:
             lines.append(
                 f"| {n} backends, {policy.name}: jobs/s ≥ {THROUGHPUT_TARGET:g}x round-robin | "
                 f"{g.jobs_per_s:.2f} / {rr.jobs_per_s:.2f} = {speedup:.2f}x | "
-                f"{_verdict(speedup >= THROUGHPUT_TARGET)} |"
+                f"{verdict(speedup >= THROUGHPUT_TARGET)} |"
             )
             lines.append(
                 f"| {n} backends, {policy.name}: model loads ≤ 1/{LOADS_TARGET:g} of "
                 f"round-robin's | {g.loads} vs {rr.loads} (1/{rr.loads / max(g.loads, 1):.1f}) | "
-                f"{_verdict(g.loads * LOADS_TARGET <= rr.loads)} |"
+                f"{verdict(g.loads * LOADS_TARGET <= rr.loads)} |"
             )
     worst = max(max(figures(r).max_in_flight) for r in runs)
     lines.append(
         f"| every backend's cap ({CAP}) held, every run (simulator's `max_in_flight`) | "
-        f"max {worst} | {_verdict(worst <= CAP)} |"
+        f"max {worst} | {verdict(worst <= CAP)} |"
     )
     return "| target | measured | verdict |\n|---|---|---|\n" + "\n".join(lines) + "\n"
 
@@ -490,23 +452,19 @@ def run(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
+    parser = arguments("fleet", __doc__)
     parser.add_argument("--proxy", choices=("round-robin", "least-busy"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=int, default=CAP, help=argparse.SUPPRESS)
     parser.add_argument("--backends", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv if argv is not None else [])
+    args = parser.parse_args(argv or [])
     if args.proxy:
         serve_proxy(args.proxy, args.port, args.backends.split(","), args.cap)
         return
-    quick = args.quick or os.environ.get("FLEET_QUICK", "") not in ("", "0")
+    quick = is_quick(args, "fleet")
     text = run(QUICK if quick else FULL)
     print(text, flush=True)
-    if quick:
-        print("quick run: BENCHMARKS.md untouched", flush=True)
-    else:
-        write_section("fleet", "make bench  # python -m bench fleet", text)
+    publish("fleet", text, quick=quick)
 
 
 if __name__ == "__main__":

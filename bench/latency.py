@@ -8,7 +8,6 @@ admission, the queue, the worker, Redis and the relay.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,9 @@ from collections.abc import Callable
 import httpx
 
 from bench.report import write_section
-from tests.processes import start_api, start_redis, start_sim, start_worker, wait_until
+from gpugate.testing.processes import stop_all
+from gpugate.testing.stack import NO_RATE_LIMIT, start_sim, start_stack
+from gpugate.testing.stats import percentile
 
 GPU_CONCURRENCY = 2
 BODY = {"model": "llama3.2", "prompt": "hello"}
@@ -41,8 +42,10 @@ def _first_chunk(client: httpx.Client) -> float:
     return elapsed
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
+def _ms(values: list[float], q: float) -> float:
+    seconds = percentile(values, q)
+    assert seconds is not None
+    return seconds * 1000
 
 
 def measure(
@@ -75,37 +78,25 @@ def measure(
 
 
 def run(n: int = 300) -> str:
-    redis = start_redis()
     sim = start_sim("--tokens", "5", "--token-delay", "0", "--parallel", "64")
-    env = {
-        "GPUGATE_REDIS_URL": redis.url,
-        "GPUGATE_OLLAMA_URL": sim.url,
-        "GPUGATE_GPU_CONCURRENCY": str(GPU_CONCURRENCY),
-        "GPUGATE_RATE_LIMIT": "1000000/second",
-        "GPUGATE_BURST": "1000000",
-        "GPUGATE_LOG_LEVEL": "warning",
-    }
-    worker = start_worker(env)
-    api = start_api(env)
+    procs = [sim]
     rows = []
     try:
-        wait_until(
-            lambda: "1 alive" in httpx.get(api.url + "/ready").text, timeout=20, what="worker"
-        )
+        stack = start_stack(sim.url, gpu_concurrency=GPU_CONCURRENCY, **NO_RATE_LIMIT)
+        procs += stack.processes
         calls = (("non-streamed, full response", _full), ("streamed, first chunk", _first_chunk))
         for label, call in calls:
             for clients in (1, GPU_CONCURRENCY):
-                s = measure(sim.url, api.url, call, clients, n // clients)
-                d50, d99 = _pct(s["direct"], 50), _pct(s["direct"], 99)
-                g50, g99 = _pct(s["gateway"], 50), _pct(s["gateway"], 99)
+                s = measure(sim.url, stack.url, call, clients, n // clients)
+                d50, d99 = _ms(s["direct"], 50), _ms(s["direct"], 99)
+                g50, g99 = _ms(s["gateway"], 50), _ms(s["gateway"], 99)
                 rows.append(
                     f"| {label} | {clients} | {len(s['gateway'])} | {d50:.2f} | {g50:.2f} | "
                     f"**{g50 - d50:.2f}** | {d99:.2f} | {g99:.2f} | **{g99 - d99:.2f}** |"
                 )
                 print(rows[-1], flush=True)
     finally:
-        for proc in (api, worker, sim, redis):
-            proc.stop()
+        stop_all(procs)
     return (
         "Simulator at 0 s per token (5 tokens), GPU cap "
         f"{GPU_CONCURRENCY}, one worker, one API process, private redis-server; each client "

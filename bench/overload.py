@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import random
 import statistics
@@ -30,9 +29,11 @@ from typing import Any
 import httpx
 from redis import Redis
 
-from bench.report import ROOT, write_section
+from bench.report import ROOT, verdict, write_section
+from gpugate.testing.processes import stop_all
+from gpugate.testing.stack import NO_RATE_LIMIT, start_sim, start_stack
+from gpugate.testing.stats import percentile
 from shared import keys
-from tests.processes import Process, start_api, start_redis, start_sim, start_worker
 
 GPU_CONCURRENCY = 2
 WORKERS = 2
@@ -111,16 +112,6 @@ class Run:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -387,8 +378,8 @@ def figures(step: Step, samples: list[Sample]) -> Figures:
         queued_samples=len(queued),
         util_exact=util_exact,
         longest_idle_s=longest_idle_s,
-        p50_s=_pct(done, 50),
-        p99_s=_pct(done, 99),
+        p50_s=percentile(done, 50),
+        p99_s=percentile(done, 99),
         ratio=statistics.median(ratios) if ratios else None,
         ratio_n=len(ratios),
         zero_predicted_wait_s=statistics.median(zero) if zero else None,
@@ -422,10 +413,6 @@ HEADER = (
 )
 
 
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"
-
-
 def _targets(run: Run) -> str:
     rows = [(s, figures(s, _samples(run, s))) for s in run.steps]
     worst_flight = max(max(f.max_in_flight, f.max_in_flight_sampled) for _, f in rows)
@@ -447,16 +434,16 @@ def _targets(run: Run) -> str:
     return (
         "| target | measured | verdict |\n|---|---|---|\n"
         f"| jobs in flight at the simulator ≤ cap ({GPU_CONCURRENCY}) | "
-        f"max {worst_flight} | {_verdict(worst_flight <= GPU_CONCURRENCY)} |\n"
+        f"max {worst_flight} | {verdict(worst_flight <= GPU_CONCURRENCY)} |\n"
         f"| slot utilisation while queued ≥ {UTIL_TARGET:.0%} (exact; steps ≥ {UTIL_FROM:g}x) "
-        f"| {util_text} | {_verdict(util_ok)} |\n"
+        f"| {util_text} | {verdict(util_ok)} |\n"
         f"| no slot idle > {IDLE_LIMIT_S * 1000:.0f} ms while work is queued (SPEC: a few "
         f"tens of ms) | longest {gap * 1000:.0f} ms (at {gap_m:g}x) "
-        f"| {_verdict(gap <= IDLE_LIMIT_S)} |\n"
+        f"| {verdict(gap <= IDLE_LIMIT_S)} |\n"
         f"| median actual/predicted wait within {RATIO_RANGE[0]:g}-{RATIO_RANGE[1]:g} "
         f"(steps with ≥ {MIN_RATIO_N} waiting jobs) | {ratio_text or '-'} "
-        f"| {_verdict(ratio_ok)} |\n"
-        f"| lost jobs = 0 | {lost} | {_verdict(lost == 0)} |\n"
+        f"| {verdict(ratio_ok)} |\n"
+        f"| lost jobs = 0 | {lost} | {verdict(lost == 0)} |\n"
     )
 
 
@@ -519,35 +506,25 @@ def plot(run: Run, path: Path) -> None:
 
 
 def run(step_s: float) -> str:
-    redis = start_redis()
     sim = start_sim(
         "--tokens", str(TOKENS), "--token-delay", str(TOKEN_DELAY_S), "--parallel", "64"
     )
-    env = {
-        "GPUGATE_REDIS_URL": redis.url,
-        "GPUGATE_OLLAMA_URL": sim.url,
-        "GPUGATE_GPU_CONCURRENCY": str(GPU_CONCURRENCY),
-        "GPUGATE_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH),
-        "GPUGATE_RATE_LIMIT": "1000000/second",
-        "GPUGATE_BURST": "1000000",
-        "GPUGATE_ADMIN_KEY": ADMIN_KEY,
-        "GPUGATE_LOG_LEVEL": "warning",
-    }
-    procs: list[Process] = [redis, sim]
+    procs = [sim]
     try:
-        procs += [start_worker(env) for _ in range(WORKERS)]
-        api = start_api(env)
-        procs.append(api)
-        deadline = time.monotonic() + 30
-        while f"{WORKERS} alive" not in httpx.get(api.url + "/ready").text:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{WORKERS} workers did not report alive within 30 s")
-            time.sleep(0.1)
-        result, admin = asyncio.run(_drive(sim.url, api.url, step_s))
-        per_worker = _jobs_per_worker(redis.url, result)
+        stack = start_stack(
+            sim.url,
+            workers=WORKERS,
+            ready_timeout=30,
+            gpu_concurrency=GPU_CONCURRENCY,
+            max_queue_depth=MAX_QUEUE_DEPTH,
+            admin_key=ADMIN_KEY,
+            **NO_RATE_LIMIT,
+        )
+        procs += stack.processes
+        result, admin = asyncio.run(_drive(sim.url, stack.url, step_s))
+        per_worker = _jobs_per_worker(stack.redis_url, result)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stop_all(procs)
     plot(result, PLOT)
     return _body(result, admin, per_worker, step_s)
 

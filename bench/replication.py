@@ -25,23 +25,26 @@ bench.replication --quick` (or REPLICATION_QUICK=1) is a smoke run that writes n
 
 from __future__ import annotations
 
-import argparse
+import json
+import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import redis
 
-from bench.report import write_section
+from bench.report import arguments, is_quick, publish
+from gpugate.testing import stack as harness
+from gpugate.testing import wrk
+from gpugate.testing.processes import Process, wait_until
+from gpugate.testing.revision import revision
+from gpugate.testing.stack import NO_RATE_LIMIT, queue, start_sim
+from gpugate.testing.stats import cpu_s, percentile
 from shared import keys
-from tests.processes import ROOT, Process, start_api, start_sim, start_worker, wait_until
 from tests.sentinel import SentinelCluster, start_cluster
 
 GPU_CONCURRENCY = 4
@@ -65,47 +68,20 @@ class Plan:
 FULL = Plan(rounds=4, wrk_s=6, hops=150, waits=300)
 QUICK = Plan(rounds=1, wrk_s=2, hops=30, waits=50)
 
-WRK_LUA = """
--- counts every response by status, and 202s without a job id
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args)
-  payload = args[1]
-  key = args[2]
-  statuses = {}
-  no_id = 0
-end
-function request()
-  local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = key}
-  return wrk.format("POST", nil, headers, payload)
-end
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-  if status == 202 and not string.find(body, '"id"', 1, true) then no_id = no_id + 1 end
-end
-function done(summary, latency, requests)
-  local counts, missing = {}, 0
-  for _, thread in ipairs(threads) do
-    for status, n in pairs(thread:get("statuses")) do
-      counts[status] = (counts[status] or 0) + n
-    end
-    missing = missing + thread:get("no_id")
-  end
-  for status, n in pairs(counts) do io.write(string.format("STATUS %d %d\\n", status, n)) end
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests,
-    summary.duration, missing, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
 
 @dataclass
 class Stack:
     replicas: int
     db: int
-    api: Process
-    workers: list[Process]
+    gateway: harness.Stack
+
+    @property
+    def api(self) -> Process:
+        return self.gateway.apis[0]
+
+    @property
+    def workers(self) -> list[Process]:
+        return self.gateway.workers
 
     @property
     def label(self) -> str:
@@ -134,95 +110,57 @@ class Figures:
 
 
 def start_stack(cluster: SentinelCluster, sim: Process, replicas: int, db: int) -> Stack:
-    env = {
-        "GPUGATE_REDIS_URL": cluster.url(db),
-        "GPUGATE_OLLAMA_URL": sim.url,
-        "GPUGATE_GPU_CONCURRENCY": str(GPU_CONCURRENCY),
-        "GPUGATE_REDIS_MIN_REPLICAS": str(replicas),
-        "GPUGATE_REDIS_WAIT_MS": str(WAIT_MS),
-        "GPUGATE_RATE_LIMIT": "1000000/second",
-        "GPUGATE_BURST": "1000000",
-        "GPUGATE_MAX_QUEUE_DEPTH": "1000000000",
-        "GPUGATE_LOG_LEVEL": "warning",
-    }
-    workers = [start_worker(env) for _ in range(WORKERS)]
-    try:
-        api = start_api(env)
-    except BaseException:
-        for proc in workers:
-            proc.stop()
-        raise
-    stack = Stack(replicas, db, api, workers)
-    wait_until(
-        lambda: f"{WORKERS} alive" in httpx.get(api.url + "/ready").text,
-        timeout=30,
-        what=f"the workers of {stack.label}",
+    gateway = harness.start_stack(
+        sim.url,
+        cluster.url(db),
+        workers=WORKERS,
+        ready_timeout=30,
+        gpu_concurrency=GPU_CONCURRENCY,
+        redis_min_replicas=replicas,
+        redis_wait_ms=WAIT_MS,
+        max_queue_depth=1000000000,
+        **NO_RATE_LIMIT,
     )
-    return stack
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def queue(stack: Stack) -> dict[str, int]:
-    backlog: dict[str, int] = httpx.get(stack.api.url + "/v1/queue", timeout=5).json()
-    return backlog
+    return Stack(replicas, db, gateway)
 
 
 def drained(stack: Stack) -> bool:
-    q = queue(stack)
+    q = queue(stack.api.url)
     return q["queue_depth"] == 0 and q["running"] == 0
 
 
-def wrk(stack: Stack, duration_s: int, script: Path, master_pid: int, figures: Figures) -> None:
+def post_jobs(stack: Stack, duration_s: int, master_pid: int, figures: Figures) -> None:
     """One wrk run on `stack`, then the wait for its queue to drain."""
-    argv = [
-        "wrk",
-        f"-t{THREADS}",
-        f"-c{CONNECTIONS}",
-        f"-d{duration_s}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(script),
-        stack.api.url + "/v1/jobs",
-        "--",
-        httpx.Request("POST", "/", json=JOB).content.decode(),
-        KEY,
-    ]
+    sent = wrk.Load(json.dumps(JOB), 202, ('"id"', ""), ("X-API-Key", KEY))
     started, master_before = time.perf_counter(), cpu_s(master_pid)
     api_before, workers_before = cpu_s(stack.api.pid), sum(cpu_s(w.pid) for w in stack.workers)
-    out = subprocess.run(
-        argv, capture_output=True, text=True, check=True, timeout=duration_s + 60
-    ).stdout
+    result = wrk.run(
+        stack.api.url + "/v1/jobs",
+        sent,
+        duration_s=duration_s,
+        connections=CONNECTIONS,
+        threads=THREADS,
+        what=stack.label,
+    )
     elapsed = time.perf_counter() - started
     figures.master_cores.append((cpu_s(master_pid) - master_before) / elapsed)
     api_s = cpu_s(stack.api.pid) - api_before
     figures.api_cores.append(api_s / elapsed)
-    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise AssertionError(f"wrk printed no result for {stack.label}:\n{out}")
-    requests, duration_us, no_id, *errors, p50_us, p99_us = (int(x) for x in line.split()[1:])
-    statuses = Counter(
-        {int(x.split()[1]): int(x.split()[2]) for x in out.splitlines() if x.startswith("STATUS ")}
-    )
+    statuses = result.statuses
     figures.statuses += statuses
-    figures.no_id += no_id
-    figures.socket_errors += sum(errors)
-    figures.rates.append(statuses[202] / (duration_us / 1e6))
-    figures.wrk_p50.append(p50_us / 1000)
-    figures.wrk_p99.append(p99_us / 1000)
+    figures.no_id += result.unexpected - (sum(statuses.values()) - statuses[202])
+    figures.socket_errors += sum(result.socket_errors)
+    figures.rates.append(statuses[202] / result.duration_s)
+    figures.wrk_p50.append(result.p50_ms)
+    figures.wrk_p99.append(result.p99_ms)
     wait_until(lambda: drained(stack), timeout=300, interval=0.2, what=f"{stack.label} to drain")
     figures.sustained.append(statuses[202] / (time.perf_counter() - started))
     workers_s = sum(cpu_s(w.pid) for w in stack.workers) - workers_before
     figures.api_ms.append(api_s * 1000 / max(1, statuses[202]))
     figures.worker_ms.append(workers_s * 1000 / max(1, statuses[202]))
     print(
-        f"  {stack.label}: {figures.rates[-1]:.0f} admissions/s (wrk {requests} requests, "
-        f"statuses {dict(statuses)}, p50 {p50_us / 1000:.1f} ms, p99 {p99_us / 1000:.1f} ms), "
+        f"  {stack.label}: {figures.rates[-1]:.0f} admissions/s (wrk {result.requests} requests, "
+        f"statuses {dict(statuses)}, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms), "
         f"drained at {figures.sustained[-1]:.0f} jobs/s, master "
         f"{figures.master_cores[-1]:.2f} cores, API {figures.api_cores[-1]:.2f} cores, "
         f"{figures.api_ms[-1]:.2f} ms CPU per 202, "
@@ -295,32 +233,16 @@ def job_ends(cluster: SentinelCluster, master: int, db: int) -> Counter[str]:
     return ends
 
 
-def revision() -> str:
-    """The commit under test, and whether the working tree differs from it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=False, cwd=ROOT
-        ).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"gpugate at commit `{commit}`" + (" (working tree modified)" if dirty else "")
-
-
 def pct(values: list[float], q: int) -> float:
     """The q-th percentile, in ms."""
-    if len(values) < 2:
-        return values[0] * 1000 if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+    seconds = percentile(values, q)
+    return math.nan if seconds is None else seconds * 1000
 
 
 def run(plan: Plan) -> str:
     cluster = start_cluster()
     sim = start_sim("--tokens", "5", "--token-delay", "0", "--parallel", "64")
     stacks: list[Stack] = []
-    script = Path(tempfile.mkdtemp(prefix="gpugate-bench-replication-")) / "post_job.lua"
-    script.write_text(WRK_LUA)
     figures = {replicas: Figures() for replicas in MODES}
     wait_samples: dict[str, list[float]] = {"SET": [], "WAIT 1 500": [], "WAIT 2 500": []}
     bad_waits: Counter[str] = Counter()
@@ -330,7 +252,7 @@ def run(plan: Plan) -> str:
         master_pid = cluster.server(master).pid
         stacks = [start_stack(cluster, sim, replicas, db=1 + replicas) for replicas in MODES]
         for stack in stacks:  # warm: connections open, scripts loaded
-            wrk(stack, 1, script, master_pid, Figures())
+            post_jobs(stack, 1, master_pid, Figures())
             hops(stack, sim, 5, Figures())
         with cluster.client(master) as client:
             waits(client, 20, {k: [] for k in wait_samples}, Counter())
@@ -338,7 +260,7 @@ def run(plan: Plan) -> str:
                 print(f"-- round {r + 1} of {plan.rounds}", flush=True)
                 order = stacks if r % 2 == 0 else stacks[::-1]
                 for stack in order:
-                    wrk(stack, plan.wrk_s, script, master_pid, figures[stack.replicas])
+                    post_jobs(stack, plan.wrk_s, master_pid, figures[stack.replicas])
                 for stack in order:
                     hops(stack, sim, plan.hops, figures[stack.replicas])
                 waits(client, plan.waits, wait_samples, bad_waits)
@@ -349,8 +271,7 @@ def run(plan: Plan) -> str:
         load.append(os.getloadavg()[0])
     finally:
         for stack in stacks:
-            for proc in (stack.api, *stack.workers):
-                proc.stop()
+            stack.gateway.stop()
         sim.stop()
         cluster.stop()
     text = report(plan, figures, wait_samples, bad_waits, load, under_test)
@@ -476,15 +397,8 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
-    args = parser.parse_args(argv if argv is not None else [])
-    quick = args.quick or os.environ.get("REPLICATION_QUICK", "") not in ("", "0")
-    text = run(QUICK if quick else FULL)
-    if quick:
-        print("quick run: BENCHMARKS.md untouched", flush=True)
-    else:
-        write_section("replication", "make bench  # python -m bench replication", text)
+    quick = is_quick(arguments("replication", __doc__).parse_args(argv or []), "replication")
+    publish("replication", run(QUICK if quick else FULL), quick=quick)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -55,3 +56,28 @@ def write_section(name: str, command: str, body: str) -> None:
     else:
         text += "\n" + section + "\n"
     BENCHMARKS.write_text(text)
+
+
+def verdict(ok: bool) -> str:
+    """A target's verdict in a report's table."""
+    return "met" if ok else "**not met**"
+
+
+def arguments(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options of `python -m bench.NAME`, starting with --quick."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc)
+    parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
+    return parser
+
+
+def is_quick(args: argparse.Namespace, name: str) -> bool:
+    """--quick, or NAME_QUICK=1 in the environment."""
+    return bool(args.quick) or os.environ.get(f"{name.upper()}_QUICK", "") not in ("", "0")
+
+
+def publish(name: str, text: str, *, quick: bool, command: str = "") -> None:
+    """Write the section of benchmark `name` into BENCHMARKS.md, unless the run was quick."""
+    if quick:
+        print(f"quick run ({name}): BENCHMARKS.md untouched", flush=True)
+    else:
+        write_section(name, command or f"make bench  # python -m bench {name}", text)

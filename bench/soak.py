@@ -24,34 +24,26 @@ of them; `--quick` (or SOAK_QUICK=1) is a 30 s smoke run of each that writes not
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import redis
 
-from bench.report import write_section
+from bench.report import arguments, is_quick, publish
+from gpugate.testing.processes import Process, wait_until
+from gpugate.testing.revision import revision
+from gpugate.testing.stack import settings_env, start_redis, start_sim, start_stack, start_worker
+from gpugate.testing.stats import rss_mb
 from shared import keys
-from tests.processes import (
-    ROOT,
-    Process,
-    start_api,
-    start_redis,
-    start_sim,
-    start_worker,
-    wait_until,
-)
 from tests.sentinel import SentinelCluster, start_cluster
 
 GPU_CONCURRENCY = 2
@@ -61,7 +53,7 @@ THINK_S = 0.15  # mean pause of a client between requests (async jobs do not wai
 FINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_S, QUICK_S = 150.0, 30.0
 MODES = ("standalone", "sentinel")
-SENTINEL_ENV = {"GPUGATE_REDIS_MIN_REPLICAS": "1", "GPUGATE_REDIS_WAIT_MS": "500"}
+SENTINEL_SETTINGS = {"redis_min_replicas": 1, "redis_wait_ms": 500}
 RESUME_TARGET_S = 15.0  # SPEC: service resumes within 15 s of the promotion
 QUEUE_SAMPLE_S = 0.2
 
@@ -155,13 +147,6 @@ async def client_loop(url: str, key: str, until: float, tally: Tally) -> None:
             await asyncio.sleep(random.expovariate(1 / THINK_S))
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 @dataclass
 class QueueSamples:
     """`/v1/queue` every QUEUE_SAMPLE_S: (t, running, cap) of the answers, and the others."""
@@ -212,29 +197,24 @@ def start_fleet(mode: str) -> Fleet:
     try:
         if mode == "sentinel":
             fleet.cluster = start_cluster()
-            url, extra = fleet.cluster.url(), SENTINEL_ENV
+            url, extra = fleet.cluster.url(), SENTINEL_SETTINGS
         else:
             fleet.redis_dir = tempfile.mkdtemp(prefix="gpugate-soak-redis-")
             fleet.redis = start_redis(data_dir=fleet.redis_dir)
             url, extra = fleet.redis.url, {}
-        fleet.env = {
-            "GPUGATE_REDIS_URL": url,
-            "GPUGATE_OLLAMA_URL": sim.url,
-            "GPUGATE_GPU_CONCURRENCY": str(GPU_CONCURRENCY),
-            "GPUGATE_MAX_QUEUE_DEPTH": "32",
-            "GPUGATE_RATE_LIMIT": "100/second",
-            "GPUGATE_BURST": "100",
-            "GPUGATE_SYNC_TIMEOUT": "60",
-            "GPUGATE_LOG_LEVEL": "warning",
+        stack = start_stack(
+            sim.url,
+            url,
+            workers=2,
+            ready_timeout=30,
+            gpu_concurrency=GPU_CONCURRENCY,
+            max_queue_depth=32,
+            rate_limit="100/second",
+            burst=100,
+            sync_timeout=60,
             **extra,
-        }
-        fleet.workers = [start_worker(fleet.env), start_worker(fleet.env)]
-        fleet.api = start_api(fleet.env)
-        wait_until(
-            lambda: "2 alive" in httpx.get(fleet.api.url + "/ready").text,
-            timeout=30,
-            what="workers",
         )
+        fleet.api, fleet.workers, fleet.env = stack.apis[0], stack.workers, stack.env
     except BaseException:
         fleet.stop()
         raise
@@ -546,19 +526,6 @@ def checks(
     return rows, extra
 
 
-def revision() -> str:
-    """The commit under test, and whether the working tree differs from it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=False, cwd=ROOT
-        ).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"gpugate at commit `{commit}`" + (" (working tree modified)" if dirty else "")
-
-
 def setup_text(fleet: Fleet, duration: float, served: float) -> str:
     capacity = GPU_CONCURRENCY / (TOKENS * TOKEN_DELAY_S)
     load = (
@@ -572,7 +539,7 @@ def setup_text(fleet: Fleet, duration: float, served: float) -> str:
             load + " Redis: a Sentinel cluster on loopback (a master, two replicas, three "
             "Sentinels, quorum 2, `down-after-milliseconds 1000`; tests/sentinel.py), the "
             "gateway on its `redis+sentinel://` URL with "
-            + ", ".join(f"`{k}={v}`" for k, v in SENTINEL_ENV.items())
+            + ", ".join(f"`{k}={v}`" for k, v in settings_env(SENTINEL_SETTINGS).items())
             + ". The master is killed with `kill -9` at 30 % of the run and not restarted (one "
             "replica is left, which `GPUGATE_REDIS_MIN_REPLICAS=1` needs); worker 1 is killed "
             "with SIGKILL at 65 % and restarted 5 s later. `/v1/queue` is sampled every "
@@ -693,24 +660,21 @@ def report(
     return text
 
 
-SECTIONS = {
-    "standalone": ("soak", "make bench  # python -m bench soak (both modes); SOAK_S=150 each"),
-    "sentinel": (
-        "soak-sentinel",
-        "make bench  # python -m bench soak (both modes), python -m bench.soak --sentinel; "
-        "SOAK_S=150 each",
-    ),
+SECTIONS = {"standalone": "soak", "sentinel": "soak-sentinel"}
+COMMANDS = {
+    "standalone": "make bench  # python -m bench soak (both modes); SOAK_S=150 each",
+    "sentinel": "make bench  # python -m bench soak (both modes), python -m bench.soak "
+    "--sentinel; SOAK_S=150 each",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="30 s smoke runs; writes nothing")
+    parser = arguments("soak", __doc__)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true", help="only the standalone mode")
     group.add_argument("--sentinel", action="store_true", help="only the sentinel mode")
-    args = parser.parse_args(argv if argv is not None else [])
-    quick = args.quick or os.environ.get("SOAK_QUICK", "") not in ("", "0")
+    args = parser.parse_args(argv or [])
+    quick = is_quick(args, "soak")
     chosen = os.environ.get("SOAK_MODE", "both")
     if args.standalone or args.sentinel:
         chosen = "standalone" if args.standalone else "sentinel"
@@ -718,11 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"SOAK_MODE={chosen!r}: standalone, sentinel or both")
     duration = float(os.environ.get("SOAK_S", QUICK_S if quick else DEFAULT_S))
     for mode in MODES if chosen == "both" else (chosen,):
-        text = run(mode, duration)
-        if quick:
-            print(f"quick run ({mode}): BENCHMARKS.md untouched", flush=True)
-        else:
-            write_section(*SECTIONS[mode], text)
+        publish(SECTIONS[mode], run(mode, duration), quick=quick, command=COMMANDS[mode])
 
 
 if __name__ == "__main__":

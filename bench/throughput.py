@@ -31,9 +31,7 @@ and a smaller backlog, printed, nothing written.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -41,7 +39,6 @@ import resource
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,18 +52,11 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
-from bench.admission import cpu_s
-from bench.report import write_section
-from bench.soak import rss_mb
-from tests.processes import (
-    Process,
-    free_port,
-    start_api,
-    start_redis,
-    start_sim,
-    start_worker,
-    wait_until,
-)
+from bench.report import arguments, is_quick, publish
+from gpugate.testing import wrk
+from gpugate.testing.processes import Process, free_port, spawn, stop_all, wait_http
+from gpugate.testing.stack import NO_RATE_LIMIT, Stack, sim_configure, start_sim, start_stack
+from gpugate.testing.stats import children_cpu_s, cpu_s, rss_mb
 
 MODEL = "llama3.1"
 """Served by the simulator and in LiteLLM's bundled cost map (see peers/litellm_config.yaml)."""
@@ -97,57 +87,6 @@ class Plan:
 
 FULL = Plan(rounds=3, tiny_s=3, stream_s=2.0, warmup_s=1, backlog=2000)
 QUICK = Plan(rounds=1, tiny_s=1, stream_s=0.5, warmup_s=1, backlog=500)
-
-WRK_LUA = r"""
--- bench/throughput: POST one body; a response is unexpected unless it has the status, both
--- texts and (when given) exactly `count` matches of `pattern` (NDJSON lines, SSE events).
--- args: status text1 text2 pattern count auth body window_after
-local ffi = require("ffi")
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
-int clock_gettime(int clk, bench_timespec *tp);
-]]
-local ts = ffi.new("bench_timespec")
-local function now()
-  ffi.C.clock_gettime(1, ts)
-  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args)
-  status_ok, text1, text2 = tonumber(args[1]), args[2], args[3]
-  pattern, count = args[4], tonumber(args[5])
-  window_after = tonumber(args[8])
-  req = wrk.format("POST", nil, {["Content-Type"] = "application/json",
-    ["Authorization"] = args[6]}, args[7])
-  unexpected, chunks, seen, wchunks, wfirst, wlast = 0, 0, 0, 0, 0, 0
-end
-function request() return req end
-function response(status, headers, body)
-  local n = 0
-  if pattern ~= "" then n = select(2, string.gsub(body, pattern, "")) end
-  if status ~= status_ok or not string.find(body, text1, 1, true)
-      or not string.find(body, text2, 1, true) or (count > 0 and n ~= count) then
-    unexpected = unexpected + 1
-  end
-  chunks = chunks + n
-  seen = seen + 1
-  -- chunks/s over the window from the `window_after`-th response to the last one: once
-  -- every connection has finished a stream, only whole streams fall in the window.
-  if seen == window_after then wfirst = now() elseif seen > window_after then
-    wchunks = wchunks + n
-    wlast = now()
-  end
-end
-function done(summary, latency, requests)
-  local t = threads[1]
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %d %.6f %d %d %d %d\n", summary.requests,
-    summary.duration, t:get("unexpected"), t:get("chunks"), t:get("wchunks"),
-    t:get("wlast") - t:get("wfirst"), e.connect, e.read, e.write, e.timeout))
-end
-"""
-
 
 # --- what is measured ----------------------------------------------------------------------
 
@@ -254,76 +193,39 @@ def median_rate(case: Case) -> float:
 # --- load: wrk -----------------------------------------------------------------------------
 
 
-def lua_script() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="gpugate-throughput-")) / "post.lua"
-    path.write_text(WRK_LUA)
-    return path
-
-
-@dataclass(frozen=True)
-class WrkResult:
-    requests: int
-    duration_s: float
-    chunks: int
-    window_chunks: int
-    window_s: float
-
-
-def wrk(case: Case, duration_s: int, lua: Path) -> WrkResult:
+def load(case: Case, duration_s: int) -> wrk.Result:
     """One wrk process per URL of the target, connections split evenly, run at once;
     fails on any unexpected response or socket error."""
-    urls = case.target.urls
-    route = case.route
-    pattern = {"ndjson": "\n", "sse": "data: "}.get(route.stream, "")
-    procs = []
-    for url in urls:
-        argv = [
-            "wrk",
-            "-t1",
-            f"-c{case.concurrency // len(urls)}",
-            f"-d{duration_s}s",
-            "--timeout",
-            "30s",
-            "-s",
-            str(lua),
-            url + case.path,
-            "--",
-            "200",
-            *route.texts,
-            pattern,
-            str(case.chunks),
-            case.target.auth,
-            json.dumps(route.body),
-            str(case.concurrency),
-        ]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=duration_s + 120)
-        line = next((x for x in out.decode().splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            raise AssertionError(f"{case.label}: wrk failed:\n{out.decode()}{err.decode()}")
-        results.append(line.split()[1:])
-    total = WrkResult(0, 0.0, 0, 0, 0.0)
-    for requests, duration_us, unexpected, chunks, wchunks, window, *errors in results:
-        if int(unexpected) or any(int(x) for x in errors):
-            raise AssertionError(
-                f"{case.label}: {unexpected} unexpected responses and socket errors "
-                f"(connect, read, write, timeout) {errors} in {requests} requests"
-            )
-        total = WrkResult(
-            total.requests + int(requests),
-            max(total.duration_s, int(duration_us) / 1e6),
-            total.chunks + int(chunks),
-            total.window_chunks + int(wchunks),
-            max(total.window_s, float(window)),
+    urls, route = case.target.urls, case.route
+    sent = wrk.Load(
+        json.dumps(route.body),
+        200,
+        route.texts,
+        ("Authorization", case.target.auth),
+        pattern={"ndjson": "\n", "sse": "data: "}.get(route.stream, ""),
+        count=case.chunks,
+        window_after=case.concurrency,
+    )
+    connections = case.concurrency // len(urls)
+    procs = [
+        wrk.start(
+            url + case.path, sent, duration_s=duration_s, connections=connections, timeout_s=30
         )
-    return total
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+        for url in urls
+    ]
+    results = [wrk.finish(proc, case.label, duration_s + 120).check(case.label) for proc in procs]
+    return wrk.Result(
+        requests=sum(r.requests for r in results),
+        duration_s=max(r.duration_s for r in results),
+        unexpected=0,
+        chunks=sum(r.chunks for r in results),
+        window_chunks=sum(r.window_chunks for r in results),
+        window_s=max(r.window_s for r in results),
+        socket_errors=(0, 0, 0, 0),
+        p50_ms=max(r.p50_ms for r in results),
+        p99_ms=max(r.p99_ms for r in results),
+        statuses=sum((r.statuses for r in results), Counter()),
+    )
 
 
 # --- load: the asyncio client ----------------------------------------------------------------
@@ -519,13 +421,13 @@ def run_async(coro: Any) -> Any:
 # --- one measurement -------------------------------------------------------------------------
 
 
-def measure(case: Case, plan: Plan, lua: Path) -> Sample:
+def measure(case: Case, plan: Plan) -> Sample:
     before, client_before = cpu_of(case.target), time.process_time() + children_cpu_s()
     if case.workload == "stream":
         units, elapsed = run_async(stream_client(case))
         rate = units / elapsed
     else:
-        result = wrk(case, plan.tiny_s, lua)
+        result = load(case, plan.tiny_s)
         units, rate = result.requests, result.requests / result.duration_s
     after, client_after = cpu_of(case.target), time.process_time() + children_cpu_s()
     return Sample(
@@ -536,70 +438,40 @@ def measure(case: Case, plan: Plan, lua: Path) -> Sample:
 # --- the processes -----------------------------------------------------------------------------
 
 
-def gateway_env(redis_url: str, sim_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "GPUGATE_REDIS_URL": redis_url,
-        "GPUGATE_OLLAMA_URL": sim_url,
-        "GPUGATE_GPU_CONCURRENCY": str(GPU_CAP),
-        "GPUGATE_WORKER_CONCURRENCY": str(GPU_CAP),
-        "GPUGATE_RATE_LIMIT": "1000000/second",
-        "GPUGATE_BURST": "1000000",
-        "GPUGATE_MAX_QUEUE_DEPTH": "100000",
-        "GPUGATE_LOG_LEVEL": "warning",
-        "GPUGATE_SHUTDOWN_GRACE": "0",
-        **extra,
-    }
+GATEWAY: dict[str, object] = {
+    "gpu_concurrency": GPU_CAP,
+    "worker_concurrency": GPU_CAP,
+    "max_queue_depth": 100000,
+    "shutdown_grace": 0,
+    **NO_RATE_LIMIT,
+}
 
 
-@dataclass
-class Stack:
+def start_gateway(sim: Process, apis: int, workers: int, **settings: object) -> Stack:
     """One gpugate: its own redis-server, `apis` API processes and `workers` workers."""
-
-    name: str
-    redis: Process
-    apis: list[Process]
-    workers: list[Process]
-
-    @property
-    def procs(self) -> list[Process]:
-        return [*self.apis, *self.workers, self.redis]
-
-    def target(self, sim: Process) -> Target:
-        return Target(
-            self.name,
-            [api.url for api in self.apis],
-            "Bearer bench-throughput",
-            {
-                "api": [a.pid for a in self.apis],
-                "worker": [w.pid for w in self.workers],
-                "redis": [self.redis.pid],
-                "sim": [sim.pid],
-            },
-        )
+    return start_stack(
+        sim.url, apis=apis, workers=workers, ready_timeout=30, **{**GATEWAY, **settings}
+    )
 
 
-def start_stack(name: str, sim: Process, apis: int, workers: int, **extra: str) -> Stack:
-    redis_proc = start_redis()
-    env = gateway_env(redis_proc.url, sim.url, **extra)
-    stack = Stack(name, redis_proc, [], [])
-    try:
-        stack.workers = [start_worker(env) for _ in range(workers)]
-        stack.apis = [start_api(env) for _ in range(apis)]
-        for api in stack.apis:
-
-            def alive(url: str = api.url) -> bool:
-                return f"{workers} alive" in httpx.get(url + "/ready").text
-
-            wait_until(alive, timeout=30, interval=0.1, what=f"{name}: {workers} workers alive")
-    except BaseException:
-        stop_all(stack.procs)
-        raise
-    return stack
+def target(name: str, stack: Stack, sim: Process) -> Target:
+    assert stack.redis_server is not None
+    return Target(
+        name,
+        [api.url for api in stack.apis],
+        "Bearer bench-throughput",
+        {
+            "api": [a.pid for a in stack.apis],
+            "worker": [w.pid for w in stack.workers],
+            "redis": [stack.redis_server.pid],
+            "sim": [sim.pid],
+        },
+    )
 
 
 def spawn_litellm(sim: Process, key: str) -> Process:
     """LiteLLM's proxy as its docs start it: `litellm --config ... --num_workers 1`. Returns
-    at once (it takes seconds to start); `wait_litellm` waits for it."""
+    at once (it takes seconds to start); `wait_http(proc, "/health/liveliness", ...)` waits."""
     port = free_port()
     binary = Path(sys.executable).with_name("litellm")
     if not binary.exists():
@@ -607,10 +479,7 @@ def spawn_litellm(sim: Process, key: str) -> Process:
         if found is None:
             raise RuntimeError("litellm is not installed: pip install 'litellm[proxy]'")
         binary = Path(found)
-    workdir = Path(tempfile.mkdtemp(prefix="gpugate-litellm-"))
-    log_path = workdir / "output.log"
     env = {
-        **os.environ,
         "BENCH_OLLAMA_URL": sim.url,
         "LITELLM_MASTER_KEY": key,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -619,38 +488,9 @@ def spawn_litellm(sim: Process, key: str) -> Process:
     }
     argv = [str(binary), "--config", str(LITELLM_CONFIG), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--num_workers", "1"]
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-            start_new_session=True,
-        )
-    return Process("litellm", popen, log_path, url=f"http://127.0.0.1:{port}", port=port)
-
-
-def wait_litellm(proc: Process) -> None:
-    def answers() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"litellm exited early:\n{proc.log()[-3000:]}")
-        try:
-            return httpx.get(proc.url + "/health/liveliness", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(answers, timeout=180, interval=0.2, what="LiteLLM's proxy to answer")
-
-
-def stop_all(procs: list[Process]) -> None:
-    for proc in reversed(procs):
-        with contextlib.suppress(Exception):
-            proc.stop()
-
-
-def set_sim(sim: Process, **config: Any) -> None:
-    httpx.put(sim.url + "/sim/config", json=config, timeout=10).raise_for_status()
+    proc = spawn("litellm", argv, env, cwd=Path(tempfile.mkdtemp(prefix="gpugate-litellm-")))
+    proc.url, proc.port = f"http://127.0.0.1:{port}", port
+    return proc
 
 
 def raise_fd_limit(need: int) -> None:
@@ -713,13 +553,13 @@ def check_once(case: Case) -> None:
         raise AssertionError(f"{case.label}: {r.status_code} {r.text[:500]}")
 
 
-def warm_up(cases: list[Case], plan: Plan, lua: Path) -> None:
+def warm_up(cases: list[Case], plan: Plan) -> None:
     """A short run of every case. For streams: one stream on every connection at the
     smallest concurrency, all at once; from its rate, how many streams per connection make a
     run last about stream_s, at every concurrency."""
     for case in cases:
         if case.workload == "tiny":
-            wrk(case, plan.warmup_s, lua)
+            load(case, plan.warmup_s)
         elif case.workload == "stream" and case.concurrency == min(STREAMS):
             case.streams = 1
             chunks, elapsed = run_async(stream_client(case))
@@ -740,18 +580,18 @@ def warm_up(cases: list[Case], plan: Plan, lua: Path) -> None:
             case.streams = max(1, round(plan.stream_s / per_batch_s))
 
 
-def interleaved(cases: list[Case], plan: Plan, lua: Path) -> None:
+def interleaved(cases: list[Case], plan: Plan) -> None:
     """Every case once per round; the order rotates from round to round."""
     for r in range(plan.rounds):
         shift = r * len(cases) // max(plan.rounds, 1)
         for case in cases[shift:] + cases[:shift]:
-            sample = measure_check(case, plan, lua) if case.ref else measure(case, plan, lua)
+            sample = measure_check(case, plan) if case.ref else measure(case, plan)
             case.samples.append(sample)
             unit = "req/s" if case.workload == "tiny" else "chunks/s"
             print(f"round {r + 1}: {case.label}: {sample.rate:.0f} {unit}", flush=True)
 
 
-def measure_check(case: Case, plan: Plan, lua: Path) -> Sample:
+def measure_check(case: Case, plan: Plan) -> Sample:
     """wrk on the direct streams, run long enough for 2.5 batches of streams at the rate
     the asyncio client saw in the warm-up; its rate is taken over whole streams only."""
     assert case.ref is not None
@@ -759,7 +599,7 @@ def measure_check(case: Case, plan: Plan, lua: Path) -> Sample:
     batch_s = case.concurrency * case.chunks / max(case.ref.warm_rate, 1.0)
     duration = max(2, math.ceil(2.5 * batch_s + 1))
     before, client_before = cpu_of(case.target), children_cpu_s()
-    result = wrk(case, duration, lua)
+    result = load(case, duration)
     after, client_after = cpu_of(case.target), children_cpu_s()
     if not result.window_s:
         raise AssertionError(f"{case.label}: too few streams for a window in {duration} s")
@@ -771,7 +611,7 @@ def measure_check(case: Case, plan: Plan, lua: Path) -> Sample:
     )
 
 
-def throughput(plan: Plan, lua: Path) -> tuple[Setup, list[Case], list[Case], str]:
+def throughput(plan: Plan) -> tuple[Setup, list[Case], list[Case], str]:
     sim = start_sim(
         "--models",
         MODEL,
@@ -787,13 +627,14 @@ def throughput(plan: Plan, lua: Path) -> tuple[Setup, list[Case], list[Case], st
     try:
         litellm = spawn_litellm(sim, key)
         procs.append(litellm)
-        stacks = {}
+        stacks, names = {}, {}
         for apis, workers in ((1, 1), (1, 2), (2, 1), (2, 2)):
             name = "gpugate" if (apis, workers) == (1, 1) else f"gpugate {apis} API/{workers} w"
-            stacks[apis, workers] = start_stack(name, sim, apis, workers)
-            procs += stacks[apis, workers].procs
-        wait_litellm(litellm)
-        scaling = [(a, w, stack.target(sim)) for (a, w), stack in stacks.items()]
+            stacks[apis, workers] = start_gateway(sim, apis, workers)
+            names[apis, workers] = name
+            procs += stacks[apis, workers].processes
+        wait_http(litellm, "/health/liveliness", timeout=180, interval=0.2, status=200)
+        scaling = [(a, w, target(names[a, w], stack, sim)) for (a, w), stack in stacks.items()]
         setup = Setup(
             direct=Target("direct", [sim.url], "Bearer bench-throughput", {"sim": [sim.pid]}),
             gpugate=scaling[0][2],
@@ -810,24 +651,18 @@ def throughput(plan: Plan, lua: Path) -> tuple[Setup, list[Case], list[Case], st
         for case in tiny:
             check_once(case)
         print("== tiny jobs", flush=True)
-        warm_up(tiny, plan, lua)
-        interleaved(tiny, plan, lua)
+        warm_up(tiny, plan)
+        interleaved(tiny, plan)
 
-        set_sim(sim, tokens=STREAM_TOKENS)
+        sim_configure(sim, reset=False, tokens=STREAM_TOKENS)
         streams = stream_cases(setup)
         print("== streams", flush=True)
-        warm_up(streams, plan, lua)
-        interleaved(streams, plan, lua)
+        warm_up(streams, plan)
+        interleaved(streams, plan)
         versions = litellm_version()
     finally:
         stop_all(procs)
     return setup, tiny, streams, versions
-
-
-def wrk_version() -> str:
-    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
-    words = (out.stdout + out.stderr).split()
-    return " ".join(words[:2]) if words else "wrk"
 
 
 def litellm_version() -> str:
@@ -883,7 +718,7 @@ def redis_figures(rdb: redis.Redis) -> dict[str, int]:
 
 async def fill_and_drain(stack: Stack, sim: Process, b: Backlog) -> None:
     api, worker = stack.apis[0], stack.workers[0]
-    rdb = redis.Redis.from_url(stack.redis.url)
+    rdb = stack.redis()
     probe = Connection(api.url)
     request = probe.request(
         "POST", NATIVE.path, NATIVE.body, Authorization="Bearer bench-backlog", Connection="close"
@@ -940,23 +775,17 @@ def backlog(callers: int) -> Backlog:
     procs: list[Process] = [sim]
     b = Backlog(callers)
     try:
-        stack = start_stack(
-            "gpugate backlog",
-            sim,
-            1,
-            1,
-            GPUGATE_GPU_CONCURRENCY="1",
-            GPUGATE_MAX_QUEUE_DEPTH=str(BACKLOG_DEPTH),
-            GPUGATE_ADMIN_KEY=ADMIN_KEY,
+        stack = start_gateway(
+            sim, 1, 1, gpu_concurrency=1, max_queue_depth=BACKLOG_DEPTH, admin_key=ADMIN_KEY
         )
-        procs += stack.procs
+        procs += stack.processes
         api, worker = stack.apis[0], stack.workers[0]
         with httpx.Client(base_url=api.url, timeout=30) as client:
             for _ in range(100):  # warm: imports, pools, scripts loaded
                 r = client.post(NATIVE.path, json=NATIVE.body, headers={"X-API-Key": "warm"})
                 if r.status_code != 200:
                     raise AssertionError(f"backlog warm-up: {r.status_code} {r.text[:300]}")
-        set_sim(sim, token_delay_s=BACKLOG_TOKEN_DELAY_S)
+        sim_configure(sim, reset=False, token_delay_s=BACKLOG_TOKEN_DELAY_S)
         time.sleep(1)
         b.rss_before = {"api": rss_mb(api.pid), "worker": rss_mb(worker.pid)}
         run_async(fill_and_drain(stack, sim, b))
@@ -1246,17 +1075,15 @@ any other answer fails the run.
 
 
 def run(plan: Plan) -> str:
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is missing: `make wrk` installs Debian's package")
+    wrk.require()
     raise_fd_limit(4 * plan.backlog + 4096)
-    lua = lua_script()
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    setup, tiny, streams, litellm_v = throughput(plan, lua)
+    setup, tiny, streams, litellm_v = throughput(plan)
     print("== backlog", flush=True)
     b = backlog(plan.backlog)
     text = report(plan, setup, tiny, streams, b, litellm_v)
     text += (
-        f"\n\nThe whole run took {time.monotonic() - started:.0f} s; load tool {wrk_version()}. "
+        f"\n\nThe whole run took {time.monotonic() - started:.0f} s; load tool {wrk.version()}. "
         f"The machine's 1-minute load average (other work on it included) was {load_before:.1f} "
         f"at the start and {os.getloadavg()[0]:.1f} at the end."
     )
@@ -1267,13 +1094,8 @@ def run(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
-    args = parser.parse_args(argv if argv is not None else [])
-    quick = args.quick or os.environ.get("THROUGHPUT_QUICK", "") not in ("", "0")
-    text = run(QUICK if quick else FULL)
-    if not quick:
-        write_section("throughput", "make bench  # python -m bench throughput", text)
+    quick = is_quick(arguments("throughput", __doc__).parse_args(argv or []), "throughput")
+    publish("throughput", run(QUICK if quick else FULL), quick=quick)
 
 
 if __name__ == "__main__":

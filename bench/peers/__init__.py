@@ -1,1 +1,1 @@
-"""The peers of bench/admission, each run as its own uvicorn process, and its wrk script."""
+"""The peers of bench/admission, each run as its own uvicorn process."""
