@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
-import ssl
 from collections import deque
 from collections.abc import Sequence
 from functools import cache
@@ -44,10 +43,10 @@ from typing import Any, overload
 
 import hiredis
 from redis import exceptions as rx
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import parse_url
 
 from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
-from shared.store import SOCKET_TIMEOUT_S, WAIT_BARRIER_CHANNEL, MasterDemoted
+from shared.store import SOCKET_TIMEOUT_S, WAIT_BARRIER_CHANNEL, MasterDemoted, tls_context
 
 Address = tuple[str, int] | str  # host and port, or a unix socket path
 
@@ -309,10 +308,8 @@ class Lane:
         if isinstance(address, str):
             _, protocol = await loop.create_unix_connection(lambda: _Protocol(timeout_s), address)
         else:
-            secure = opts.get("connection_class") is SSLConnection
-            tls = ssl.create_default_context() if secure else None
             _, protocol = await loop.create_connection(
-                lambda: _Protocol(timeout_s), *address, ssl=tls
+                lambda: _Protocol(timeout_s), *address, ssl=tls_context(opts)
             )
         protocol.address = address
         setup: list[Sequence[Any]] = []

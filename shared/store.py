@@ -19,6 +19,7 @@ reason named (`unavailable()`).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, ConnectionPool
+from redis.asyncio.connection import Connection, ConnectionPool, RedisSSLContext, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
@@ -100,6 +101,30 @@ is what Redis WAIT waits for (`wait_replicas`)."""
 
 class MasterDemoted(redis_exceptions.ConnectionError):
     """The server we took for the master answered READONLY: a failover made it a replica."""
+
+
+_TLS_OPTIONS = (
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+)
+
+
+def tls_context(options: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS of a `rediss://` URL (redis-py's `parse_url` options, its `ssl_*` query
+    parameters included), built by redis-py's own `RedisSSLContext` with `SSLConnection`'s
+    defaults: the lane verifies exactly as every redis-py client of the same URL does.
+    None for a plain connection."""
+    if options.get("connection_class") is not SSLConnection:
+        return None
+    tls = {name.removeprefix("ssl_"): options[name] for name in _TLS_OPTIONS if name in options}
+    tls.setdefault("cert_reqs", "required")
+    return RedisSSLContext(**tls).get()
 
 
 def connect(url: str, *, blocking: bool = False) -> Redis:

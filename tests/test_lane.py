@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from redis import exceptions as rx
 
+from gpugate.testing.processes import spawn
 from shared.lane import Lane, _error
-from tests.processes import Process, start_redis
+from tests.processes import Process, free_port, start_redis, wait_until
 
 
 async def test_concurrent_commands_get_their_own_replies(redis_proc: Process) -> None:
@@ -91,3 +95,48 @@ async def _started(lane: Lane) -> asyncio.Task[None]:
             return runner
         await asyncio.sleep(0)
     raise AssertionError("the lane's WAIT runner did not start")
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server that speaks only TLS, with a self-signed certificate for 127.0.0.1."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = [
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+        *("-addext", "subjectAltName=IP:127.0.0.1"),
+    ]
+    subprocess.run(openssl, check=True, capture_output=True)
+    port = free_port()
+    server = [
+        *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+        *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--save", ""),
+    ]
+    proc = spawn("redis-tls", server)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+
+    def answers() -> bool:
+        with redis.Redis.from_url(url) as client:
+            return bool(client.ping())
+
+    try:
+        wait_until(answers, timeout=10, what="the TLS redis-server to answer")
+        yield port, cert
+    finally:
+        proc.stop()
+
+
+async def test_the_lane_takes_the_tls_options_of_the_url(tls_redis: tuple[int, Path]) -> None:
+    """`rediss://…?ssl_ca_certs=…` trusts that CA for the lane as for redis-py; without
+    it the self-signed server is refused (verification is on by default)."""
+    port, cert = tls_redis
+    trusting = Lane(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
+    default = Lane(f"rediss://127.0.0.1:{port}/0")
+    try:
+        assert await trusting.execute("PING") == b"PONG"
+        with pytest.raises(rx.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await default.execute("PING")
+    finally:
+        await trusting.aclose()
+        await default.aclose()
