@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 from collections import deque
 from collections.abc import Sequence
-from functools import cache
 from typing import Any, overload
 
 import hiredis
@@ -46,7 +44,13 @@ from redis import exceptions as rx
 from redis.asyncio.connection import parse_url
 
 from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
-from shared.store import SOCKET_TIMEOUT_S, WAIT_BARRIER_CHANNEL, MasterDemoted, tls_context
+from shared.store import (
+    SOCKET_TIMEOUT_S,
+    WAIT_BARRIER_CHANNEL,
+    MasterDemoted,
+    evalsha,
+    tls_context,
+)
 
 Address = tuple[str, int] | str  # host and port, or a unix socket path
 
@@ -198,12 +202,7 @@ class Lane:
         args)`); after a Redis restart or a failover, send it whole once."""
         keys: Sequence[Any] = keys_or_args if args is not None else ()
         argv: Sequence[Any] = args if args is not None else keys_or_args
-        try:
-            return await self.execute("EVALSHA", _sha1(source), len(keys), *keys, *argv)
-        except rx.ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            return await self.execute("EVAL", source, len(keys), *keys, *argv)
+        return await evalsha(self.execute, source, keys, argv)
 
     async def wait_replicas(self, replicas: int, timeout_ms: int) -> int:
         """How many replicas acknowledged this task's writes through the lane (Redis
@@ -437,8 +436,3 @@ def _error(reply: rx.ResponseError) -> rx.RedisError:
     if message.startswith("LOADING"):
         return rx.BusyLoadingError(message)
     return reply
-
-
-@cache
-def _sha1(source: str) -> str:
-    return hashlib.sha1(source.encode()).hexdigest()

@@ -11,13 +11,13 @@ look at the fleet, the backends as name, configured cap, kind triples. Replies a
 objects.
 
 Scripts run by SHA; after a Redis restart or a failover (an empty script cache) the
-script is sent whole once. Driver errors become `RedisUnavailable`, here and nowhere else.
+script is sent whole once (`store.evalsha`, the one NOSCRIPT path). Redis failures,
+error replies included, become `RedisUnavailable` (`store.redis_errors`).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -25,15 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis import exceptions as rx
 
 from shared import keys
 from shared.endpoints import INFERENCE, Api
 from shared.settings import Backend
-from shared.store import redis_errors
-
-Execute = Callable[..., Awaitable[Any]]
-"""Sends one Redis command and returns its reply: `Redis.execute_command`, `Lane.execute`."""
+from shared.store import Execute, evalsha, redis_errors
 
 _LUA_DIR = Path(__file__).with_name("lua")
 _KEYS: tuple[tuple[str, str], ...] = (
@@ -124,11 +120,6 @@ def source(name: str) -> str:
         shebang, body = body.split("\n", 1)
         shebang += "\n"
     return shebang + bind + _CONSTANTS + prelude + body
-
-
-@cache
-def _sha(name: str) -> str:
-    return hashlib.sha1(source(name).encode()).hexdigest()
 
 
 def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
@@ -269,18 +260,8 @@ class Scripts:
         self._execute = execute
 
     async def _run(self, name: str, args: dict[str, Any], *tail: str | int) -> Any:
-        payload = _encode(args)
         with redis_errors():
-            try:
-                reply = await self._execute(
-                    "EVALSHA", _sha(name), len(KEY_NAMES), *KEY_NAMES, payload, *tail
-                )
-            except rx.ResponseError as exc:  # redis-py: NoScriptError; the lane: the reply
-                if not isinstance(exc, rx.NoScriptError) and not str(exc).startswith("NOSCRIPT"):
-                    raise
-                reply = await self._execute(
-                    "EVAL", source(name), len(KEY_NAMES), *KEY_NAMES, payload, *tail
-                )
+            reply = await evalsha(self._execute, source(name), KEY_NAMES, (_encode(args), *tail))
         return orjson.loads(reply)
 
     async def admit(

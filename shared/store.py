@@ -19,10 +19,12 @@ reason named (`unavailable()`).
 
 from __future__ import annotations
 
+import hashlib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
 
 from redis import exceptions as redis_exceptions
@@ -101,6 +103,32 @@ is what Redis WAIT waits for (`wait_replicas`)."""
 
 class MasterDemoted(redis_exceptions.ConnectionError):
     """The server we took for the master answered READONLY: a failover made it a replica."""
+
+
+Execute = Callable[..., Awaitable[Any]]
+"""Sends one Redis command and returns its reply: `Redis.execute_command`, `Lane.execute`."""
+
+
+async def evalsha(
+    execute: Execute, source: str, keys: Sequence[str | bytes], args: Sequence[Any]
+) -> Any:
+    """Run a Lua script by its SHA through `execute`; when Redis does not have it (a
+    restart, a failover to a replica whose cache is empty), send it whole, once. The one
+    NOSCRIPT path of gpugate, for the lane and redis-py clients alike. Failures are
+    raised as the driver raised them (`redis_errors()` maps them)."""
+    try:
+        return await execute("EVALSHA", _sha1(source), len(keys), *keys, *args)
+    except redis_exceptions.ResponseError as exc:  # redis-py: NoScriptError; the lane: as sent
+        if not isinstance(exc, redis_exceptions.NoScriptError) and not str(exc).startswith(
+            "NOSCRIPT"
+        ):
+            raise
+        return await execute("EVAL", source, len(keys), *keys, *args)
+
+
+@cache
+def _sha1(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 _TLS_OPTIONS = (
