@@ -1,11 +1,12 @@
 """What durable admission costs: GPUGATE_REDIS_MIN_REPLICAS=0 against =1, on one Sentinel
 cluster, in interleaved rounds of one run.
 
-The cluster is tests/sentinel.py's: a master, two replicas and three Sentinels on loopback.
-Two gateway stacks use it at once through its `redis+sentinel://` URL, each on a database
-of its own: one API and two workers each, on the same simulator at zero time per token; one
-stack with GPUGATE_REDIS_MIN_REPLICAS=0, the other with =1 (GPUGATE_REDIS_WAIT_MS=500). In
-every round, for each stack (the order alternates between rounds):
+The cluster is gpugate.testing.sentinel's: a master, two replicas and three Sentinels on
+loopback. Two gateway stacks use it at once through its `redis+sentinel://` URL, each on a
+database of its own: one API and two workers each, on the same simulator at zero time per
+token; one stack with GPUGATE_REDIS_MIN_REPLICAS=0, the other with =1
+(GPUGATE_REDIS_WAIT_MS=500). In every round, for each stack (the order alternates between
+rounds):
 
 - admission throughput: `wrk` posts async jobs (`POST /v1/jobs`) at a fixed concurrency
   while the stack's workers run them; wrk's script counts every response by status and
@@ -42,10 +43,10 @@ from gpugate.testing import stack as harness
 from gpugate.testing import wrk
 from gpugate.testing.processes import Process, wait_until
 from gpugate.testing.revision import revision
+from gpugate.testing.sentinel import SentinelCluster, start_cluster
 from gpugate.testing.stack import NO_RATE_LIMIT, queue, start_sim
 from gpugate.testing.stats import cpu_s, percentile
 from shared import keys
-from tests.sentinel import SentinelCluster, start_cluster
 
 GPU_CONCURRENCY = 4
 WORKERS = 2
@@ -343,7 +344,7 @@ def report(
     )
     setup = (
         "A Sentinel cluster on loopback (a master, two replicas, three Sentinels; "
-        "tests/sentinel.py, no persistence) and two gateway stacks on its "
+        "gpugate.testing.sentinel, no persistence) and two gateway stacks on its "
         "`redis+sentinel://` URL at once, each on a database of its own: one API and "
         f"{WORKERS} workers each, GPU cap {GPU_CONCURRENCY}, the simulator at 5 tokens and "
         "0 s per token, rate limits out of the way, one API key; one stack with "

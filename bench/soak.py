@@ -6,7 +6,7 @@ for SOAK_S seconds (default 150) in each of two modes:
 - **standalone**: a private redis-server with an append-only file (as in production). One
   worker is killed with SIGKILL and restarted, and Redis is stopped and restarted once.
 - **sentinel**: a Sentinel cluster (a master, two replicas, three Sentinels:
-  tests/sentinel.py) and the gateway on its `redis+sentinel://` URL with
+  gpugate.testing.sentinel) and the gateway on its `redis+sentinel://` URL with
   GPUGATE_REDIS_MIN_REPLICAS=1. The master is killed with `kill -9` (a replica is
   promoted; the timeline kill, promotion seen, `/ready` 200, first admission after is
   recorded), later a worker is killed with SIGKILL and restarted.
@@ -41,10 +41,10 @@ import redis
 from bench.report import arguments, is_quick, publish
 from gpugate.testing.processes import Process, wait_until
 from gpugate.testing.revision import revision
+from gpugate.testing.sentinel import SentinelCluster, start_cluster
 from gpugate.testing.stack import settings_env, start_redis, start_sim, start_stack, start_worker
 from gpugate.testing.stats import rss_mb
 from shared import keys
-from tests.sentinel import SentinelCluster, start_cluster
 
 GPU_CONCURRENCY = 2
 TOKENS, TOKEN_DELAY_S = 5, 0.04  # a job holds its slot for about 0.2 s: ~10 jobs/s
@@ -537,7 +537,7 @@ def setup_text(fleet: Fleet, duration: float, served: float) -> str:
     if fleet.mode == "sentinel":
         return (
             load + " Redis: a Sentinel cluster on loopback (a master, two replicas, three "
-            "Sentinels, quorum 2, `down-after-milliseconds 1000`; tests/sentinel.py), the "
+            "Sentinels, quorum 2, `down-after-milliseconds 1000`; gpugate.testing.sentinel), the "
             "gateway on its `redis+sentinel://` URL with "
             + ", ".join(f"`{k}={v}`" for k, v in settings_env(SENTINEL_SETTINGS).items())
             + ". The master is killed with `kill -9` at 30 % of the run and not restarted (one "

@@ -36,15 +36,20 @@ def settings_env(settings: Mapping[str, object]) -> dict[str, str]:
     return {f"GPUGATE_{name.upper()}": str(value) for name, value in settings.items()}
 
 
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
+    return binary
+
+
 def start_redis(
     port: int | None = None, *, data_dir: str | None = None, **options: Unpack[Spawn]
 ) -> Process:
     """A private redis-server on a free port; persisting nothing unless given `data_dir`,
     then with an append-only file synced on every write (restart it on the same port and
     `data_dir` and it has everything back)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
+    binary = redis_server_binary()
     port = port or free_port()
     persist = data_dir is not None
     data_dir = data_dir or tempfile.mkdtemp(prefix="gpugate-redis-data-")
