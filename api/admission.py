@@ -19,7 +19,9 @@ from api.identity import Identity
 from api.jobs import cancel_job
 from api.state import Gate
 from shared import keys
+from shared.budget import KEEP_AFTER_S
 from shared.errors import (
+    BudgetExhausted,
     Conflict,
     GatewayError,
     QueueFull,
@@ -142,6 +144,9 @@ async def admit(
         canonical = json.dumps([request.endpoint, json.loads(request.body)], sort_keys=True)
         digest = body_digest(canonical)
     tpm = tier.tpm
+    budget, window = who.budget, (0, 0)
+    if budget is not None:
+        window = budget.window(time.time())
     reply = await gate.on_lane(
         lambda scripts: scripts.admit(
             owner=who.owner,
@@ -173,6 +178,12 @@ async def admit(
             hold_ms=settings.redis_wait_ms + HOLD_MARGIN_MS if settings.redis_min_replicas else 0,
             inbox=inbox,
             traceparent=request.traceparent,
+            key_record=who.record,
+            max_running=tier.max_running or 0,
+            budget_tokens=budget.tokens if budget else 0,
+            budget_period=window[0],
+            budget_reserve=request.max_tokens,
+            budget_ttl_ms=int((window[1] - time.time() + KEEP_AFTER_S) * 1000),
         )
     )
     if reply is None:
@@ -197,7 +208,8 @@ async def admit(
             backlog=backlog,
             rate_limit=rate_limit,
         )
-    raise _with_limits(_refusal(reply, backlog, settings.max_queue_depth), rate_limit)
+    refusal = _refusal(reply, backlog, settings.max_queue_depth, window[1])
+    raise _with_limits(refusal, rate_limit)
 
 
 REPLICAS_RETRY_AFTER_S = 2
@@ -260,7 +272,9 @@ def _rate_limit(who: Identity, reply: AdmitReply) -> RateLimit:
     return RateLimit(requests, tokens)
 
 
-def _refusal(reply: AdmitReply, backlog: Backlog, max_depth: int) -> GatewayError:
+def _refusal(
+    reply: AdmitReply, backlog: Backlog, max_depth: int, budget_reset_s: int = 0
+) -> GatewayError:
     outcome = reply.outcome
     if outcome is AdmitOutcome.RATE_LIMITED:
         return RateLimited(reply.next_token_ms / 1000)
@@ -270,6 +284,9 @@ def _refusal(reply: AdmitReply, backlog: Backlog, max_depth: int) -> GatewayErro
         return QueueFull(backlog.room_in_s(max_depth), backlog.depth)
     if outcome is AdmitOutcome.QUEUE_FULL_KEY:
         return QueueFull(backlog.start_in_s(max(reply.rank, 0)), backlog.depth, scope="key")
+    if outcome is AdmitOutcome.BUDGET_EXHAUSTED:
+        # the reset of the period the script saw (its start is the window's)
+        return BudgetExhausted(budget_reset_s, time.time())
     if outcome is AdmitOutcome.CONFLICT:
         return Conflict("This Idempotency-Key was used with a different request body.")
     if outcome is AdmitOutcome.BACKEND_DOWN:

@@ -18,11 +18,12 @@ import httpx
 from fastapi import FastAPI
 
 from api import errors
+from api.apikeys import KeyStore
 from api.body_limit import BodyLimit
 from api.edge import AdmissionEdge
 from api.inbox import Inbox
 from api.metrics import Metrics, RequestMetrics
-from api.routes import admin, console, inference, jobs, models, service
+from api.routes import admin, console, inference, jobs, keys, models, service
 from api.state import Gate
 from api.tiers import Keyring
 from shared import store, telemetry
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
         http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
         lane = Lane(settings.redis_url)
         inbox = Inbox(blocking_redis)
+        key_store = KeyStore(redis, keyring)
         app.state.gate = Gate(
             settings=settings,
             redis=redis,
@@ -64,13 +66,16 @@ def create_app(settings: Settings) -> FastAPI:
             inbox=inbox,
             http=http,
             keyring=keyring,
+            key_store=key_store,
             trusted=settings.trusted_networks,
             metrics=metrics,
         )
         inbox.start()
+        key_store.start()
         try:
             yield
         finally:
+            await key_store.stop()
             await inbox.stop()
             await http.aclose()
             lane.close()
@@ -85,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         **_native_telemetry_off(),
     )
     errors.install(app)
-    for module in (inference, jobs, models, service, admin, console):
+    for module in (inference, jobs, models, service, admin, keys, console):
         app.include_router(module.router)
     app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

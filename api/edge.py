@@ -1,5 +1,6 @@
 """Admission at the ASGI edge: an inference request (or `POST /v1/jobs`) is checked,
-identified and admitted or refused before FastAPI routes it.
+identified (a key refused now is 401, a model its `models` exclude is 403) and admitted
+or refused before FastAPI routes it.
 
 Admission is what every inference request costs, and a refusal is all that many of them
 get under load, so it takes the fewest steps: the body is validated once, straight from
@@ -31,7 +32,7 @@ from api.paths import route_path
 from api.state import Gate
 from shared import logs, telemetry
 from shared.endpoints import INFERENCE
-from shared.errors import GatewayError, InvalidRequest
+from shared.errors import GatewayError, InvalidApiKey, InvalidRequest, ModelNotAllowed
 from shared.jobs import new_job_id
 from shared.settings import Settings
 
@@ -119,10 +120,14 @@ class AdmissionEdge:
         try:
             request = plan(scope[BODY], conn, gate.settings)
             who = identify(conn, gate.keyring, gate.trusted, gate.settings.require_api_key)
+            if who.models is not None and not who.may_use(request.model):
+                raise ModelNotAllowed(request.model)
             job_id = new_job_id()
             scope[ADMITTED] = await _admit(gate, who, request, job_id)
         except GatewayError as error:
             scope[EDGE_ROUTE] = path  # for the request metrics
+            if isinstance(error, ModelNotAllowed | InvalidApiKey):
+                gate.metrics.admission(error.code)
             await error_response(error)(scope, receive, send)
             return
         except UnicodeDecodeError:

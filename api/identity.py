@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
 
-from api.tiers import Keyring, Tier, fingerprint, key_digest
+from api.tiers import ApiKey, Keyring, Tier, fingerprint, key_digest, model_allowed
+from shared.budget import Budget
 from shared.errors import InvalidApiKey
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,7 +29,18 @@ class Identity:
     """What logs and metrics show: the key's name, its fingerprint, or the IP."""
     tier: Tier
     named: bool = False
-    """A key listed in the keys file (its `name` is then what usage reports)."""
+    """A known key: the keys file's or one of /admin/keys (its `name` is then what usage
+    reports)."""
+    models: tuple[str, ...] | None = None
+    """The models the key may use (names or patterns); None: any."""
+    max_running: int | None = None
+    budget: Budget | None = None
+    record: str = ""
+    """The key's /admin/keys record, when it has one (the scheduler reads its live
+    `max_running` there)."""
+
+    def may_use(self, model: str) -> bool:
+        return model_allowed(self.models, model)
 
     @property
     def usage_name(self) -> str:
@@ -74,16 +86,29 @@ def identify(
 ) -> Identity:
     key = presented_key(conn)
     if key is not None:
+        entry = keyring.lookup(key)  # 401 for a key known and refused now
+        if entry is not None:
+            return known(entry)
         if keyring.closed:
-            entry = keyring.lookup(key)
-            if entry is None:
-                raise InvalidApiKey("Unknown API key.")
-            return Identity(f"key:{entry.sha256}", entry.name, entry.tier, named=True)
+            raise InvalidApiKey("Unknown API key.")
         return Identity(f"key:{key_digest(key)}", f"key:{fingerprint(key)}", keyring.default)
     if require_key:
         raise InvalidApiKey("An API key is required (X-API-Key or Authorization: Bearer).")
     ip = client_ip(conn, trusted)
     return Identity(f"ip:{ip}", f"ip:{ip}", keyring.default)
+
+
+def known(entry: ApiKey) -> Identity:
+    return Identity(
+        entry.owner_id,
+        entry.name,
+        entry.tier,
+        named=True,
+        models=entry.models,
+        max_running=entry.max_running,
+        budget=entry.budget,
+        record=entry.record,
+    )
 
 
 def client_id(conn: HTTPConnection, trusted: Sequence[Network]) -> str:

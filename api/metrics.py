@@ -30,6 +30,8 @@ REJECTIONS = tuple(
     if outcome not in (AdmitOutcome.ADMITTED, AdmitOutcome.EXISTING, AdmitOutcome.CONFLICT)
 )
 """Why admission refused: one name each, in /metrics, /admin/status and Redis's stats."""
+EDGE_REJECTIONS = ("invalid_api_key", "model_not_allowed")
+"""Refused at the edge before admission (this API process only; not in Redis's stats)."""
 
 
 class _QueueCollector(Collector):
@@ -137,7 +139,9 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self._rejected = {reason: self.rejections.labels(reason) for reason in REJECTIONS}
+        self._rejected = {
+            reason: self.rejections.labels(reason) for reason in (*REJECTIONS, *EDGE_REJECTIONS)
+        }
         self._requests: dict[tuple[str, int], Counter] = {}
         self.queue = _QueueCollector()
         self.registry.register(self.queue)

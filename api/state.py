@@ -12,6 +12,7 @@ import httpx
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from api.apikeys import KeyStore
 from api.fallback import OUTAGE_NOTE, LocalBuckets
 from api.identity import Network
 from api.inbox import Inbox
@@ -46,6 +47,8 @@ class Gate:
     http: httpx.AsyncClient
     """Metadata and model-management calls straight to Ollama."""
     keyring: Keyring
+    key_store: KeyStore
+    """The keys of /admin/keys in Redis; it keeps `keyring` up to date (api/apikeys.py)."""
     trusted: list[Network]
     metrics: Metrics
     waiters: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_WAITERS))

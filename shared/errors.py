@@ -4,11 +4,13 @@ GatewayError                      code, status, message, headers, extra body fie
  ├── InvalidRequest               400/422 invalid_request
  ├── InvalidApiKey                401 invalid_api_key
  ├── Forbidden                    403 forbidden
+ │    └── ModelNotAllowed         403 model_not_allowed (the key's `models` exclude it)
  ├── NotFound                     404 not_found
  ├── Conflict                     409 conflict
  ├── RequestTooLarge              413 request_too_large
  ├── RateLimited                  429 rate_limit_exceeded (Retry-After; `limit: tokens`)
  ├── QueueFull                    429 queue_full (Retry-After, queue_depth)
+ ├── BudgetExhausted              429 budget_exhausted (resets_at; Retry-After not capped)
  ├── BackendError                 502 backend_error
  ├── Unavailable                  503 unavailable (Retry-After)
  │    └── RedisUnavailable        Redis could not be reached, or refused the command with an
@@ -66,6 +68,13 @@ class Forbidden(GatewayError):
     status = 403
 
 
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"This API key may not use the model {model!r}.", model=model)
+
+
 class NotFound(GatewayError):
     code = "not_found"
     status = 404
@@ -118,6 +127,25 @@ class QueueFull(_RetryLater):
             what + ". Try again in {retry_after} seconds.",
             retry_after_s=retry_after_s,
             queue_depth=queue_depth,
+        )
+
+
+class BudgetExhausted(GatewayError):
+    """The key's token budget for the period is used up. Retry-After is the time to the
+    reset, not capped at 120 s (the SDKs stop retrying, which is right: it may be days)."""
+
+    code = "budget_exhausted"
+    status = 429
+
+    def __init__(self, resets_at_s: int, now_s: float) -> None:
+        from shared.budget import iso
+
+        retry_after = max(1, math.ceil(resets_at_s - now_s))
+        super().__init__(
+            f"The token budget of this API key is used up until {iso(resets_at_s)}.",
+            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
+            resets_at=iso(resets_at_s),
         )
 
 

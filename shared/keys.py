@@ -58,6 +58,17 @@ USAGE = PREFIX + "usage"  # HASH "name|requests|input_tokens|output_tokens|gpu_m
 # limits
 BUCKET = PREFIX + "bucket:"  # + owner: HASH tokens, ts (requests)
 TOKEN_BUCKET = PREFIX + "tokens:"  # + owner: HASH tokens, ts (tier tpm; may go below zero)
+BUDGET = PREFIX + "budget:"  # + owner + ":" + period start (s): STRING tokens used and reserved
+OWNER_RUNNING = PREFIX + "owner-running:"  # + owner: ZSET run id -> start ms (named keys)
+
+# keys managed through /admin/keys (api/apikeys.py); only what verifies a key is stored
+APIKEY = PREFIX + "apikey:"  # + name: HASH, the key's record
+APIKEY_NAMES = PREFIX + "apikeys"  # ZSET name -> created ms
+APIKEY_DIGESTS = PREFIX + "apikey-digests"  # HASH sha256 -> name: current and in-grace keys
+APIKEY_REVOKED = PREFIX + "apikey-revoked"  # HASH sha256 -> name: deleted or rotated keys
+APIKEY_USED = PREFIX + "apikey-used"  # HASH name -> ms of its last admission
+APIKEYS_VERSION = PREFIX + "apikeys-version"  # STRING, INCR on every change: caches reload
+AUDIT = PREFIX + "audit"  # LIST of JSON events, newest first, the last 10,000
 
 # arq's own layout (arq 0.28): only worker/arq_adapter.py and the scripts that enqueue,
 # claim or forget a run touch these.
@@ -101,6 +112,18 @@ def bucket(owner: str) -> str:
 
 def token_bucket(owner: str) -> str:
     return TOKEN_BUCKET + owner
+
+
+def apikey(name: str) -> str:
+    return APIKEY + name
+
+
+def budget(owner: str, period_start_s: int) -> str:
+    return f"{BUDGET}{owner}:{period_start_s}"
+
+
+def owner_running(owner: str) -> str:
+    return OWNER_RUNNING + owner
 
 
 def worker(worker_id: str) -> str:

@@ -65,6 +65,10 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_USAGE", keys.USAGE),
     ("K_BUCKET", keys.BUCKET),
     ("K_TOKEN_BUCKET", keys.TOKEN_BUCKET),
+    ("K_BUDGET", keys.BUDGET),
+    ("K_OWNER_RUNNING", keys.OWNER_RUNNING),
+    ("K_APIKEY", keys.APIKEY),
+    ("K_APIKEY_USED", keys.APIKEY_USED),
     ("K_ARQ_QUEUE", keys.ARQ_QUEUE),
     ("K_ARQ_JOB", keys.ARQ_JOB),
     ("K_ARQ_IN_PROGRESS", keys.ARQ_IN_PROGRESS),
@@ -138,6 +142,7 @@ class AdmitOutcome(StrEnum):
     TOKEN_LIMITED = "token_limit_exceeded"
     QUEUE_FULL = "queue_full"
     QUEUE_FULL_KEY = "queue_full_key"
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ class AdmitReply:
     """Until the tpm bucket is above zero and holds what the request names."""
     status: str = ""
     created_at_ms: int = 0
+    budget_used: float = 0
+    """budget_exhausted: the period's use (and reservations) so far."""
 
 
 class FinishStatus(StrEnum):
@@ -296,11 +303,23 @@ class Scripts:
         hold_ms: int = 0,
         inbox: str = "",
         traceparent: str = "",
+        key_record: str = "",
+        max_running: int = 0,
+        budget_tokens: int = 0,
+        budget_period: int = 0,
+        budget_reserve: int = 0,
+        budget_ttl_ms: int = 0,
     ) -> AdmitReply:
+        """`key_record`, `max_running`, `budget_*`: a known key's (api/apikeys.py): its
+        record's name, its tier's max_running, its budget (the period named by its start,
+        in Unix seconds; the tokens the request names, reserved)."""
         args = dict(locals())
         del args["self"], args["backends"], args["body"]
-        if not traceparent:  # only a traced request writes it (shared/telemetry.py)
-            del args["traceparent"]
+        for optional in ("traceparent", "key_record", "max_running", "budget_tokens"):
+            if not args[optional]:  # only requests that need one carry it
+                del args[optional]
+        if not budget_tokens:
+            del args["budget_period"], args["budget_reserve"], args["budget_ttl_ms"]
         raw = await self._run("admit", args, body, *backends)
         raw["outcome"] = AdmitOutcome(raw["outcome"])
         return AdmitReply(**raw)

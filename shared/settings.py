@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     affinity_wait: float = Field(30, ge=0, le=3600)
     redis_min_replicas: int = Field(0, ge=0, le=16)
     redis_wait_ms: int = Field(100, ge=1, le=60_000)
+    unknown_keys: Literal["default_tier", "refuse"] | None = None
+    """What a key neither in the keys file nor created through /admin/keys gets; unset:
+    `refuse` with a keys file, else `default_tier` (read `refuse_unknown_keys`)."""
     # Beyond the SPEC's table: operational knobs with safe defaults.
     lease_ttl: float = Field(10, gt=0, le=300)
     """Seconds a worker's claim on a job and its GPU slot lives without renewal."""
@@ -230,6 +233,12 @@ class Settings(BaseSettings):
 
     def backend(self, name: str) -> Backend | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    @property
+    def refuse_unknown_keys(self) -> bool:
+        if self.unknown_keys is None:
+            return self.keys_file is not None
+        return self.unknown_keys == "refuse"
 
     @property
     def lease_ms(self) -> int:

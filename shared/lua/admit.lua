@@ -63,6 +63,16 @@ for i = 3, #ARGV, 2 do
   any_up = any_up or redis.call('EXISTS', K_BACKEND_DOWN .. ARGV[i]) == 0
 end
 if not any_up then return answer('backend_down', '', -1) end
+-- the key's token budget for the period (shared/budget.py): spent up, or short of what
+-- the request names, is budget_exhausted
+local budget_key = nil
+if (A.budget_tokens or 0) > 0 then
+  budget_key = K_BUDGET .. owner .. ':' .. A.budget_period
+  local used = tonumber(redis.call('GET', budget_key)) or 0
+  if used >= A.budget_tokens or used + (A.budget_reserve or 0) > A.budget_tokens then
+    return answer('budget_exhausted', '', -1, {budget_used = used})
+  end
+end
 if tokens < 1 then return answer('rate_limit_exceeded', '', -1) end
 if budget ~= nil and (budget <= 0 or A.reserve_tokens > budget) then
   return answer('token_limit_exceeded', '', -1)
@@ -92,6 +102,21 @@ redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
   'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox)
 if A.traceparent then redis.call('HSET', jk, 'traceparent', A.traceparent) end
+-- a known key's limits: its budget reservation (settled by finish.lua), the record the
+-- scheduler reads its live max_running from, the tier's max_running (dispatch.lua)
+local function note_key_limits()
+  if budget_key then
+    redis.call('INCRBY', budget_key, A.budget_reserve or 0)
+    redis.call('PEXPIRE', budget_key, A.budget_ttl_ms)
+    redis.call('HSET', jk, 'budget_key', budget_key, 'budget_reserved', A.budget_reserve or 0)
+  end
+  if (A.max_running or 0) > 0 then redis.call('HSET', jk, 'max_running', A.max_running) end
+  if (A.key_record or '') ~= '' then
+    redis.call('HSET', jk, 'key_record', A.key_record)
+    redis.call('HSET', K_APIKEY_USED, A.key_record, now)
+  end
+end
+note_key_limits()
 redis.call('PEXPIRE', jk, A.record_ttl_ms)
 local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
 if A.hold_ms > 0 then

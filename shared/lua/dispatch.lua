@@ -180,12 +180,41 @@ local function grant(c, job_id, job, b)
   return out
 end
 
+-- max_running (api/apikeys.py): a known key's runs now (entries of runs that ended are
+-- dropped here), and its limit: the live one of its /admin/keys record, else its tier's.
+local function runs_of_owner(owner)
+  local key = K_OWNER_RUNNING .. owner
+  local n = 0
+  for _, run in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if redis.call('ZSCORE', K_RUNNING, run) then n = n + 1 else redis.call('ZREM', key, run) end
+  end
+  return n
+end
+
+local function running_limit(job)
+  if job.key_record then
+    local live = redis.call('HGET', K_APIKEY .. job.key_record, 'max_running')
+    if live and live ~= '' then return tonumber(live) end
+  end
+  return tonumber(job.max_running)
+end
+
+local OWNER_RUNNING_TTL_MS = 86400000
+
+local function track_run(owner, run_id, job)
+  if job.usage_name == 'anonymous' and not job.max_running then return end
+  local key = K_OWNER_RUNNING .. owner
+  redis.call('ZADD', key, now, run_id)
+  redis.call('PEXPIRE', key, OWNER_RUNNING_TTL_MS)
+end
+
 -- The first job of owner `c` that a backend can take now, granted; nil if none.
 local function grant_for(c)
   local ids = redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)
   for _, job_id in ipairs(ids) do
     local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
-      'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held')
+      'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
+      'key_record', 'usage_name')
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
     elseif job.status ~= 'queued' then
@@ -194,9 +223,15 @@ local function grant_for(c)
       cancel_queued(job_id, c.owner, job.model, job.attempt, 'deadline_exceeded',
         'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
     else
+      local limit = running_limit(job)
+      if limit and runs_of_owner(c.owner) >= limit then return nil end  -- the others wait
       local b = choose_backend(job.model, job.endpoint, job.avoid or '',
         now - tonumber(job.created_at))
-      if b then return grant(c, job_id, job, b) end
+      if b then
+        local granted = grant(c, job_id, job, b)
+        track_run(c.owner, granted.run_id, job)
+        return granted
+      end
     end
   end
   return nil

@@ -13,7 +13,7 @@ local job_id = A.job_id
 local run_id = run_of(job_id, A.attempt)
 local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_name', 'model',
   'weight', 'vtc_charged', 'reserved_tokens', 'tpm_rate', 'tpm_burst', 'runs', 'score',
-  'priority', 'avoid', 'started_at', 'sync', 'inbox')
+  'priority', 'avoid', 'started_at', 'sync', 'inbox', 'budget_key', 'budget_reserved')
 local backend = A.backend
 free_run(run_id, backend, A.wake)
 arq_forget(run_id)
@@ -44,6 +44,18 @@ if served > 0 or A.duration_ms > 0 then
     redis.call('HSET', K_JOB .. job_id, 'reserved_tokens', 0)
   end
 end
+-- The key's budget (admit.lua reserved what the request named): what was served is
+-- charged, and the reservation returned once the job will not run again.
+local function settle_budget(final)
+  if not job.budget_key then return end
+  local delta = served - (final and (tonumber(job.budget_reserved) or 0) or 0)
+  if delta ~= 0 and redis.call('EXISTS', job.budget_key) == 1 then
+    redis.call('INCRBY', job.budget_key, delta)
+  end
+  if final then redis.call('HSET', K_JOB .. job_id, 'budget_reserved', 0) end
+end
+settle_budget(not (job.status == 'running' and A.status == 'retry'
+  and tonumber(job.runs) < A.max_attempts))
 if A.model_load_ms > 0 then
   redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
 end
