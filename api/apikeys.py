@@ -234,6 +234,23 @@ class KeyStore:
             last_used = await self._last_used([name])
         return self._record(stored, usage, last_used.get(name))
 
+    async def budget_use(self) -> dict[str, float]:
+        """Each key with a budget: its use in the current period (`/metrics`)."""
+        known = [
+            entry.key
+            for entry in self.keyring.managed.by_digest.values()
+            if entry.grace_until_s is None
+        ]
+        with_budget = [k for k in [*(self.keyring.keys or []), *known] if k.budget is not None]
+        if not with_budget:
+            return {}
+        now = time.time()
+        with redis_errors():
+            values = await self.redis.mget(
+                [keys.budget(k.owner_id, k.budget.window(now)[0]) for k in with_budget if k.budget]
+            )
+        return {k.name: float(v or 0) for k, v in zip(with_budget, values, strict=True)}
+
     async def _stored(self, name: str) -> Stored:
         raw = await self.redis.hgetall(keys.apikey(name))  # type: ignore[misc]
         if not raw:

@@ -124,6 +124,23 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+class _BudgetCollector(Collector):
+    """Each key's use of its budget in the current period (set just before each scrape)."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gpugate_key_budget_used_tokens",
+            "Tokens a key with a budget used (and has reserved) in the current period.",
+            labels=["key"],
+        )
+        for key, used in sorted(self.used.items()):
+            family.add_metric([key], used)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -145,6 +162,8 @@ class Metrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self.queue = _QueueCollector()
         self.registry.register(self.queue)
+        self.budgets = _BudgetCollector()
+        self.registry.register(self.budgets)
 
     def request_done(self, path: str, status: int) -> None:
         counter = self._requests.get((path, status))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from api import model_access
 from api.dependencies import GateDep, presents_admin_key
 from api.health_limit import check_cheap_limit
 from api.identity import identify
@@ -30,7 +31,15 @@ def ollama_path(request: Request) -> str:
 
 async def relay_metadata(request: Request, gate: GateDep) -> Response:
     await check_cheap_limit(gate, request)
-    return await metadata(gate, request, ollama_path(request))
+    path = ollama_path(request)
+    models = model_access.allowed_models(gate, request)
+    if models is None:
+        return await metadata(gate, request, path)
+    # a key with a `models` allow-list sees only those (api/model_access.py)
+    answer = await model_access.hidden(request, path, models)
+    if answer is not None:
+        return answer
+    return model_access.filtered(await metadata(gate, request, path), path, models)
 
 
 async def relay_model(model: str, request: Request, gate: GateDep) -> Response:

@@ -106,4 +106,5 @@ async def metrics(request: Request, gate: GateDep) -> Response:
         ):
             raise InvalidApiKey("/metrics needs Authorization: Bearer <GPUGATE_METRICS_TOKEN>.")
     snapshot = await read_snapshot(gate.redis, gate.settings)
+    gate.metrics.budgets.used = await gate.key_store.budget_use()
     return Response(gate.metrics.render(snapshot), media_type=CONTENT_TYPE)
