@@ -1,12 +1,14 @@
 """What the API asks Ollama itself, without a job: metadata (no GPU slot, the /health
 limit) and model management (for those allowed). With several backends, metadata is the
 fleet's: the union of what they list, the lowest version, a model's details from a backend
-that has it.
+that has it. `openai` backends (llama-server, vLLM, ...) answer only OpenAI's `/v1/models`;
+the Ollama-native metadata is the Ollama backends'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,8 +32,9 @@ def _relayed(upstream: httpx.Response, head: bool = False) -> Response:
 
 
 async def _ask(gate: Gate, backend: Backend, method: str, path: str, body: bytes) -> httpx.Response:
+    headers = {**_json_headers(body), **backend.auth_headers()}
     return await gate.http.request(
-        method, backend.url + path, content=body or None, headers=_json_headers(body)
+        method, backend.url + path, content=body or None, headers=headers
     )
 
 
@@ -40,9 +43,8 @@ def _json_headers(body: bytes) -> dict[str, str]:
 
 
 async def _ask_all(
-    gate: Gate, method: str, path: str, body: bytes = b""
+    gate: Gate, backends: tuple[Backend, ...], method: str, path: str, body: bytes = b""
 ) -> list[tuple[Backend, httpx.Response]]:
-    backends = gate.settings.backends
     answers = await asyncio.gather(
         *(_ask(gate, b, method, path, body) for b in backends), return_exceptions=True
     )
@@ -59,8 +61,11 @@ async def metadata(gate: Gate, request: Request, path: str) -> Response:
     """Relay a metadata call; with several backends, merge their answers."""
     method = request.method
     body = await request.body() if method == "POST" else b""
-    answered = await _ask_all(gate, "GET" if method == "HEAD" else method, path, body)
-    if len(gate.settings.backends) == 1 or method == "HEAD":
+    backends = _answering(gate.settings.backends, path)
+    if not backends:
+        return _no_ollama(path, body)
+    answered = await _ask_all(gate, backends, "GET" if method == "HEAD" else method, path, body)
+    if len(backends) == 1 or method == "HEAD":
         return _relayed(answered[0][1], head=method == "HEAD")
     ok = [a for _, a in answered if a.is_success]
     if path in ("/api/tags", "/api/ps") and ok:
@@ -74,6 +79,30 @@ async def metadata(gate: Gate, request: Request, path: str) -> Response:
         return JSONResponse({"version": min(versions, key=_version_key)})
     # a model's details (POST /api/show, GET /v1/models/{model}): from one that has it
     return _relayed(ok[0] if ok else answered[0][1])
+
+
+def _answering(backends: tuple[Backend, ...], path: str) -> tuple[Backend, ...]:
+    """The backends to ask: all for OpenAI's model list, else the Ollama ones."""
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        return backends
+    return tuple(b for b in backends if not b.openai)
+
+
+def _no_ollama(path: str, body: bytes) -> Response:
+    """Ollama's metadata from a fleet without Ollama: it has no models, and none to show."""
+    if path in ("/api/tags", "/api/ps"):
+        return JSONResponse({"models": []})
+    if path == "/api/show":
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        model = request.get("model") or request.get("name") if isinstance(request, dict) else ""
+        return JSONResponse({"error": f"model '{model or ''}' not found"}, status_code=404)
+    return JSONResponse(
+        {"error": "no Ollama backend behind this gateway (only OpenAI-compatible ones)"},
+        status_code=404,
+    )
 
 
 def _union(lists: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:

@@ -58,10 +58,13 @@ class BackendView:
     running: int
     healthy: bool
     loaded_models: list[str]
+    kind: str = "ollama"
+    """`openai`: an OpenAI-compatible server (its models all count as loaded)."""
 
     def public(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "kind": self.kind,
             "url": self.url,
             "gpu_concurrency": self.gpu_concurrency,
             "running": self.running,
@@ -91,7 +94,7 @@ async def read_queue(redis: Redis, settings: Settings) -> Queue:
     n = backlog_replies(settings)
     caps = _caps(replies[:n], settings)
     backends = [
-        BackendView(b.name, b.url, cap, running, healthy, _model_names(loaded))
+        BackendView(b.name, b.url, cap, running, healthy, _model_names(loaded), b.kind)
         for b, (cap, running, healthy), loaded in zip(
             settings.backends, caps, replies[n:], strict=True
         )

@@ -5,7 +5,8 @@
 `replication`: the master the URL leads to, through the Sentinels for a
 `redis+sentinel://` URL, its replicas with their lag, what each Sentinel names, and
 `warnings` when replication cannot give what GPUGATE_REDIS_MIN_REPLICAS asks) and
-`ollama` (each backend's version and models).
+`ollama` (each backend's kind, version and models: an `openai` backend's from its
+/v1/models, its api_key masked).
 """
 
 from __future__ import annotations
@@ -131,11 +132,16 @@ async def _replication_facts(settings: Settings) -> dict[str, Any]:
 async def _backend_facts(http: httpx.AsyncClient, backend: Backend) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "name": backend.name,
+        "kind": backend.kind,
         "url": backend.url,
         "gpu_concurrency": backend.gpu_concurrency,
     }
+    if backend.api_key is not None:
+        facts["api_key"] = "********"
     if backend.models is not None:
         facts["configured_models"] = list(backend.models)
+    if backend.openai:
+        return {**facts, **await _openai_facts(http, backend)}
     try:
         version = (await http.get(backend.url + "/api/version")).json()
         tags = (await http.get(backend.url + "/api/tags")).json()
@@ -146,6 +152,22 @@ async def _backend_facts(http: httpx.AsyncClient, backend: Backend) -> dict[str,
         "version": version.get("version"),
         "models": [m.get("name") for m in tags.get("models", [])],
     }
+
+
+async def _openai_facts(http: httpx.AsyncClient, backend: Backend) -> dict[str, Any]:
+    """An OpenAI-compatible server: its health (/health, else /v1/models) and models."""
+    headers = backend.auth_headers()
+    try:
+        health = await http.get(backend.url + "/health", headers=headers)
+        listed = await http.get(backend.url + "/v1/models", headers=headers)
+        models = [m.get("id") for m in listed.json().get("data", [])] if listed.is_success else []
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return {"error": f"unreachable: {exc.__class__.__name__}: {exc}"}
+    healthy = health.status_code == 200 or listed.status_code == 200
+    facts: dict[str, Any] = {"healthy": healthy, "models": models}
+    if not listed.is_success:
+        facts["error"] = f"GET /v1/models answered {listed.status_code}"
+    return facts
 
 
 async def _ollama_facts(settings: Settings) -> list[dict[str, Any]]:

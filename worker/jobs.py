@@ -77,6 +77,8 @@ async def run(ctx: WorkerContext, held: Held) -> Outcome:
         grant.stream,
         backend.url,
         alone=len(settings.backends) == 1,
+        openai=backend.openai,
+        headers=tuple(backend.auth_headers().items()),
     )
     events = EventWriter(ctx.redis, work.job_id, settings.result_ttl * 1000)
     held.started = time.monotonic()

@@ -232,6 +232,7 @@ async def refresh_openai_models(ctx: WorkerContext, backend: Backend) -> None:
     data = listed.get("data") if isinstance(listed, dict) else None
     if isinstance(data, list) and data:
         names = {str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id")}
+        names |= {n.removesuffix(":latest") for n in names}  # Ollama's own /v1 lists those
         if names:
             await set_models(ctx, backend, names)
             await set_loaded(ctx, backend, sorted(names))

@@ -10,6 +10,10 @@ Connection failures and 5xx answers, while nothing has been relayed yet, are ret
 the same backend with backoff when it is the only one, and handed back for another
 backend otherwise (`retry`). After a byte was relayed, a failure ends the stream the way
 Ollama ends one, with an error object.
+
+An `openai` backend (llama.cpp's llama-server, vLLM, ...) gets the OpenAI paths with its
+api_key; a stream there is asked for its usage (`stream_options.include_usage`) and, when
+the client did not ask for it, that last usage chunk is read and not relayed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from shared import keys
-from shared.endpoints import INFERENCE
+from shared.endpoints import INFERENCE, Api
 from shared.scripts import FinishStatus
 from worker.usage import TAIL_BYTES, Usage, model_load_ms, usage_of
 
@@ -51,6 +55,10 @@ class Work:
     """The backend's base URL."""
     alone: bool = True
     """No other backend could take the job: retry failures here."""
+    openai: bool = False
+    """The backend is of kind `openai`: only OpenAI's paths, streams asked for usage."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """What the backend needs besides the body's type (its api_key)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,8 @@ async def call(
     if work.endpoint not in INFERENCE:  # only a writer of Redis could put it there
         message = f"Refused to call Ollama at {work.endpoint!r}: not an inference endpoint."
         return Outcome(FinishStatus.FAILED, error={"code": "invalid_request", "message": message})
+    if work.openai and INFERENCE[work.endpoint].api is not Api.OPENAI:
+        return unknown_model(work)  # dispatch found no Ollama backend that could answer it
     attempt = 0
     while True:
         try:
@@ -213,22 +223,114 @@ async def call(
 
 
 async def _call_once(http: aiohttp.ClientSession, work: Work, events: EventWriter) -> Outcome:
+    body, usage_chunk = work.body, None
+    if work.openai and work.stream and work.endpoint in USAGE_ON_REQUEST:
+        body, asked = _with_stream_usage(body)
+        usage_chunk = None if asked else UsageChunk()
     async with http.post(
         work.url + work.endpoint,
-        data=work.body.encode(),
-        headers={"content-type": "application/json"},
+        data=body.encode(),
+        headers={"content-type": "application/json", **dict(work.headers)},
     ) as response:
         status, ctype = response.status, response.headers.get("content-type", "")
         if not (work.stream and _success(status)):
             return _answered(status, ctype or "application/json", await response.read())
         await events.head(status, ctype)
         async for data in response.content.iter_any():
+            if usage_chunk is not None:
+                data = usage_chunk.relayed(data)
+                if not data:
+                    continue
             await events.chunk(data)
+        if usage_chunk is not None and usage_chunk.rest:
+            await events.chunk(usage_chunk.rest)
         await events.flush()
+        tail = usage_chunk.usage if usage_chunk is not None and usage_chunk.usage else events.tail
         return Outcome(
             FinishStatus.SUCCEEDED,
             status,
             ctype,
-            usage=usage_of(events.tail, events.events),
+            usage=usage_of(tail, events.events),
             model_load_ms=model_load_ms(events.tail),
         )
+
+
+USAGE_ON_REQUEST = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The OpenAI paths whose streams report usage only when asked (`stream_options`)."""
+
+
+def _with_stream_usage(body: str) -> tuple[str, bool]:
+    """`body` asking for the stream's usage, and whether the client asked for it itself."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body, True  # relayed as it came: the backend answers it
+    if not isinstance(request, dict):
+        return body, True
+    options = request.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return body, True
+    request["stream_options"] = {**(options if isinstance(options, dict) else {})}
+    request["stream_options"]["include_usage"] = True
+    return json.dumps(request), False
+
+
+class UsageChunk:
+    """Takes the usage-only chunk (`"choices": []` and a `usage`) out of an OpenAI SSE
+    stream whose client did not ask for it, and keeps it to read the usage from. Whole
+    events are relayed as they complete; a partial one waits for its end."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.usage = b""
+
+    def relayed(self, data: bytes) -> bytes:
+        data = self._partial + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._partial = data
+            return b""
+        complete, self._partial = data[: end + 2], data[end + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if _usage_only(event):
+                self.usage = event
+            else:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    @property
+    def rest(self) -> bytes:
+        """What came after the last complete event (nothing, from a well-formed stream)."""
+        return self._partial
+
+
+def _usage_only(event: bytes) -> bool:
+    line = event.strip()
+    if not line.startswith(b"data:"):
+        return False
+    try:
+        chunk = json.loads(line[5:])
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and bool(chunk.get("usage"))
+
+
+def unknown_model(work: Work) -> Outcome:
+    """Ollama's answer for a model it does not have, for an Ollama-native call that only
+    `openai` backends could take (they have no native API)."""
+    try:
+        model = str(json.loads(work.body).get("model", ""))
+    except (ValueError, AttributeError):
+        model = ""
+    message = f"model {json.dumps(model)} not found, try pulling it first"
+    if INFERENCE[work.endpoint].api is Api.ANTHROPIC:
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": "not_found_error", "message": message},
+        }
+    else:
+        body = {"error": message}
+    return _answered(404, "application/json; charset=utf-8", json.dumps(body).encode())

@@ -222,7 +222,9 @@ function renderBackends(backends, totals) {
     const id = b.name ?? "";
     let row = [...body.rows].find((r) => r.dataset.backend === id);
     if (!row) body.append((row = backendRow(b.name)));
-    row.querySelector(".url").textContent = b.name === null ? "all workers" : text(b.url);
+    // the kind, when not Ollama: an OpenAI-compatible server (llama.cpp, vLLM, ...)
+    const kind = b.kind && b.kind !== "ollama" ? ` (${b.kind})` : "";
+    row.querySelector(".url").textContent = b.name === null ? "all workers" : text(b.url) + kind;
     const health = row.querySelector(".health");
     health.textContent = b.healthy === true ? "healthy" : b.healthy === false ? "down" : DASH;
     health.className = `health ${b.healthy === true ? "ok" : b.healthy === false ? "down" : ""}`;

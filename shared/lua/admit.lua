@@ -29,7 +29,9 @@ local function answer(outcome, job_id, rank, extra)
     for _, b in ipairs(read_backends(3)) do
       cap = cap + b.cap
       running = running + b.running
-      if b.up and serves(b, A.model) then serving_cap = serving_cap + b.cap end
+      if b.up and serves(b, A.model) and runs_endpoint(b, A.endpoint) then
+        serving_cap = serving_cap + b.cap
+      end
     end
     local mean = redis.call('HGET', K_MODEL_STATS, A.model) or redis.call('HGET', K_STATS, 'mean_job_ms')
     out.depth, out.running, out.cap = redis.call('ZCARD', K_QUEUED), running, cap
@@ -59,7 +61,7 @@ if A.idempotency_key ~= '' then
 end
 if live_workers(now, A.worker_stale_ms) == 0 then return answer('no_worker', '', -1) end
 local any_up = false
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   any_up = any_up or redis.call('EXISTS', K_BACKEND_DOWN .. ARGV[i]) == 0
 end
 if not any_up then return answer('backend_down', '', -1) end
