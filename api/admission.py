@@ -30,7 +30,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.estimates import Backlog
-from shared.jobs import JobStatus, job_object, record_ttl_ms
+from shared.jobs import ErrorCode, JobStatus, job_object, record_ttl_ms
 from shared.scripts import AdmitOutcome, AdmitReply
 from shared.store import REDIS_ERRORS, wait_replicas
 
@@ -239,7 +239,7 @@ async def _replicated(gate: Gate, who: Identity, job_id: str, rate_limit: RateLi
             gate,
             who.owner,
             job_id,
-            code="not_replicated",
+            code=ErrorCode.NOT_REPLICATED,
             message="Redis replicas did not acknowledge the admission in time.",
         )
     error = Unavailable(

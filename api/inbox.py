@@ -3,7 +3,7 @@
 A synchronous call that is not streamed waits for one thing, its job's `end` event. One
 blocking XREAD per waiting call costs a Redis command and a held connection each; here
 admission names this process's inbox in the job (`inbox`), the end-of-job scripts append
-the end there too (prelude.lua `post_end`), and one reader task serves every waiting
+the end there too (lua/lib/job.lua `post_end`), and one reader task serves every waiting
 call: it reads whatever ends piled up and resolves each call's future.
 
 A call registers before its admission (the job may end before the route runs), and is

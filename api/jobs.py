@@ -11,7 +11,7 @@ from api.state import Gate
 from shared import keys
 from shared.errors import Conflict, NotFound
 from shared.estimates import Backlog
-from shared.jobs import Job
+from shared.jobs import ErrorCode, Job
 from shared.scripts import CancelVerdict
 from shared.store import redis_errors
 
@@ -62,7 +62,7 @@ async def cancel_job(
     owner: str,
     job_id: str,
     *,
-    code: str = "cancelled",
+    code: str = ErrorCode.CANCELLED,
     message: str = "Cancelled by its owner.",
     only_if_queued: bool = False,
 ) -> str:

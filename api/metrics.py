@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.jobs import JobStatus
 from shared.scripts import HISTOGRAMS, AdmitOutcome
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ class _QueueCollector(Collector):
         jobs = CounterMetricFamily(
             "gpugate_jobs", "Jobs by final status, across all workers.", labels=["status"]
         )
-        for status in ("admitted", "succeeded", "failed", "cancelled", "requeued"):
+        finals = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        for status in ("admitted", *finals, "requeued"):
             jobs.add_metric([status], snap.stats.get(f"jobs_{status}", 0.0))
         yield jobs
         errors = CounterMetricFamily(

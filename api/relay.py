@@ -31,7 +31,7 @@ from shared.errors import (
     GatewayTimeout,
     RedisUnavailable,
 )
-from shared.jobs import JobStatus
+from shared.jobs import ErrorCode, JobStatus
 
 log = logging.getLogger("gpugate.api")
 
@@ -227,14 +227,14 @@ class JobRelay(Response):
                 self.gate,
                 self.owner,
                 self.job_id,
-                code="deadline_exceeded",
+                code=ErrorCode.DEADLINE_EXCEEDED,
                 message="The job was still queued when GPUGATE_SYNC_TIMEOUT passed.",
                 only_if_queued=True,
             )
         except Conflict:
             return (await read_job(self.gate, self.owner, self.job_id)).job.status.value
         self.finished = True
-        return "running" if previous == "running" else "cancelled"
+        return JobStatus.RUNNING if previous == JobStatus.RUNNING else JobStatus.CANCELLED
 
 
 def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

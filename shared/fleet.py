@@ -29,6 +29,6 @@ async def set_cap(redis: Redis, backend: str, cap: int) -> None:
     with redis_errors():
         async with redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.backend_cap(backend), cap)
-            pipe.lpush(keys.WAKE, *([1] * min(cap, 16)))
-            pipe.ltrim(keys.WAKE, 0, 15)
+            pipe.lpush(keys.WAKE, *([1] * min(cap, keys.WAKE_MAX)))
+            pipe.ltrim(keys.WAKE, 0, keys.WAKE_MAX - 1)
             await pipe.execute()

@@ -1,7 +1,10 @@
 """The job: what a client submitted, where it is, how it ended.
 
 A job is a Redis HASH at `gpugate:job:<id>` of plain strings (the request and the result
-as JSON text, never pickle). Its lifecycle, every move made inside one Lua script:
+as JSON text, never pickle). This module is the one definition of its statuses, the ways
+a run ends and its error codes; `lua_constants()` emits them into every script (`S_QUEUED`,
+`RUN_RETRY`, `E_WORKER_LOST`…), and `set_status` in `shared/lua/lib/job.lua` is the only
+code that writes `status`. Its lifecycle, every move made inside one Lua script:
 
     queued ──dispatch──▶ running ──finish──▶ succeeded | failed
       │  ▲                  │  │
@@ -49,6 +52,45 @@ class JobStatus(StrEnum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ErrorCode(StrEnum):
+    """The `error.code` of a job that failed or was cancelled (beside the backend's own)."""
+
+    CANCELLED = "cancelled"
+    """Cancelled by its owner (DELETE /v1/jobs/{id})."""
+    CLIENT_DISCONNECTED = "client_disconnected"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    """Still queued when its deadline (a synchronous call's timeout) passed."""
+    NOT_REPLICATED = "not_replicated"
+    WORKER_LOST = "worker_lost"
+    BACKEND_ERROR = "backend_error"
+    """The backend was unreachable or failed with 5xx after retries (counts for the breaker)."""
+    TIMEOUT = "timeout"
+    """The backend did not finish within GPUGATE_JOB_TIMEOUT (counts for the breaker)."""
+    OLLAMA_ERROR = "ollama_error"
+    REDIS_UNAVAILABLE = "redis_unavailable"
+
+
+class RunEnd(StrEnum):
+    """How a run can end besides a job status (finish.lua's outcomes, shared/scripts.py)."""
+
+    RETRY = "retry"
+    """Failed on the backend before any byte was relayed: queued again elsewhere."""
+    STALE = "stale"
+    """No longer the job's current attempt: nothing was recorded."""
+
+
+def lua_constants() -> str:
+    """The statuses, run ends and error codes as Lua locals (`S_QUEUED`, `RUN_RETRY`,
+    `E_WORKER_LOST`…), emitted into every script (shared/scripts.py): the scripts name
+    them, never spell them."""
+    names = [
+        *((f"S_{s.name}", s.value) for s in JobStatus),
+        *((f"RUN_{r.name}", r.value) for r in RunEnd),
+        *((f"E_{e.name}", e.value) for e in ErrorCode),
+    ]
+    return "".join(f"local {name} = '{value}'\n" for name, value in names)
 
 
 def record_ttl_ms(result_ttl_s: int) -> int:

@@ -43,6 +43,7 @@ BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loa
 MASTER = PREFIX + "master"  # STRING: run id of the Redis master the grants were made on
 FENCE = PREFIX + "fence"  # STRING while no slot is granted after a failover, PX
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
+WAKE_MAX = 16  # entries the wake list holds at most (the scripts' wake_one, a cap change)
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it
 
 # workers and what operators see
@@ -70,12 +71,9 @@ APIKEY_USED = PREFIX + "apikey-used"  # HASH name -> ms of its last admission
 APIKEYS_VERSION = PREFIX + "apikeys-version"  # STRING, INCR on every change: caches reload
 AUDIT = PREFIX + "audit"  # LIST of JSON events, newest first, the last 10,000
 
-# arq's own layout (arq 0.28): only worker/arq_adapter.py and the scripts that enqueue,
-# claim or forget a run touch these.
+# arq's own names (arq 0.28), for worker/arq_adapter.py: the queue name its Worker (and
+# its health-check key) is named by, and the name of the one job function.
 ARQ_QUEUE = "arq:queue"
-ARQ_JOB = "arq:job:"
-ARQ_IN_PROGRESS = "arq:in-progress:"
-ARQ_RETRY = "arq:retry:"
 ARQ_FUNCTION = "run_job"
 
 DEFAULT_BACKEND = "default"
@@ -83,7 +81,7 @@ DEFAULT_BACKEND = "default"
 
 def run_id(job_id: str, attempt: int) -> str:
     """One attempt at a job, `<job id>.<attempt>`; also its arq job id. The scripts build
-    the same in `prelude.lua`'s `run_of`."""
+    the same in `lua/lib/clock.lua`'s `run_of`."""
     return f"{job_id}.{attempt}"
 
 

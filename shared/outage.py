@@ -48,7 +48,7 @@ class Outage:
         if self.since is None:
             self.since = time.monotonic()
             detail = f"; {consequence}" if consequence else ""
-            self.log.warning("%s is unavailable (%s)%s", self.what, _describe(exc), detail)
+            self.log.warning("%s is %s%s", self.what, _describe(exc), detail)
 
     def recovered(self) -> None:
         if self.since is not None:
@@ -58,11 +58,12 @@ class Outage:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, RedisUnavailable):
-        cause = exc.__cause__
-        detail = f": {cause.__class__.__name__} {cause}" if cause is not None else ""
-        return exc.reason + detail[:200]
-    return exc.__class__.__name__
+    """`unreachable (ConnectionError)`, or `unavailable (out of memory: OutOfMemoryError …)`."""
+    cause = exc.__cause__ if isinstance(exc, RedisUnavailable) else exc
+    name = (cause or exc).__class__.__name__
+    if not isinstance(exc, RedisUnavailable) or exc.reason == "unreachable":
+        return f"unreachable ({name})"
+    return f"unavailable ({exc.reason}: {name} {str(cause)[:200]})"
 
 
 async def supervised(

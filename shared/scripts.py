@@ -1,8 +1,10 @@
 """The Lua scripts, each one atomic decision in one round trip, each called through one
 typed function here: keyword arguments in, a frozen dataclass out, outcomes as a StrEnum.
 
-A script is `lua/prelude.lua` (helpers) followed by its own file, after the binding of
-the key names: every script gets the same KEYS, the names of `shared/keys.py` in the
+A script is its own file, after the binding of the key names, the constants of
+shared/jobs.py (statuses, error codes) and the modules of `lua/lib/` it names on its
+`-- uses:` line (and what they need; `lib/job.lua` holds `set_status`, the one writer of a
+job's status). The key names: every script gets the same KEYS, the names of `shared/keys.py` in the
 order of `_KEYS` (fixed keys, and the prefixes of per-job, per-owner and per-backend
 keys), bound to `K_*` locals. Its arguments travel as one JSON object in ARGV[1] (the
 names below are the names in Lua); admit's request body as it came, in ARGV[2] (up to
@@ -17,6 +19,7 @@ error replies included, become `RedisUnavailable` (`store.redis_errors`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +31,7 @@ import orjson
 
 from shared import keys
 from shared.endpoints import INFERENCE, Api
+from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors
 
@@ -69,10 +73,6 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_OWNER_RUNNING", keys.OWNER_RUNNING),
     ("K_APIKEY", keys.APIKEY),
     ("K_APIKEY_USED", keys.APIKEY_USED),
-    ("K_ARQ_QUEUE", keys.ARQ_QUEUE),
-    ("K_ARQ_JOB", keys.ARQ_JOB),
-    ("K_ARQ_IN_PROGRESS", keys.ARQ_IN_PROGRESS),
-    ("K_ARQ_RETRY", keys.ARQ_RETRY),
 )
 KEY_NAMES: tuple[str, ...] = tuple(name for _, name in _KEYS)
 
@@ -101,29 +101,57 @@ observation in its own bucket; api/metrics.py adds them up for Prometheus)."""
 
 _OPENAI_PATHS = ", ".join(f"['{p}'] = true" for p, e in INFERENCE.items() if e.api is Api.OPENAI)
 _CONSTANTS = (
-    f"local K_ARQ_FUNCTION = '{keys.ARQ_FUNCTION}'\n"
+    lua_constants()
+    + f"local WAKE_MAX = {keys.WAKE_MAX}\n"
     + "".join(
         f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
         for name, b in HISTOGRAMS.items()
     )
     + f"local OPENAI_PATHS = {{{_OPENAI_PATHS}}}\n"
 )
-"""Lua constants: arq's function name, the histogram bounds, the paths an `openai` backend
-runs (the others need Ollama)."""
+"""Lua constants: the job's statuses and error codes (shared/jobs.py), the wake list's
+bound, the histogram bounds, the paths an `openai` backend runs (the others need Ollama)."""
+
+_LIBRARY = ("clock", "buckets", "stats", "fleet", "fairshare", "job")
+"""The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
+_USES = re.compile(r"^-- (uses|needs): (.*)$", re.MULTILINE)
+
+
+@cache
+def _needs(path: Path) -> frozenset[str]:
+    """The library modules a file names on its `-- uses:` (script) or `-- needs:` line."""
+    match = _USES.search(path.read_text())
+    return frozenset(n.strip() for n in match.group(2).split(",")) if match else frozenset()
+
+
+def _closure(names: frozenset[str]) -> list[str]:
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            if name not in _LIBRARY:
+                raise ValueError(f"no Lua module {name!r} in lua/lib/")
+            wanted.add(name)
+            todo.extend(_needs(_LUA_DIR / "lib" / f"{name}.lua"))
+    return [name for name in _LIBRARY if name in wanted]
 
 
 @cache
 def source(name: str) -> str:
-    """The full text of script `name` (without `.lua`): key bindings, prelude, script.
-    A script whose file starts with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
+    """The full text of script `name` (without `.lua`): key bindings, constants, the
+    library modules it uses (and what they need), the script. A script whose file starts
+    with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
+    path = _LUA_DIR / f"{name}.lua"
     bind = "".join(f"local {lua} = KEYS[{i}]\n" for i, (lua, _) in enumerate(_KEYS, 1))
-    prelude = (_LUA_DIR / "prelude.lua").read_text()
-    body = (_LUA_DIR / f"{name}.lua").read_text()
+    library = "".join(
+        (_LUA_DIR / "lib" / f"{module}.lua").read_text() for module in _closure(_needs(path))
+    )
+    body = path.read_text()
     shebang = ""
     if body.startswith("#!"):
         shebang, body = body.split("\n", 1)
         shebang += "\n"
-    return shebang + bind + _CONSTANTS + prelude + body
+    return shebang + bind + _CONSTANTS + library + body
 
 
 def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
@@ -176,12 +204,14 @@ class AdmitReply:
 
 
 class FinishStatus(StrEnum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    RETRY = "retry"
+    """A run's end as the worker reports it and finish.lua records it (shared/jobs.py)."""
+
+    SUCCEEDED = JobStatus.SUCCEEDED.value
+    FAILED = JobStatus.FAILED.value
+    CANCELLED = JobStatus.CANCELLED.value
+    RETRY = RunEnd.RETRY.value
     """Failed on the backend before any byte was relayed: queue it again elsewhere."""
-    STALE = "stale"
+    STALE = RunEnd.STALE.value
     """The run is no longer the job's current attempt: nothing was recorded."""
 
 
@@ -192,10 +222,10 @@ class FinishReply:
 
 
 class CancelVerdict(StrEnum):
-    CANCELLED = "cancelled"
+    CANCELLED = JobStatus.CANCELLED.value
     NOT_FOUND = "not_found"
     FINISHED = "finished"
-    RUNNING = "running"
+    RUNNING = JobStatus.RUNNING.value
     """`only_if_queued` and the job runs: left to finish."""
 
 
@@ -330,7 +360,6 @@ class Scripts:
         worker: str,
         want: int,
         lease_ms: int,
-        arq_lock_ms: int,
         affinity_wait_ms: int,
         provisional_cost: float,
         result_ttl_ms: int,

@@ -97,7 +97,6 @@ async def dispatch(scripts: Scripts, want: int = 1) -> list[Grant]:
         worker="w1",
         want=want,
         lease_ms=10_000,
-        arq_lock_ms=60_000,
         affinity_wait_ms=30_000,
         provisional_cost=1,
         result_ttl_ms=60_000,
@@ -142,7 +141,8 @@ async def test_admit_records_the_job_and_spends_one_token(scripts: Scripts, redi
     assert await redis.zscore(keys.QUEUED, reply.job_id) is not None
     assert await redis.zcard(keys.owner_queue("key:a")) == 1
     assert await redis.zscore(keys.BACKLOG, "key:a") == 0
-    assert await redis.exists(keys.ARQ_JOB + keys.run_id(reply.job_id, 1))
+    # arq's per-run records are not written: nothing reads them (issue 21)
+    assert await redis.keys("arq:*") == []
     assert await redis.llen(keys.WAKE) == 1  # a slot is free: one idle worker is woken
 
 
@@ -172,7 +172,7 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     done = await finish(scripts, grants[0])
     assert done.status is FinishStatus.SUCCEEDED
     assert await redis.zcard(keys.RUNNING) == 0
-    assert not await redis.exists(keys.ARQ_JOB + grants[0].run_id)
+    assert await redis.keys("arq:*") == []
     assert await redis.hget(keys.USAGE, "anonymous|output_tokens") == b"5"
     assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
 

@@ -1,11 +1,11 @@
 """gpugate's use of arq 0.28, in one place: the `Worker` overrides, arq's job format, the
 JSON serializer, and the clients opened in `on_startup` and closed in `on_shutdown`.
 
-arq stays the queue's format and the worker's runtime: admission writes each run as an
-arq job (`arq:job:<run>` in arq's JSON job format, `arq:queue`; see prelude.lua
-`arq_enqueue`), and arq's Worker runs the process (its loop, `max_jobs` and the task
-bookkeeping, on_startup/on_shutdown, the health-check key, SIGTERM draining with
-`job_completion_wait`).
+arq is the worker's runtime: its Worker runs the process (its loop, `max_jobs` and the
+task bookkeeping, on_startup/on_shutdown, the health-check key, SIGTERM draining with
+`job_completion_wait`). A job's record is gpugate's own (shared/jobs.py): arq's per-run
+records (`arq:job:<run>`, `arq:queue`, `arq:in-progress:<run>`) were written for every
+job and read by nothing here, so none is written (issue 21: five Redis commands a job).
 
 What is replaced, and why:
 
@@ -13,15 +13,15 @@ What is replaced, and why:
   (WATCH/MULTI per id, ~5 commands each), in score order only. Here the scheduler
   (shared/lua/dispatch.lua) grants this worker as many runs as it has free places, over
   every waiting job of the fleet (priority, fair share, a backend with a free slot and
-  the model), and claims arq's in-progress key in the same script: one round trip for
-  the whole batch. `_poll_iteration` asks it, then starts arq's `run_job` for each grant.
+  the model), and claims the slots in the same script: one round trip for the whole
+  batch. `_poll_iteration` asks it, then starts arq's `run_job` for each grant.
 - *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
   list (BLPOP `gpugate:wake`): admission pushes one entry (at most 16 wait there), so one
   idle worker wakes, not all; a worker whose run ended asks again at once.
 - *arq's per-job reads and writes.* arq's `run_job` reads the job record back and
   counts a try (a MULTI/EXEC), then writes the end (another): the grant already carries
-  the work, attempts are ours (shared/jobs.py), and `finish.lua` removes the run from
-  arq's keys. `run_job` here calls the job function directly, under arq's timeout.
+  the work and attempts are ours (shared/jobs.py). `run_job` here calls the job function
+  directly, under arq's timeout.
 - A Redis outage does not stop the worker (arq alone would exit): the loop waits for
   Redis to come back.
 """
@@ -56,8 +56,6 @@ IDLE_WAIT_S = 1.0
 REDIS_RETRY_S = 0.5
 ARQ_TIMEOUT_S = 7 * 86400
 """arq's own job timeout: a backstop only; job runs are bounded by GPUGATE_JOB_TIMEOUT."""
-ARQ_LOCK_MS = (ARQ_TIMEOUT_S + 10) * 1000
-"""arq's in-progress key, set by dispatch.lua as arq's own claim would."""
 
 
 def fence_ms(settings: Settings) -> int:
@@ -136,7 +134,6 @@ class GateWorker(Worker):
             worker=ctx.worker_id,
             want=want,
             lease_ms=settings.lease_ms,
-            arq_lock_ms=ARQ_LOCK_MS,
             affinity_wait_ms=int(settings.affinity_wait * 1000),
             provisional_cost=await self._mean_cost(),
             result_ttl_ms=settings.result_ttl * 1000,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from shared import keys, logs, telemetry
 from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
-from shared.jobs import record_ttl_ms
+from shared.jobs import ErrorCode, record_ttl_ms
 from shared.scripts import FinishStatus, Grant
 from shared.store import REDIS_ERRORS, wait_replicas
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
@@ -101,12 +101,12 @@ async def run(ctx: WorkerContext, held: Held) -> Outcome:
             with contextlib.suppress(*REDIS_ERRORS):
                 await events.chunk(stream_error_chunk(work.endpoint, message))
                 await events.flush()
-        return backend_failure(message, code="timeout")
+        return backend_failure(message, code=ErrorCode.TIMEOUT)
     except REDIS_ERRORS as exc:  # a streamed chunk could not be written (an OOM reply too)
         return Outcome(
             FinishStatus.FAILED,
             error={
-                "code": "redis_unavailable",
+                "code": ErrorCode.REDIS_UNAVAILABLE,
                 "message": f"Redis went away while relaying the stream ({exc.__class__.__name__})",
             },
         )

@@ -30,6 +30,7 @@ from redis.typing import EncodableT, FieldT
 
 from shared import keys
 from shared.endpoints import INFERENCE, Api
+from shared.jobs import ErrorCode
 from shared.scripts import FinishStatus
 from worker.usage import TAIL_BYTES, Usage, model_load_ms, usage_of
 
@@ -72,7 +73,7 @@ class Outcome:
     model_load_ms: float = 0.0
 
 
-def backend_failure(message: str, code: str = "backend_error") -> Outcome:
+def backend_failure(message: str, code: str = ErrorCode.BACKEND_ERROR) -> Outcome:
     return Outcome(FinishStatus.FAILED, error={"code": code, "message": message})
 
 
@@ -96,7 +97,11 @@ def _answered(status: int, ctype: str, raw: bytes) -> Outcome:
     usage, load_ms = usage_of(raw), model_load_ms(raw)
     if _success(status):
         return Outcome(FinishStatus.SUCCEEDED, status, ctype, text, None, usage, load_ms)
-    error = {"code": "ollama_error", "message": _ollama_error_message(text), "status": status}
+    error = {
+        "code": ErrorCode.OLLAMA_ERROR,
+        "message": _ollama_error_message(text),
+        "status": status,
+    }
     return Outcome(FinishStatus.FAILED, status, ctype, text, error, usage, load_ms)
 
 

@@ -1,3 +1,4 @@
+-- uses: clock, buckets, fleet, fairshare, job
 -- The admission decision and the enqueue, in one atomic step (shared/scripts.py `admit`).
 -- Order: idempotency replay, a live worker, a backend up, the key's request bucket, its
 -- token (tpm) bucket, the backlog (the fleet's, then the key's own quota). Only an
@@ -96,9 +97,9 @@ end
 local job_id = A.job_id
 local score = now_exact - A.boost_ms  -- FIFO, even within one ms
 local jk = K_JOB .. job_id
-redis.call('HSET', jk, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
+set_status(job_id, S_QUEUED, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', BODY,
-  'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0, 'status', 'queued',
+  'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0,
   'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
@@ -128,7 +129,6 @@ if A.hold_ms > 0 then
 end
 if deadline then redis.call('ZADD', K_DEADLINES, deadline, job_id) end
 enqueue_waiting(job_id, owner, score, A.model, A.priority, owner_queued)
-arq_enqueue(job_id, 1, score, now, A.record_ttl_ms)
 if A.idempotency_key ~= '' then
   redis.call('SET', A.idempotency_key, job_id .. ' ' .. A.digest, 'PX', A.result_ttl_ms)
 end
@@ -136,4 +136,4 @@ redis.call('HINCRBY', K_STATS, 'jobs_admitted', 1)
 redis.call('HINCRBY', K_USAGE, A.usage_name .. '|requests', 1)
 if A.hold_ms == 0 then wake_one() end
 return answer('admitted', job_id, redis.call('ZRANK', K_QUEUED, job_id),
-  {status = 'queued', created_at_ms = now})
+  {status = S_QUEUED, created_at_ms = now})

@@ -1,3 +1,4 @@
+-- uses: clock, buckets
 -- Take one token from a bucket: the /health and metadata limits (shared/scripts.py
 -- `take_token`).
 local A = cjson.decode(ARGV[1])

@@ -1,3 +1,4 @@
+-- uses: clock, stats, fleet, fairshare, job
 -- The scheduler: grant up to `want` GPU slots to a worker, over every waiting job of the
 -- fleet, in one decision (shared/scripts.py `dispatch`).
 --
@@ -143,7 +144,7 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
   return most_free(open)
 end
 
--- the highest counter served so far (prelude.lua `fair_share_floor`)
+-- the highest counter served so far (lib/fairshare.lua `fair_share_floor`)
 local vtc_floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
 
 local function grant(c, job_id, job, b)
@@ -152,7 +153,6 @@ local function grant(c, job_id, job, b)
   redis.call('ZADD', K_RUNNING, now, run_id)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
-  redis.call('SET', K_ARQ_IN_PROGRESS .. run_id, 1, 'PX', A.arq_lock_ms)
   redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
   local weight = tonumber(job.weight) or 1
   local cost = A.provisional_cost / weight
@@ -162,7 +162,7 @@ local function grant(c, job_id, job, b)
   end
   charge(c.owner, cost, now)
   c.counter = c.counter + cost
-  redis.call('HSET', K_JOB .. job_id, 'status', 'running', 'started_at', now,
+  set_status(job_id, S_RUNNING, 'started_at', now,
     'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,
     'vtc_charged', tostring(cost))
   observe('queue_wait_seconds', (now - tonumber(job.created_at)) / 1000, QUEUE_WAIT_BOUNDS)
@@ -217,10 +217,10 @@ local function grant_for(c)
       'key_record', 'usage_name')
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
-    elseif job.status ~= 'queued' then
+    elseif job.status ~= S_QUEUED then
       leave_waiting(job_id, c.owner, job.model or '', now)  -- a stray entry: mend it
     elseif deadline and now >= deadline then
-      cancel_queued(job_id, c.owner, job.model, job.attempt, 'deadline_exceeded',
+      cancel_queued(job_id, c.owner, job.model, E_DEADLINE_EXCEEDED,
         'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
     else
       local limit = running_limit(job)

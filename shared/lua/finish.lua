@@ -1,3 +1,4 @@
+-- uses: clock, buckets, stats, fairshare, job
 -- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
 -- Ollama served (fair-share counter, tpm bucket, usage), and record the outcome.
 -- `retry`: the backend failed before any byte reached the client: the job is queued
@@ -16,12 +17,11 @@ local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_nam
   'priority', 'avoid', 'started_at', 'sync', 'inbox', 'budget_key', 'budget_reserved')
 local backend = A.backend
 free_run(run_id, backend, A.wake)
-arq_forget(run_id)
 
 local function reply(status, opened)
   return cjson.encode({status = status, breaker_opened = opened})
 end
-if tonumber(job.attempt) ~= A.attempt then return reply('stale', false) end
+if tonumber(job.attempt) ~= A.attempt then return reply(RUN_STALE, false) end
 
 -- what was served: charged whether the job succeeded or not
 local served = A.input_tokens + A.output_tokens
@@ -54,32 +54,32 @@ local function settle_budget(final)
   end
   if final then redis.call('HSET', K_JOB .. job_id, 'budget_reserved', 0) end
 end
-settle_budget(not (job.status == 'running' and A.status == 'retry'
+settle_budget(not (job.status == S_RUNNING and A.status == RUN_RETRY
   and tonumber(job.runs) < A.max_attempts))
 if A.model_load_ms > 0 then
   redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
 end
 
 local status = A.status
-if job.status == 'running' then
-  if status == 'retry' and tonumber(job.runs) < A.max_attempts then
+if job.status == S_RUNNING then
+  if status == RUN_RETRY and tonumber(job.runs) < A.max_attempts then
     local avoid = ((job.avoid or '') .. ' ' .. backend):gsub('^ ', '')
-    requeue(job_id, job, now, A.record_ttl_ms, {'avoid', avoid})
+    requeue(job_id, job, A.record_ttl_ms, {'avoid', avoid})
   else
-    if status == 'retry' then status = 'failed' end
+    if status == RUN_RETRY then status = S_FAILED end
     local fields = {'http_status', A.http_status, 'content_type', A.content_type,
       'result', A.result}
     if A.error ~= '' then table.insert(fields, 'error'); table.insert(fields, A.error) end
     finalize(job_id, status, fields, now, A.result_ttl_ms, job)
   end
-elseif job.status == 'cancelled' then
+elseif job.status == S_CANCELLED then
   end_cancelled_run(job_id, A.result_ttl_ms)
-  status = 'cancelled'
+  status = S_CANCELLED
 end
 
 local opened = false
 do
-  if A.error_code == 'backend_error' or A.error_code == 'timeout' then
+  if A.error_code == E_BACKEND_ERROR or A.error_code == E_TIMEOUT then
     local in_row = redis.call('HINCRBY', K_BACKEND_FAILURES, backend, 1)
     local down_key = K_BACKEND_DOWN .. backend
     if in_row >= A.breaker_threshold and redis.call('EXISTS', down_key) == 0 then
@@ -87,7 +87,7 @@ do
       redis.call('HINCRBY', K_STATS, 'breaker_opened', 1)
       opened = true
     end
-  elseif status ~= 'cancelled' then
+  elseif status ~= S_CANCELLED then
     redis.call('HSET', K_BACKEND_FAILURES, backend, 0)
   end
 end
@@ -98,7 +98,7 @@ local function ewma(mean, value)
   mean = tonumber(mean)
   return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
 end
-local costed, timed = served > 0 or A.duration_ms > 0, status == 'succeeded'
+local costed, timed = served > 0 or A.duration_ms > 0, status == S_SUCCEEDED
 if costed or timed then
   local means = redis.call('HMGET', K_STATS, 'mean_cost', 'mean_job_ms')
   local update = {}

@@ -1,4 +1,5 @@
 #!lua flags=allow-oom
+-- uses: clock, fleet, fairshare, job
 -- allow-oom: a worker keeps its leases and its place while Redis refuses writes for want
 -- of memory (maxmemory with noeviction); its few small writes renew what exists.
 -- A worker's tick (shared/scripts.py `heartbeat`): say it is alive, renew the leases of
@@ -23,18 +24,18 @@ for _, held in ipairs(A.held) do
     redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
     local job_id = split_run(run_id)
     -- a cancel message can be missed while pub/sub reconnects: say it again here
-    if redis.call('HGET', K_JOB .. job_id, 'status') == 'cancelled' then
+    if redis.call('HGET', K_JOB .. job_id, 'status') == S_CANCELLED then
       table.insert(cancelled, job_id)
     end
   else
     local job_id, attempt = split_run(run_id)
     local job = read_job(job_id, 'status', 'attempt', 'worker')
     local ours = tonumber(job.attempt) == attempt and job.worker == worker
-    if ours and job.status == 'running' then
+    if ours and job.status == S_RUNNING then
       redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
       redis.call('ZADD', K_RUNNING, now, run_id)
       redis.call('ZADD', K_BACKEND_RUNNING .. held.backend, now, run_id)
-    elseif not ours or job.status == 'queued' or job.status == 'running' then
+    elseif not ours or job.status == S_QUEUED or job.status == S_RUNNING then
       table.insert(lost, run_id)  -- the job moved on without this run
     end
   end
@@ -47,25 +48,24 @@ for _, run_id in ipairs(reaped) do
     'model', 'priority')
   for i = 2, #ARGV, 3 do redis.call('ZREM', K_BACKEND_RUNNING .. ARGV[i], run_id) end
   free_run(run_id, '', true)
-  arq_forget(run_id)
   if job.status and tonumber(job.attempt) == attempt then
     local streamed = job.stream == '1' and redis.call('XLEN', K_EVENTS .. job_id) > 0
-    if job.status == 'cancelled' then
+    if job.status == S_CANCELLED then
       end_cancelled_run(job_id, A.result_ttl_ms)
-    elseif job.status == 'running' and (tonumber(job.runs) >= A.max_runs or streamed) then
+    elseif job.status == S_RUNNING and (tonumber(job.runs) >= A.max_runs or streamed) then
       local why = streamed and 'its stream had begun' or ('it ran ' .. job.runs .. ' times')
-      finalize(job_id, 'failed', {'error', error_json('worker_lost',
+      finalize(job_id, S_FAILED, {'error', error_json(E_WORKER_LOST,
         'The worker running this job stopped; ' .. why .. ', so it was not run again.')},
         now, A.result_ttl_ms)
-    elseif job.status == 'running' then
-      requeue(job_id, job, now, A.record_ttl_ms, {})
+    elseif job.status == S_RUNNING then
+      requeue(job_id, job, A.record_ttl_ms, {})
     end
   end
 end
 for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', now, 'LIMIT', 0, 100)) do
-  local job = read_job(job_id, 'status', 'owner', 'attempt', 'model')
-  if job.status == 'queued' then
-    cancel_queued(job_id, job.owner, job.model, job.attempt, 'deadline_exceeded',
+  local job = read_job(job_id, 'status', 'owner', 'model')
+  if job.status == S_QUEUED then
+    cancel_queued(job_id, job.owner, job.model, E_DEADLINE_EXCEEDED,
       'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
   else
     redis.call('ZREM', K_DEADLINES, job_id)

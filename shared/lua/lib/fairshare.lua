@@ -1,0 +1,58 @@
+-- Waiting and fair share (VTC): the owners' queues, the backlog ordered by fair-share
+-- counter, the counters themselves.
+
+-- Fair share (VTC): the floor a key that starts waiting is lifted to, so that idle time
+-- earns no credit: the lowest counter among the keys with jobs waiting, else the highest
+-- counter served so far.
+local function fair_share_floor()
+  local lowest = redis.call('ZRANGE', K_BACKLOG, 0, 0, 'WITHSCORES')
+  if lowest[2] then return tonumber(lowest[2]) end
+  return tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
+end
+
+-- Add a queued job to the waiting sets: the fleet's backlog, its owner's queue, and the
+-- owner to the fair-share backlog (lifted, if it had nothing waiting). `owner_queued`: how
+-- many jobs the owner has waiting, when the caller read it already.
+local function enqueue_waiting(job_id, owner, score, model, priority, owner_queued)
+  local oq = K_OWNER_QUEUE .. owner
+  if (owner_queued or redis.call('ZCARD', oq)) == 0 then
+    local counter = tonumber(redis.call('ZSCORE', K_VTC, owner)) or 0
+    counter = math.max(counter, fair_share_floor())
+    redis.call('ZADD', K_VTC, counter, owner)
+    redis.call('ZREM', K_VTC_IDLE, owner)
+    redis.call('ZADD', K_BACKLOG, counter, owner)
+    redis.call('HSET', K_OWNER_PRIORITY, owner, priority)
+  end
+  redis.call('ZADD', oq, score, job_id)
+  redis.call('ZADD', K_QUEUED, score, job_id)
+  redis.call('HINCRBY', K_WAITING_MODELS, model, 1)
+end
+
+-- Take a job out of the waiting sets (it starts, is cancelled, or expires). An owner left
+-- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
+-- for the fair-share memory (heartbeat.lua), unless it waits again first.
+local function leave_waiting(job_id, owner, model, now)
+  local oq = K_OWNER_QUEUE .. owner
+  if redis.call('ZREM', oq, job_id) == 1 then
+    if redis.call('HINCRBY', K_WAITING_MODELS, model, -1) <= 0 then
+      redis.call('HDEL', K_WAITING_MODELS, model)
+    end
+  end
+  redis.call('ZREM', K_QUEUED, job_id)
+  redis.call('ZREM', K_DEADLINES, job_id)
+  if redis.call('ZCARD', oq) == 0 then
+    redis.call('ZREM', K_BACKLOG, owner)
+    redis.call('HDEL', K_OWNER_PRIORITY, owner)
+    redis.call('ZADD', K_VTC_IDLE, now, owner)
+  end
+end
+
+-- Grow an owner's fair-share counter (in the backlog too, while it waits there; else its
+-- idle time starts again at `now`, so a counter charged at a run's end is forgotten too).
+local function charge(owner, amount, now)
+  if amount == 0 then return end
+  redis.call('ZINCRBY', K_VTC, amount, owner)
+  if not redis.call('ZADD', K_BACKLOG, 'XX', 'INCR', amount, owner) then
+    redis.call('ZADD', K_VTC_IDLE, now, owner)
+  end
+end

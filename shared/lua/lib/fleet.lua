@@ -1,0 +1,36 @@
+-- The fleet: live workers, the backends of ARGV with their caps and state, waking an
+-- idle worker.
+
+local function live_workers(now, stale_ms)
+  return redis.call('ZCOUNT', K_WORKERS, now - stale_ms, '+inf')
+end
+
+-- The fleet as passed in ARGV from index `first` on: name, configured cap, kind, name, ...
+local function read_backends(first)
+  local backends = {}
+  for i = first, #ARGV, 3 do
+    local name = ARGV[i]
+    local b = {name = name, kind = ARGV[i + 2]}
+    b.cap = tonumber(redis.call('GET', K_BACKEND_CAP .. name)) or tonumber(ARGV[i + 1])
+    b.running = redis.call('ZCARD', K_BACKEND_RUNNING .. name)
+    b.up = redis.call('EXISTS', K_BACKEND_DOWN .. name) == 0
+    b.any_model = redis.call('EXISTS', K_BACKEND_MODELS .. name) == 0
+    b.free = math.max(0, b.cap - b.running)
+    table.insert(backends, b)
+  end
+  return backends
+end
+
+local function serves(b, model)
+  return b.any_model or redis.call('SISMEMBER', K_BACKEND_MODELS .. b.name, model) == 1
+end
+
+-- Whether `b` can run a job of `endpoint`: an `openai` backend runs only OpenAI's paths.
+local function runs_endpoint(b, endpoint)
+  return b.kind ~= 'openai' or OPENAI_PATHS[endpoint] == true
+end
+
+-- Wake one idle worker (BLPOP on K_WAKE); the list stays short when no worker is idle.
+local function wake_one()
+  if redis.call('LLEN', K_WAKE) < WAKE_MAX then redis.call('LPUSH', K_WAKE, 1) end
+end
