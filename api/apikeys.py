@@ -477,8 +477,9 @@ class KeyStore:
 
     # --- audit ---------------------------------------------------------------------------
 
-    async def audit(self, action: str, name: str, by: str, changes: dict[str, Any]) -> None:
-        """One event: kept (the last AUDIT_KEEP) and logged; never a key or a secret."""
+    async def audit(self, action: str, name: str | None, by: str, changes: dict[str, Any]) -> None:
+        """One event: kept (the last AUDIT_KEEP) and logged; never a key or a secret.
+        `name`: the key changed (None for a change of the GPU caps)."""
         event = {
             "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "action": action,

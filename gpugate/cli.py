@@ -1,4 +1,4 @@
-"""The `gpugate` command: api, worker, sim, up, doctor, concurrency."""
+"""The `gpugate` command: api, worker, sim, up, doctor, concurrency, keys."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def cmd_concurrency(args: argparse.Namespace) -> None:
     asyncio.run(concurrency(_settings(), args.n, backend=args.backend, reset=args.reset))
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from gpugate.keys_cli import run
+
+    run(_settings(), args)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sim"]:  # the simulator parses its own options
@@ -109,5 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     conc.add_argument("--reset", action="store_true", help="back to the configured cap")
     conc.add_argument("--backend", help="the backend (needed when there are several)")
     conc.set_defaults(func=cmd_concurrency)
+    from gpugate.keys_cli import add_parser
+
+    add_parser(sub).set_defaults(func=cmd_keys)
     args = parser.parse_args(argv)
     args.func(args)

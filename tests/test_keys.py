@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,3 +376,58 @@ def test_unknown_keys_setting(make_stack: StackFactory, unknown: str) -> None:
         assert me.status_code == 401
     else:
         assert me.json()["name"] == "anonymous" and me.json()["budget"] is None
+
+
+def gpugate_keys(url: str, *args: str, ok: bool = True) -> str:
+    env = {**os.environ, "GPUGATE_ADMIN_KEY": "admin-secret"}
+    argv = [sys.executable, "-m", "gpugate", "keys", "--url", url, *args]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) == ok, (args, done.stdout, done.stderr)
+    return done.stdout + done.stderr
+
+
+def _printed_key(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("key: ")]
+    return line.removeprefix("key: ")
+
+
+def test_the_cli_creates_lists_sets_rotates_and_revokes(make_stack: StackFactory) -> None:
+    stack = make_stack(admin_key="admin-secret")
+    url = stack.url
+    out = gpugate_keys(
+        url,
+        "create",
+        "cli-app",
+        "--models",
+        "llama3.2,qwen2.5:*",
+        "--max-running",
+        "2",
+        "--budget",
+        "1000/day",
+        "--expires",
+        "2099-01-01",
+    )
+    key = _printed_key(out)
+    assert "budget: 1000/day" in out and "expires_at: 2099-01-01T00:00:00Z" in out
+    assert generate(url, key).status_code == 200
+    listed = gpugate_keys(url, "list")
+    assert "cli-app" in listed and "1000/day" in listed and "llama3.2,qwen2.5:*" in listed
+
+    assert "disabled: true" in gpugate_keys(url, "set", "cli-app", "--disable")
+    assert generate(url, key).status_code == 401
+    out = gpugate_keys(url, "set", "cli-app", "--enable", "--budget", "", "--models", "")
+    assert "disabled: false" in out and "budget: -" in out and "models: -" in out
+    assert generate(url, key, "qwen2.5:7b").status_code == 404  # allowed; the sim lacks it
+
+    new_key = _printed_key(gpugate_keys(url, "rotate", "cli-app"))
+    assert generate(url, key).status_code == 401
+    assert generate(url, new_key).status_code == 200
+    assert "revoked cli-app" in gpugate_keys(url, "revoke", "cli-app")
+    assert generate(url, new_key).status_code == 401
+    assert "404" in gpugate_keys(url, "show", "cli-app", ok=False)
+
+    r = httpx.put(url + "/admin/concurrency", json={"gpu_concurrency": 3}, headers=ADMIN)
+    assert r.status_code == 200
+    events = httpx.get(url + "/admin/audit?limit=3", headers=ADMIN).json()["events"]
+    assert [e["action"] for e in events] == ["concurrency", "delete", "rotate"]
+    assert events[0]["changes"]["gpu_concurrency"] == 3

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.bodies import parse
 from api.dependencies import AdminGate
+from api.identity import client_ip
 from api.metrics import REJECTIONS
 from api.routes.inference import body_schema
 from api.snapshot import read_snapshot
@@ -66,4 +67,6 @@ async def set_concurrency(gate: AdminGate, request: Request) -> dict[str, Any]:
     body: ConcurrencyBody = parse(ConcurrencyBody, await request.body())
     backend = backend_named(gate.settings, body.backend)
     await set_cap(gate.redis, backend, body.gpu_concurrency)
+    changes = {"backend": backend, "gpu_concurrency": body.gpu_concurrency}
+    await gate.key_store.audit("concurrency", None, client_ip(request, gate.trusted), changes)
     return {"gpu_concurrency": body.gpu_concurrency, "backend": backend}
