@@ -2,14 +2,25 @@
 
 python -m bench            all benchmarks
 python -m bench latency    one of them (latency, admission, overload, soak, throughput,
-                           fairness, fleet, replication)
+                           fairness, fleet, replication, engine, commands)
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import admission, fairness, fleet, latency, overload, replication, soak, throughput
+from bench import (
+    admission,
+    commands,
+    engine,
+    fairness,
+    fleet,
+    latency,
+    overload,
+    replication,
+    soak,
+    throughput,
+)
 
 BENCHES = {
     "latency": latency.main,
@@ -20,6 +31,8 @@ BENCHES = {
     "fairness": fairness.main,
     "fleet": fleet.main,
     "replication": replication.main,
+    "engine": engine.main,
+    "commands": commands.main,
 }
 
 

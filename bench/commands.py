@@ -1,0 +1,161 @@
+"""Redis commands per tiny job, script by script: `python -m bench commands`.
+
+One synchronous tiny job's three scripts (admit, dispatch, finish), each run alone against
+a private redis-server, counted with INFO commandstats (the commands a script calls are
+counted there one by one). Deterministic: the same code gives the same count on any
+machine, so this is the figure to compare before and after a change to the scripts.
+Measured alone, each dispatch grants one run; under load one dispatch grants several and
+its fixed part (the failover fence, the fleet's state, the backlog) is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench.report import write_section
+from gpugate.testing.stack import start_redis
+from shared.jobs import new_job_id
+from shared.scripts import FinishStatus, Grant, Scripts
+
+FLEET = ("gpu-a", 1, "ollama")
+JOBS = 30
+OWNERS = 3
+SCRIPTS = ("admit", "dispatch", "finish")
+NOT_COUNTED = {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_config", "cmdstat_info"}
+"""The call of the script itself and the measurement's own commands."""
+
+
+async def _heartbeat(scripts: Scripts) -> None:
+    await scripts.heartbeat(
+        worker="w1",
+        info="{}",
+        lease_ms=10_000,
+        worker_stale_ms=30_000,
+        max_runs=3,
+        result_ttl_ms=60_000,
+        record_ttl_ms=600_000,
+        fair_share_memory_ms=10_000,
+        held=[],
+        backends=FLEET,
+    )
+
+
+async def _admit(scripts: Scripts, owner: str) -> None:
+    await scripts.admit(
+        owner=owner,
+        owner_name=owner,
+        usage_name="anonymous",
+        rate_per_ms=1.0,
+        burst=100,
+        tpm_per_ms=0,
+        tpm_burst=0,
+        reserve_tokens=0,
+        max_depth=100,
+        max_queued=100,
+        priority=0,
+        boost_ms=0,
+        weight=1,
+        job_id=new_job_id(),
+        endpoint="/api/generate",
+        model="llama3.2",
+        body='{"model": "llama3.2", "prompt": "hi"}',
+        stream=False,
+        sync=True,
+        deadline_ms=0,
+        idempotency_key="",
+        digest="",
+        result_ttl_ms=60_000,
+        record_ttl_ms=600_000,
+        worker_stale_ms=30_000,
+        backends=FLEET,
+        inbox="api-1",
+    )
+
+
+async def _dispatch(scripts: Scripts) -> Grant:
+    (grant,) = await scripts.dispatch(
+        worker="w1",
+        want=1,
+        lease_ms=10_000,
+        affinity_wait_ms=30_000,
+        provisional_cost=1,
+        result_ttl_ms=60_000,
+        fence_ms=2_000,
+        backends=FLEET,
+    )
+    return grant
+
+
+async def _finish(scripts: Scripts, grant: Grant) -> None:
+    await scripts.finish(
+        job_id=grant.job_id,
+        attempt=grant.attempt,
+        backend=grant.backend,
+        status=FinishStatus.SUCCEEDED,
+        http_status=200,
+        content_type="application/json",
+        result='{"done": true}',
+        error="",
+        error_code="",
+        duration_ms=12.0,
+        input_tokens=3,
+        output_tokens=5,
+        model_load_ms=0,
+        max_attempts=3,
+        breaker_threshold=5,
+        breaker_cooldown_ms=10_000,
+        ewma_weight=0.2,
+        wake=False,
+        result_ttl_ms=60_000,
+        record_ttl_ms=600_000,
+    )
+
+
+async def _counted(redis: Redis, step: Any) -> tuple[int, Any]:
+    await redis.config_resetstat()
+    result = await step
+    stats = await redis.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k not in NOT_COUNTED), result
+
+
+async def measure() -> dict[str, float]:
+    proc = start_redis()
+    redis = Redis(port=proc.port)
+    try:
+        scripts = Scripts(redis.execute_command)
+        await _heartbeat(scripts)
+        totals = dict.fromkeys(SCRIPTS, 0)
+        for i in range(JOBS):
+            n, _ = await _counted(redis, _admit(scripts, f"key:{i % OWNERS}"))
+            totals["admit"] += n
+            n, grant = await _counted(redis, _dispatch(scripts))
+            totals["dispatch"] += n
+            n, _ = await _counted(redis, _finish(scripts, grant))
+            totals["finish"] += n
+        return {name: total / JOBS for name, total in totals.items()}
+    finally:
+        await redis.aclose()
+        proc.stop()
+
+
+def main() -> None:
+    started = time.monotonic()
+    per = asyncio.run(measure())
+    total = sum(per.values())
+    rows = "\n".join(f"| {name} | {per[name]:.2f} |" for name in SCRIPTS)
+    body = (
+        f"Redis commands called by the scripts of one tiny synchronous job ({JOBS} jobs of "
+        f"{OWNERS} keys, one backend, each script alone; INFO commandstats):\n\n"
+        f"| script | commands |\n|---|---|\n{rows}\n| **per job** | **{total:.2f}** |\n"
+    )
+    print(body)
+    write_section("commands", "python -m bench commands", body)
+    print(f"({time.monotonic() - started:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
