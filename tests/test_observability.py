@@ -235,8 +235,11 @@ def test_an_async_job_joins_the_trace_of_its_submission(
     assert server.attributes["http.response.status_code"] == 202
     assert_worker_spans(spans, server, job_id)
     # the GET that waited is a trace of its own (it sent no traceparent)
-    gets = [s for s in otlp.spans if s.name == "GET /v1/jobs/{job_id}"]
-    assert gets and all(s.trace_id != trace_id for s in gets)
+    gets = wait_until(
+        lambda: [s for s in otlp.spans if s.name == "GET /v1/jobs/{job_id}"],
+        what="the span of the GET that waited",
+    )
+    assert isinstance(gets, list) and all(s.trace_id != trace_id for s in gets)
 
 
 def test_a_refusal_is_a_server_span_naming_its_code(
