@@ -135,5 +135,6 @@ end
 redis.call('HINCRBY', K_STATS, 'jobs_admitted', 1)
 redis.call('HINCRBY', K_USAGE, A.usage_name .. '|requests', 1)
 if A.hold_ms == 0 then wake_one() end
-return answer('admitted', job_id, redis.call('ZRANK', K_QUEUED, job_id),
-  {status = S_QUEUED, created_at_ms = now})
+-- a synchronous call shows no queue position (only the 202 of an async job does)
+local rank = A.sync and -1 or redis.call('ZRANK', K_QUEUED, job_id)
+return answer('admitted', job_id, rank, {status = S_QUEUED, created_at_ms = now})
