@@ -97,7 +97,8 @@ def test_a_flood_of_one_off_keys_and_addresses_leaves_redis_no_larger(
         try:
             wait_until(back_to_baseline, timeout=30, interval=0.5, what="per-key state to expire")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; grown (before, after): {dict(list(left.items())[:20])}")
+            grown_sizes = dict(list(left.items())[:20])
+            raise AssertionError(f"{exc}; grown (before, after): {grown_sizes}") from None
         assert rdb.zcard("gpugate:vtc") <= before.get("gpugate:vtc", 0)
         assert rdb.dbsize() <= len(before)
         memory_after = int(rdb.info("memory")["used_memory"])
