@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import secrets
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from gpugate.testing.processes import wait_until
+from shared.logs import JsonFormatter
 from tests.conftest import StackFactory
 
 MODEL = "llama3.2"
@@ -353,3 +356,42 @@ def test_json_lines_of_a_job_name_it_its_key_backend_and_trace(
         assert line["key"].startswith("key:")  # a fingerprint, never the key itself
         assert line["trace_id"] == trace_id
     assert {line["level"] for line in lines} >= {"info", "warning"}
+
+
+def test_json_formatter_names_uvicorn_access_fields_and_keeps_tracebacks_on_one_line() -> None:
+    """uvicorn's access record (when a server enables its access log) and a logged
+    exception each make one JSON line."""
+    formatter = JsonFormatter()
+    access = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "POST", "/api/chat", "1.1", 429),
+        None,
+    )
+    line = formatter.format(access)
+    assert "\n" not in line
+    assert json.loads(line) | {"ts": ""} == {
+        "ts": "",
+        "level": "info",
+        "logger": "uvicorn.access",
+        "msg": '127.0.0.1:5000 - "POST /api/chat HTTP/1.1" 429',
+        "client": "127.0.0.1:5000",
+        "method": "POST",
+        "path": "/api/chat",
+        "status": 429,
+    }
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord(
+            "gpugate", logging.ERROR, __file__, 1, "job %s", ("job_1",), sys.exc_info()
+        )
+    failed.job_id = "job_1"
+    line = formatter.format(failed)
+    assert "\n" not in line
+    record = json.loads(line)
+    assert record["msg"] == "job job_1" and record["job_id"] == "job_1"
+    assert "ValueError: boom" in record["exc"]
