@@ -32,7 +32,7 @@ from shared.errors import (
 from shared.estimates import Backlog
 from shared.jobs import ErrorCode, JobStatus, job_object, record_ttl_ms
 from shared.scripts import AdmitOutcome, AdmitReply
-from shared.store import REDIS_ERRORS, wait_replicas
+from shared.store import REDIS_ERRORS
 
 BREAKER_RETRY_AFTER_S = 5
 """Workers probe a backend every second while its breaker is open; it closes on an answer."""
@@ -226,7 +226,7 @@ async def _replicated(gate: Gate, who: Identity, job_id: str, rate_limit: RateLi
     if settings.redis_min_replicas <= 0:
         return
     try:
-        acked = await wait_replicas(gate.lane, settings.redis_min_replicas, settings.redis_wait_ms)
+        acked = await gate.lane.wait_replicas(settings.redis_min_replicas, settings.redis_wait_ms)
     except REDIS_ERRORS:
         acked = -1  # the master went away: nobody can tell whether the job survived
     if acked >= settings.redis_min_replicas:

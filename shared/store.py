@@ -13,7 +13,8 @@ the Sentinels name now (a command refused with READONLY was not run, so this is 
 error reply (OOM, READONLY, LOADING, BUSY, NOPERM…) — becomes `RedisUnavailable` with the
 reason named (`unavailable()`).
 
-`wait_replicas()` is Redis WAIT for the writes made before it; `replication()` is what
+Redis WAIT has one implementation, `Lane.wait_replicas` (shared/lane.py), for the
+admissions and the ends that GPUGATE_REDIS_MIN_REPLICAS guards; `replication()` is what
 `gpugate doctor` shows of the master and its replicas.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol
+from typing import Any
 
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
@@ -98,7 +99,7 @@ def unavailable(exc: BaseException) -> RedisUnavailable:
 WAIT_BARRIER_CHANNEL = "gpugate:wait-barrier"
 """A PUBLISH here (nobody listens) is a write that replicates without touching a key: the
 connection that sends it has then "written" everything the master had run before, which
-is what Redis WAIT waits for (`wait_replicas`)."""
+is what Redis WAIT waits for (`Lane.wait_replicas`)."""
 
 
 class MasterDemoted(redis_exceptions.ConnectionError):
@@ -178,37 +179,6 @@ def redis_errors() -> Iterator[None]:
         yield
     except REDIS_ERRORS as exc:
         raise unavailable(exc) from exc
-
-
-# --- Redis WAIT ------------------------------------------------------------------------
-
-
-class _WaitsForReplicas(Protocol):
-    async def wait_replicas(self, replicas: int, timeout_ms: int) -> int: ...
-
-
-async def wait_replicas(client: Redis | _WaitsForReplicas, replicas: int, timeout_ms: int) -> int:
-    """How many replicas acknowledged the writes made before this call (Redis WAIT):
-    returns as soon as `replicas` did, or after `timeout_ms` with how many did.
-
-    `client` is the `Lane` that carried the write (it waits on a connection of its own,
-    for the writes of the calling task: `Lane.wait_replicas`), or a `Redis` client, which
-    sends a barrier write and WAIT on one connection: every write the master ran before
-    them is covered, which includes the caller's own if no failover came in between.
-    A non-blocking `Redis` client gives up after `SOCKET_TIMEOUT_S`, so `timeout_ms`
-    must stay below it. Driver errors are raised as usual (`redis_errors()`)."""
-    if timeout_ms < 1:
-        raise ValueError("WAIT with no timeout would block for ever: give timeout_ms >= 1")
-    if not isinstance(client, Redis):
-        return await client.wait_replicas(replicas, timeout_ms)
-    read_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    if read_timeout is not None and timeout_ms >= read_timeout * 1000:
-        raise ValueError(f"WAIT {timeout_ms} ms outlasts this client's {read_timeout}s timeout")
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.publish(WAIT_BARRIER_CHANNEL, b"")
-        pipe.execute_command("WAIT", replicas, timeout_ms)
-        _, acked = await pipe.execute()
-    return int(acked)
 
 
 # --- what `gpugate doctor` shows ------------------------------------------------------

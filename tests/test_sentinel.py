@@ -146,30 +146,30 @@ async def test_wait_counts_the_replicas_that_acknowledged(cluster: SentinelClust
     stopped: list[Process] = []
     try:
         await lane.execute("SET", "wait:all", "1")
-        assert await store.wait_replicas(lane, 2, 1000) == 2
-        await client.set("wait:all", "2")
-        assert await store.wait_replicas(client, 2, 1000) == 2
+        assert await lane.wait_replicas(2, 1000) == 2
+        await client.set("wait:all", "2")  # another client's write: the lane's WAIT covers it
+        assert await lane.wait_replicas(2, 1000) == 2
 
         os.kill(replicas[0].pid, signal.SIGSTOP)
         stopped.append(replicas[0])
         await lane.execute("SET", "wait:one", "1")
-        assert await store.wait_replicas(lane, 1, 1000) == 1
+        assert await lane.wait_replicas(1, 1000) == 1
         started = time.monotonic()
-        assert await store.wait_replicas(lane, 2, 300) == 1  # the whole 300 ms, then 1
+        assert await lane.wait_replicas(2, 300) == 1  # the whole 300 ms, then 1
         assert time.monotonic() - started >= 0.29
 
         os.kill(replicas[1].pid, signal.SIGSTOP)
         stopped.append(replicas[1])
         await lane.execute("SET", "wait:none", "1")
-        assert await store.wait_replicas(lane, 1, 300) == 0
+        assert await lane.wait_replicas(1, 300) == 0
         await client.set("wait:none", "2")
-        assert await store.wait_replicas(client, 1, 300) == 0
+        assert await lane.wait_replicas(1, 300) == 0
 
         # A WAIT that blocks holds up nothing else on the lane, and WAITs asked for
         # at once share rounds instead of queueing one after the other.
         async def admit_and_wait(i: int) -> int:
             await lane.execute("SET", f"wait:many:{i}", "1")
-            return await store.wait_replicas(lane, 1, 300)
+            return await lane.wait_replicas(1, 300)
 
         started = time.monotonic()
         waits = asyncio.gather(*(admit_and_wait(i) for i in range(50)))
@@ -242,8 +242,7 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         assert await lane.script(INCR, ["before:lane-script"], [1]) == 1
         assert await py_script(keys=["before:py-script"], args=[1]) == 1
         assert await arq.enqueue_job("noop", _job_id="before") is not None
-        assert await store.wait_replicas(lane, 1, 1000) >= 1
-        assert await store.wait_replicas(client, 1, 1000) >= 1
+        assert await lane.wait_replicas(1, 1000) >= 1
         for proc in cluster.servers:
             if proc.port != master:  # a promoted replica has no script cached
                 with cluster.client(proc.port) as replica:
@@ -264,7 +263,7 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         firsts = await asyncio.gather(*(_first_success(n, op, deadline) for n, op in ops.items()))
         new_master, promoted_at = await promotion
         with pytest.raises(redis.ConnectionError):  # this task's writes died with the master
-            await store.wait_replicas(lane, 1, 100)
+            await lane.wait_replicas(1, 100)
     finally:
         await client.aclose()
         await blocking.aclose()
@@ -332,7 +331,7 @@ async def test_the_killed_master_comes_back_as_a_replica_and_takes_no_writes(
     try:
         await client.set("rejoined:redis", "1")
         await lane.execute("SET", "rejoined:lane", "1")
-        assert await store.wait_replicas(lane, 2, 1000) == 2
+        assert await lane.wait_replicas(2, 1000) == 2
     finally:
         await client.aclose()
         lane.close()

@@ -21,7 +21,7 @@ from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import ErrorCode, record_ttl_ms
 from shared.scripts import FinishStatus, Grant
-from shared.store import REDIS_ERRORS, wait_replicas
+from shared.store import REDIS_ERRORS
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
 
@@ -157,7 +157,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
             continue
         if settings.redis_min_replicas > 0:  # the end survives a failover too
             with contextlib.suppress(*REDIS_ERRORS):
-                await wait_replicas(ctx.lane, settings.redis_min_replicas, settings.redis_wait_ms)
+                await ctx.lane.wait_replicas(settings.redis_min_replicas, settings.redis_wait_ms)
         if reply.breaker_opened:
             log.warning(
                 "backend %s failed %d jobs in a row (last: %s); it is out of dispatch until it "
