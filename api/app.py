@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
             await key_store.stop()
             await inbox.stop()
             await http.aclose()
-            lane.close()
+            await lane.aclose()
             await blocking_redis.aclose()
             await redis.aclose()
 
