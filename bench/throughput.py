@@ -447,6 +447,12 @@ GATEWAY: dict[str, object] = {
 }
 
 
+def start_model_sim(tokens: int) -> Process:
+    """The simulator serving MODEL: `tokens` tokens at zero time per token."""
+    args = ["--models", MODEL, "--tokens", str(tokens), "--token-delay", "0"]
+    return start_sim(*args, "--parallel", str(SIM_PARALLEL))
+
+
 def start_gateway(sim: Process, apis: int, workers: int, **settings: object) -> Stack:
     """One gpugate: its own redis-server, `apis` API processes and `workers` workers."""
     return start_stack(
@@ -612,16 +618,7 @@ def measure_check(case: Case, plan: Plan) -> Sample:
 
 
 def throughput(plan: Plan) -> tuple[Setup, list[Case], list[Case], str]:
-    sim = start_sim(
-        "--models",
-        MODEL,
-        "--tokens",
-        str(TINY_TOKENS),
-        "--token-delay",
-        "0",
-        "--parallel",
-        str(SIM_PARALLEL),
-    )
+    sim = start_model_sim(TINY_TOKENS)
     procs: list[Process] = [sim]
     key = "sk-" + secrets.token_hex(32)
     try:
@@ -762,16 +759,7 @@ def backlog(callers: int) -> Backlog:
     """`callers` synchronous calls at once on a stack with GPU cap 1 and a job time of 4 s,
     so that they all wait; then the cap goes up and the simulator speeds up, and every call
     must get its 200."""
-    sim = start_sim(
-        "--models",
-        MODEL,
-        "--tokens",
-        str(BACKLOG_TOKENS),
-        "--token-delay",
-        "0",
-        "--parallel",
-        str(SIM_PARALLEL),
-    )
+    sim = start_model_sim(BACKLOG_TOKENS)
     procs: list[Process] = [sim]
     b = Backlog(callers)
     try:

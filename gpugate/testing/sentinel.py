@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 
 from gpugate.testing.processes import Process, free_port, spawn, wait_until
-from gpugate.testing.stack import redis_server_binary
+from gpugate.testing.stack import redis_server_binary, wait_redis
 
 MASTER_NAME = "gpugate"
 PASSWORD = "sentinel-test-secret"
@@ -59,14 +59,7 @@ def start_server(
     proc.url = (
         f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     )
-
-    def answers() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"redis-server on {port} exited early:\n{proc.log()}")
-        with redis.Redis(port=port, password=password, socket_timeout=0.5) as client:
-            return bool(client.ping())
-
-    wait_until(answers, timeout=10, what=f"redis-server on port {port}")
+    wait_redis(proc, password)
     return proc
 
 
@@ -101,14 +94,7 @@ def start_sentinel(
     config.write_text("\n".join(lines) + "\n")
     proc = spawn(f"sentinel-{port}", [redis_server_binary(), str(config), "--sentinel"])
     proc.port = port
-
-    def answers() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"sentinel on {port} exited early:\n{proc.log()}")
-        with redis.Redis(port=port, password=password, socket_timeout=0.5) as client:
-            return bool(client.ping())
-
-    wait_until(answers, timeout=10, what=f"sentinel on port {port}")
+    wait_redis(proc, password, "sentinel")
     return proc
 
 

@@ -9,7 +9,6 @@ returns once every API sees its workers alive. The single processes start on the
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -77,20 +76,25 @@ def start_redis(
     proc = spawn("redis", argv, **options)
     proc.port = port
     proc.url = f"redis://127.0.0.1:{port}/0"
+    wait_redis(proc)
+    return proc
+
+
+def wait_redis(proc: Process, password: str | None = None, what: str = "redis-server") -> None:
+    """Until `proc`, a redis-server or a Sentinel, answers PING; stopped again if it
+    does not."""
 
     def answers() -> bool:
         if not proc.alive():
-            raise AssertionError(f"redis-server exited early:\n{proc.log()}")
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            raise AssertionError(f"{what} on port {proc.port} exited early:\n{proc.log()}")
+        with redis.Redis("127.0.0.1", proc.port, password=password, socket_timeout=0.5) as client:
+            return bool(client.ping())
 
     try:
-        wait_until(answers, timeout=10, what=f"redis-server on port {port}")
+        wait_until(answers, timeout=10, what=f"{what} on port {proc.port}")
     except BaseException:
         proc.stop()
         raise
-    return proc
 
 
 def start_sim(*args: str, port: int | None = None, **options: Unpack[Spawn]) -> Process:
