@@ -82,8 +82,9 @@ Where it differs from Ollama:
 - JSON syntax error texts only imitate Go's; images, tools, `format`, `think` and options
   other than `num_predict` are accepted and ignored;
 - `fail_mode` "error500" answers 500 `{"error": "simulated failure"}` (in each API's error
-  shape), "hang" never answers; both only after the request was validated, and only on the
-  inference endpoints.
+  shape), "error503" Ollama's 503 past its queue, "oom" Ollama's 500 for a model that does
+  not fit in memory, "hang" never answers; all only after the request was validated, and
+  only on the inference endpoints.
 
 The package, one module a seam:
 

@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FAIL_MODES = ("none", "error500", "hang")
+FAILURES: dict[str, tuple[int, str]] = {
+    "error500": (500, "simulated failure"),
+    # what Ollama answers past OLLAMA_MAX_QUEUE, and when a model does not fit
+    "error503": (503, "server busy, please try again.  maximum pending requests exceeded"),
+    "oom": (500, "model requires more system memory than is available: out of memory"),
+}
+"""The fail modes that answer an error: its status and message."""
+FAIL_MODES = ("none", *FAILURES, "hang")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gpugate.sim.answers import Result, whole_answer
 from gpugate.sim.apis import Api, ApiError
 from gpugate.sim.asgi import Holds, StreamWriter, read_body, send_whole, until_disconnect
+from gpugate.sim.config import FAILURES
 from gpugate.sim.content import reply_tokens
 from gpugate.sim.golang import encode_json
 from gpugate.sim.requests import Job, parse_request
@@ -86,8 +87,8 @@ class InferenceEndpoint:
     async def _serve(self, body: bytes, receive: Receive, send: Send) -> str:
         try:
             job = parse_request(self.api, body, self.sim.models)
-            if self.sim.config.fail_mode == "error500":
-                raise ApiError(500, "simulated failure")
+            if self.sim.config.fail_mode in FAILURES:
+                raise ApiError(*FAILURES[self.sim.config.fail_mode])
         except ApiError as error:
             answer = encode_json(error.body(self.api))
             await send_whole(send, error.status, error.content_type(self.api), answer)
