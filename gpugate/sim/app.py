@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,6 +21,7 @@ from gpugate.sim.inference import InferenceEndpoint
 from gpugate.sim.management import ModelManagement
 from gpugate.sim.models import SimModel
 from gpugate.sim.names import display_name, name_parts
+from gpugate.sim.performance import PerformanceConfig
 from gpugate.sim.requests import name_field
 from gpugate.sim.simulator import Simulator
 
@@ -111,12 +111,16 @@ def control_routes(sim: Simulator) -> list[Route]:
             sim.reconfigure(changes)
         except ValueError as exc:
             return json_response({"error": str(exc)}, 400, PLAIN_JSON_TYPE)
-        return json_response(asdict(sim.config), media_type=PLAIN_JSON_TYPE)
+        return json_response(sim.settings(), media_type=PLAIN_JSON_TYPE)
+
+    async def performance(request: Request) -> Response:
+        return json_response(sim.performance.listed(), media_type=PLAIN_JSON_TYPE)
 
     return [
         Route("/sim/stats", stats, methods=["GET"]),
         Route("/sim/reset", reset, methods=["POST"]),
         Route("/sim/config", config, methods=["PUT"]),
+        Route("/sim/performance", performance, methods=["GET"]),
     ]
 
 
@@ -140,9 +144,9 @@ _INFERENCE_PATHS = {
 }
 
 
-def create_app(config: SimConfig) -> ASGIApp:
+def create_app(config: SimConfig, performance: PerformanceConfig | None = None) -> ASGIApp:
     """The simulator as an ASGI app; its Simulator is at `app.state.sim`."""
-    sim = Simulator(config)
+    sim = Simulator(config, performance)
     inference = [
         Route(path, InferenceEndpoint(sim, api), methods=["POST"])
         for path, api in _INFERENCE_PATHS.items()

@@ -15,6 +15,7 @@ from gpugate.sim.asgi import Holds, StreamWriter, read_body, send_whole, until_d
 from gpugate.sim.config import FAILURES
 from gpugate.sim.content import reply_tokens
 from gpugate.sim.golang import encode_json
+from gpugate.sim.performance import Generation
 from gpugate.sim.requests import Job, parse_request
 from gpugate.sim.simulator import Simulator
 from gpugate.sim.streams import stream_format
@@ -118,17 +119,24 @@ class InferenceEndpoint:
             await self.sim.slots.acquire()
             holds.add(self.sim.slots.release)
             clock.started = time.monotonic_ns()
-            await self._run(job, send, clock)
+            try:
+                generation = self.sim.performance.start(target.name, job.material)
+            except ApiError as error:  # out of memory
+                answer = encode_json(error.body(self.api))
+                await send_whole(send, error.status, error.content_type(self.api), answer)
+                return
+            holds.add(generation.finish)
+            await self._run(job, send, clock, generation)
         finally:
             holds.release()
 
-    async def _run(self, job: Job, send: Send, clock: Clock) -> None:
+    async def _run(self, job: Job, send: Send, clock: Clock, generation: Generation) -> None:
         if job.api.embeds:
             await self._embed(job, send, clock)
         elif job.stream:
-            await self._stream(job, send, clock)
+            await self._stream(job, send, clock, generation)
         else:
-            await self._whole(job, send, clock)
+            await self._whole(job, send, clock, generation)
 
     async def _send_action(self, job: Job, send: Send, clock: Clock) -> None:
         """The answer to an empty prompt: one object (or stream end), no tokens."""
@@ -146,26 +154,33 @@ class InferenceEndpoint:
             count, reason = job.num_predict, "length"
         return reply_tokens(job.model, job.material, count), reason
 
-    async def _generate(self, tokens: list[str], clock: Clock) -> AsyncIterator[str]:
-        delay = self.sim.config.token_delay_s
+    async def _generate(
+        self, tokens: list[str], clock: Clock, generation: Generation
+    ) -> AsyncIterator[str]:
+        """The prompt (its uncached part), then each token, as long as the model says."""
+        prompt_s = generation.prompt_s()
+        if prompt_s > 0:
+            await asyncio.sleep(prompt_s)
+        generation.prompt_done()
         clock.first = time.monotonic_ns()
         for token in tokens:
-            await asyncio.sleep(delay)  # sleep(0) only yields to the loop
+            await asyncio.sleep(generation.token_s())  # sleep(0) only yields to the loop
+            generation.generated(token)
             yield token
 
-    async def _stream(self, job: Job, send: Send, clock: Clock) -> None:
+    async def _stream(self, job: Job, send: Send, clock: Clock, generation: Generation) -> None:
         fmt = stream_format(job)
         writer = StreamWriter(send, fmt.content_type)
         planned, reason = self._plan(job)
         tokens = []
-        async for token in self._generate(planned, clock):
+        async for token in self._generate(planned, clock, generation):
             tokens.append(token)
             await writer.write(fmt.piece(token))
         await writer.write_all(fmt.end(clock.result(tokens, reason)))
 
-    async def _whole(self, job: Job, send: Send, clock: Clock) -> None:
+    async def _whole(self, job: Job, send: Send, clock: Clock, generation: Generation) -> None:
         planned, reason = self._plan(job)
-        tokens = [token async for token in self._generate(planned, clock)]
+        tokens = [token async for token in self._generate(planned, clock, generation)]
         await self._send_whole(job, send, clock.result(tokens, reason))
 
     async def _embed(self, job: Job, send: Send, clock: Clock) -> None:

@@ -45,6 +45,19 @@ def prompt_material(system: str, prompt: str, suffix: str) -> tuple[str, int]:
     return material, count_tokens(system) + count_tokens(prompt) + count_tokens(suffix) + 1
 
 
+def material_tokens(material: str) -> list[str]:
+    """The prompt tokens of a request's material, for the prompt cache: words, with
+    `<|im_start|>`, the role, a newline and `<|im_end|>` around each chat message, and `<s>`
+    before a generate prompt (as many as `chat_material`/`prompt_material` count)."""
+    value = json.loads(material)
+    if value and value[0] == "prompt":
+        return ["<s>", *(word for text in value[1:] for word in text.split())]
+    tokens: list[str] = []
+    for role, text in value:
+        tokens += ["<|im_start|>", role, "\n", *text.split(), "<|im_end|>"]
+    return tokens
+
+
 def responses_input(value: Any) -> list[dict[str, Any]]:
     """The chat messages of a Responses `input`: a string, or a list of input items."""
     if value is None:

@@ -10,6 +10,13 @@ from typing import Any
 from gpugate.sim.config import SimConfig, updated_config, validate_config
 from gpugate.sim.models import SimModel
 from gpugate.sim.names import model_key
+from gpugate.sim.performance import (
+    FIELDS,
+    Performance,
+    PerformanceConfig,
+    updated_performance,
+    validate_performance,
+)
 from gpugate.sim.residency import Residency
 from gpugate.sim.slots import SlotGate
 from gpugate.sim.stats import Stats
@@ -18,9 +25,11 @@ from gpugate.sim.stats import Stats
 class Simulator:
     """The state behind the app: config, counters, slots, models, loaded models, blobs."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, performance: PerformanceConfig | None = None) -> None:
         validate_config(config)
         self.config = config
+        self.performance_config = performance or PerformanceConfig()
+        validate_performance(self.performance_config)
         self.stats = Stats()
         self.slots = SlotGate(lambda: self.config.parallel, self.stats)
         started = datetime.now(UTC)
@@ -28,6 +37,9 @@ class Simulator:
         self.models = {model_key(model.name): model for model in described}
         self.residency = Residency(lambda: self.config, self.stats)
         self.blobs: dict[str, int] = {}
+        self.performance = Performance(
+            lambda: self.performance_config, lambda: self.config, self.stats
+        )
 
     def running_models(self) -> list[dict[str, Any]]:
         """/api/ps: the loaded models, the longest left to live first."""
@@ -47,7 +59,18 @@ class Simulator:
     def snapshot(self) -> dict[str, Any]:
         return {**asdict(self.stats), "waiting": self.slots.waiting, "config": asdict(self.config)}
 
+    def settings(self) -> dict[str, Any]:
+        """What `PUT /sim/config` answers: every live setting, the performance model's too."""
+        return {**asdict(self.config), **asdict(self.performance_config)}
+
     def reconfigure(self, changes: Mapping[str, Any]) -> None:
-        self.config = updated_config(self.config, changes)
+        """Apply `changes` (all or none: ValueError names the first bad one)."""
+        own = {key: value for key, value in changes.items() if key in FIELDS}
+        rest = {key: value for key, value in changes.items() if key not in FIELDS}
+        config = updated_config(self.config, rest)
+        self.performance_config = updated_performance(self.performance_config, own)
+        self.config = config
+        if not self.performance_config.prompt_token_s:
+            self.performance.cache.clear()  # prompts take no time: no cache is kept
         self.slots.wake()
         self.residency.trim()
