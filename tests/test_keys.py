@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from gpugate.testing.keys import Key, write_keys_file
-from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from shared import keys
+from tests.conftest import Stack, StackFactory, sim_configure, sim_stats, slow_sim_fixture
 from tests.processes import Process, wait_until
 
 ADMIN = {"X-Admin-Key": "admin-secret"}
@@ -110,10 +111,12 @@ def test_revoked_disabled_expired_and_past_grace_keys_get_401_even_with_default_
     assert generate(url, rotated["key"]).status_code == 200  # in its grace
     assert generate(url, new_key).status_code == 200
     wait_until(
-        lambda: generate(url, rotated["key"]).status_code == 401,
-        timeout=5,
+        lambda: httpx.get(url + "/v1/me", headers=bearer(rotated["key"])).status_code == 401,
+        timeout=10,
+        interval=0.05,
         what="the old key refused once its grace is over",
     )
+    assert generate(url, rotated["key"]).status_code == 401
     assert generate(url, new_key).status_code == 200
 
     revoked = create(url, name="revoked")
@@ -263,19 +266,20 @@ def test_a_used_up_budget_is_budget_exhausted_until_midnight_and_never_reaches_t
     assert generate(url, key).status_code == 200
 
 
-def _job_windows(url: str, key: str, ids: list[str]) -> list[tuple[int, int]]:
-    windows = []
-    for job_id in ids:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=bearer(key)).json()
-        assert job["status"] == "succeeded", job
-        windows.append((_ms(job["started_at"]), _ms(job["finished_at"])))
+def _job_windows(stack: Stack, ids: list[str]) -> list[tuple[int, int]]:
+    """Each job's start and end on its GPU slot, in Redis's ms (the job records)."""
+    rdb = stack.redis()
+    try:
+        windows = []
+        for job_id in ids:
+            status, started, finished = rdb.hmget(
+                keys.job(job_id), ["status", "started_at", "finished_at"]
+            )
+            assert status == b"succeeded", (job_id, status)
+            windows.append((int(started), int(finished)))
+    finally:
+        rdb.close()
     return sorted(windows)
-
-
-def _ms(value: Any) -> int:
-    if isinstance(value, int | float):
-        return int(value)
-    return int(datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def _submit(url: str, key: str, n: int) -> list[str]:
@@ -310,14 +314,14 @@ def test_a_key_with_max_running_one_never_runs_two_jobs_while_other_keys_run(
     wait_until(lambda: _all_done(url, one, mine), timeout=30, what="the limited key's jobs")
     wait_until(lambda: _all_done(url, other, theirs), timeout=30, what="the other key's jobs")
 
-    limited = _job_windows(url, one, mine)
+    limited = _job_windows(stack, mine)
     for (_, end), (start, _) in itertools.pairwise(limited):
         assert start >= end, f"two jobs of a max_running=1 key overlapped: {limited}"
-    free = _job_windows(url, other, theirs)
-    overlapping = [(s, e) for s, e in free if any(s < le and ls < e for ls, le in limited)]
-    assert overlapping, "the other key's jobs should have run alongside the limited key's"
-    # with max_running 1 the slots went to the other key: it finished first
-    assert max(e for _, e in free) < max(e for _, e in limited)
+    free = _job_windows(stack, theirs)
+    alongside = [(s, e) for s, e in free if any(s < le and ls < e for ls, le in limited)]
+    assert alongside, "the other key's jobs should have run alongside the limited key's"
+    # the free key was not held to one: some of its jobs overlapped each other
+    assert any(s2 < e1 for (_, e1), (s2, _) in itertools.pairwise(free)), free
 
 
 def test_no_clear_key_or_secret_in_redis_or_any_log(make_stack: StackFactory) -> None:
