@@ -435,3 +435,28 @@ def test_the_cli_creates_lists_sets_rotates_and_revokes(make_stack: StackFactory
     events = httpx.get(url + "/admin/audit?limit=3", headers=ADMIN).json()["events"]
     assert [e["action"] for e in events] == ["concurrency", "delete", "rotate"]
     assert events[0]["changes"]["gpu_concurrency"] == 3
+
+
+def test_a_queued_job_cancelled_gives_its_budget_reservation_back(
+    make_stack: StackFactory, slow_sim: Process
+) -> None:
+    stack = make_stack(ollama_url=slow_sim.url, admin_key="admin-secret", gpu_concurrency=1)
+    url = stack.url
+    key = create(url, name="reserving", budget={"tokens": 1000, "period": "week"})["key"]
+    job = {"endpoint": "/api/generate", "body": GEN}
+    first = httpx.post(url + "/v1/jobs", json=job, headers=bearer(key)).json()["id"]
+    big = {"endpoint": "/api/generate", "body": {**GEN, "options": {"num_predict": 300}}}
+    queued = httpx.post(url + "/v1/jobs", json=big, headers=bearer(key)).json()
+    assert queued["status"] == "queued"
+
+    def used() -> int:
+        budget = httpx.get(url + "/v1/me", headers=bearer(key)).json()["budget"]
+        assert budget["period"] == "week"
+        return int(budget["used"])
+
+    assert used() >= 300
+    r = httpx.delete(f"{url}/v1/jobs/{queued['id']}", headers=bearer(key))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert used() < 300
+    wait_until(lambda: _all_done(url, key, [first]), timeout=10, what="the first job's end")
+    assert 0 < used() < 300

@@ -72,8 +72,19 @@ local function cancel_running(job_id, code, message, now, result_ttl_ms)
   redis.call('PUBLISH', K_CANCEL_CHANNEL, job_id)
 end
 
+-- A budget reservation (admit.lua's) of a job that will never run, given back.
+local function return_budget(job_id)
+  local v = redis.call('HMGET', K_JOB .. job_id, 'budget_key', 'budget_reserved')
+  local reserved = tonumber(v[2]) or 0
+  if v[1] and reserved > 0 then
+    if redis.call('EXISTS', v[1]) == 1 then redis.call('INCRBY', v[1], -reserved) end
+    redis.call('HSET', K_JOB .. job_id, 'budget_reserved', 0)
+  end
+end
+
 -- Cancel a job that is still queued: it never starts.
 local function cancel_queued(job_id, owner, model, code, message, now, result_ttl_ms)
+  return_budget(job_id)
   leave_waiting(job_id, owner, model, now)
   finalize(job_id, S_CANCELLED, {'error', error_json(code, message)}, now, result_ttl_ms)
   redis.call('PUBLISH', K_CANCEL_CHANNEL, job_id)
