@@ -58,6 +58,12 @@ class _QueueCollector(Collector):
         for name, doc, value in (
             ("gpugate_backend_running", "Jobs holding a GPU slot on the backend.", "running"),
             ("gpugate_backend_gpu_concurrency", "The backend's GPU-slot cap.", "gpu_concurrency"),
+            (
+                "gpugate_backend_effective_concurrency",
+                "The cap dispatch fills now: the backend's, or below it what adaptive "
+                "concurrency found.",
+                "effective_concurrency",
+            ),
             ("gpugate_backend_up", "1 unless the backend's circuit breaker is open.", "healthy"),
         ):
             family = GaugeMetricFamily(name, doc, labels=["backend"])

@@ -16,12 +16,14 @@ from shared.settings import Settings
 from shared.store import redis_errors
 
 _PER_BACKEND = 3
+_FIXED = 3
 
 
 def queue_backlog(pipe: Pipeline, settings: Settings) -> None:
     """Add the backlog reads to `pipe`; `backlog_from` reads their replies."""
     pipe.zcard(keys.QUEUED)
     pipe.hget(keys.STATS, "mean_job_ms")
+    pipe.hgetall(keys.EFFECTIVE)
     for b in settings.backends:
         pipe.get(keys.backend_cap(b.name))
         pipe.zcard(keys.backend_running(b.name))
@@ -29,14 +31,30 @@ def queue_backlog(pipe: Pipeline, settings: Settings) -> None:
 
 
 def backlog_replies(settings: Settings) -> int:
-    return 2 + _PER_BACKEND * len(settings.backends)
+    return _FIXED + _PER_BACKEND * len(settings.backends)
 
 
-def _caps(replies: list[Any], settings: Settings) -> list[tuple[int, int, bool]]:
+@dataclass(frozen=True)
+class _Caps:
+    ceiling: int
+    """The operator's live cap, else the configured one."""
+    effective: int
+    """What dispatch fills: below the ceiling when adaptive concurrency lowered it."""
+    running: int
+    healthy: bool
+
+
+def _caps(replies: list[Any], settings: Settings) -> list[_Caps]:
+    effective = {k.decode(): int(v) for k, v in (replies[2] or {}).items()}
     out = []
     for i, b in enumerate(settings.backends):
-        cap, running, down = replies[2 + _PER_BACKEND * i : 2 + _PER_BACKEND * (i + 1)]
-        out.append((int(cap) if cap else b.gpu_concurrency, int(running), not down))
+        start = _FIXED + _PER_BACKEND * i
+        cap, running, down = replies[start : start + _PER_BACKEND]
+        ceiling = int(cap) if cap else b.gpu_concurrency
+        found = effective.get(b.name)
+        out.append(
+            _Caps(ceiling, min(ceiling, found) if found else ceiling, int(running), not down)
+        )
     return out
 
 
@@ -44,8 +62,8 @@ def backlog_from(replies: list[Any], settings: Settings) -> Backlog:
     caps = _caps(replies, settings)
     return Backlog(
         depth=int(replies[0]),
-        running=sum(running for _, running, _ in caps),
-        cap=sum(cap for cap, _, _ in caps),
+        running=sum(c.running for c in caps),
+        cap=sum(c.effective for c in caps),
         mean_job_ms=float(replies[1]) if replies[1] else None,
     )
 
@@ -60,6 +78,10 @@ class BackendView:
     loaded_models: list[str]
     kind: str = "ollama"
     """`openai`: an OpenAI-compatible server (its models all count as loaded)."""
+    effective_concurrency: int = 0
+    """What dispatch fills now: `gpu_concurrency`, or below it what adaptive concurrency
+    found (worker/adaptive.py)."""
+    adaptive: bool = False
 
     def public(self) -> dict[str, Any]:
         return {
@@ -67,6 +89,8 @@ class BackendView:
             "kind": self.kind,
             "url": self.url,
             "gpu_concurrency": self.gpu_concurrency,
+            "effective_concurrency": self.effective_concurrency or self.gpu_concurrency,
+            "adaptive": self.adaptive,
             "running": self.running,
             "healthy": self.healthy,
             "loaded_models": self.loaded_models,
@@ -94,10 +118,18 @@ async def read_queue(redis: Redis, settings: Settings) -> Queue:
     n = backlog_replies(settings)
     caps = _caps(replies[:n], settings)
     backends = [
-        BackendView(b.name, b.url, cap, running, healthy, _model_names(loaded), b.kind)
-        for b, (cap, running, healthy), loaded in zip(
-            settings.backends, caps, replies[n:], strict=True
+        BackendView(
+            b.name,
+            b.url,
+            c.ceiling,
+            c.running,
+            c.healthy,
+            _model_names(loaded),
+            b.kind,
+            effective_concurrency=c.effective,
+            adaptive=settings.adaptive_on(b),
         )
+        for b, c, loaded in zip(settings.backends, caps, replies[n:], strict=True)
     ]
     return Queue(backlog_from(replies[:n], settings), backends)
 

@@ -56,6 +56,8 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_BACKEND_FAILURES", keys.BACKEND_FAILURES),
     ("K_BACKEND_MODELS", keys.BACKEND_MODELS),
     ("K_BACKEND_LOADED", keys.BACKEND_LOADED),
+    ("K_EFFECTIVE", keys.EFFECTIVE),
+    ("K_METER", keys.METER),
     ("K_WAKE", keys.WAKE),
     ("K_MASTER", keys.MASTER),
     ("K_FENCE", keys.FENCE),
@@ -450,3 +452,9 @@ class Scripts:
     async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
         raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})
         return TokenReply(bool(raw["allowed"]), float(raw["tokens"]), int(raw["next_token_ms"]))
+
+    async def meter_take(self, *, backend: str, min_jobs: int) -> dict[str, float]:
+        """`backend`'s measurement window, taken (emptied), once `min_jobs` jobs ended in
+        it; `{}` before (shared/lua/meter_take.lua)."""
+        raw = await self._run("meter_take", {"backend": backend, "min_jobs": min_jobs})
+        return {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}

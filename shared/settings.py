@@ -72,6 +72,9 @@ class Backend(BaseModel):
     Ollama); its models come from /v1/models, its health from /health."""
     api_key: SecretStr | None = None
     """Sent to it as `Authorization: Bearer`; masked wherever it is shown."""
+    adaptive: bool | None = None
+    """Adaptive concurrency: `gpu_concurrency` is then a ceiling and gpugate finds the
+    effective cap below it (worker/adaptive.py). None: GPUGATE_ADAPTIVE decides."""
 
     @property
     def openai(self) -> bool:
@@ -150,6 +153,8 @@ class Settings(BaseSettings):
     """GPUGATE_BACKENDS, as given; read `backends` for the checked list."""
     backends_file: Path | None = None
     affinity_wait: float = Field(30, ge=0, le=3600)
+    adaptive: bool = False
+    """Adaptive concurrency on every backend that does not say otherwise."""
     redis_min_replicas: int = Field(0, ge=0, le=16)
     redis_wait_ms: int = Field(100, ge=1, le=60_000)
     unknown_keys: Literal["default_tier", "refuse"] | None = None
@@ -233,6 +238,10 @@ class Settings(BaseSettings):
 
     def backend(self, name: str) -> Backend | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    def adaptive_on(self, backend: Backend) -> bool:
+        """Whether `backend`'s cap adapts (its own `adaptive`, else GPUGATE_ADAPTIVE)."""
+        return self.adaptive if backend.adaptive is None else backend.adaptive
 
     @property
     def refuse_unknown_keys(self) -> bool:

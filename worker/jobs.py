@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ from shared.estimates import EWMA_WEIGHT
 from shared.jobs import ErrorCode, record_ttl_ms
 from shared.scripts import FinishStatus, Grant
 from shared.store import REDIS_ERRORS
+from worker.adaptive import backoff
+from worker.meter import tpot_ms
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
 
@@ -48,6 +51,7 @@ async def run_job(ctx: WorkerContext, job_id: str, attempt: int) -> None:
         outcome = await run(ctx, held)
         if spans is not None:
             spans.called(outcome)
+        await measure(ctx, held, outcome)
         if not held.lost:
             await record(ctx, held, outcome)
     except asyncio.CancelledError:
@@ -58,6 +62,26 @@ async def run_job(ctx: WorkerContext, job_id: str, attempt: int) -> None:
         if spans is not None:
             spans.end()
         ctx.release(run_id)
+
+
+PUSHBACK_STATUSES = (429, 503)
+_PUSHBACK = re.compile(r"failed with (429|503)\b|out of memory", re.IGNORECASE)
+"""A 5xx is retried and reported as `Ollama failed with 503: …` (worker/ollama.py)."""
+
+
+async def measure(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
+    """What the run tells adaptive concurrency (worker/adaptive.py): its pace, or that the
+    backend pushed back (503, 429, out of memory), which halves the cap at once."""
+    backend = ctx.backend(held.grant.backend)
+    if not ctx.settings.adaptive_on(backend):
+        return
+    tokens = outcome.usage.output_tokens
+    ctx.meter.record(backend.name, tokens, tpot_ms(held.duration_ms, outcome.model_load_ms, tokens))
+    message = str((outcome.error or {}).get("message", ""))
+    if outcome.http_status in PUSHBACK_STATUSES or _PUSHBACK.search(message):
+        why = f"it answered {outcome.http_status}" if outcome.http_status else message[:120]
+        with contextlib.suppress(RedisUnavailable):
+            await backoff(ctx, backend, why)
 
 
 def _spans(ctx: WorkerContext, grant: Grant) -> RunSpans:

@@ -30,6 +30,7 @@ from shared.outage import supervised
 from shared.scripts import fleet_argv
 from shared.settings import Backend, Settings
 from shared.store import redis_errors
+from worker.adaptive import adaptive_loop
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker")
@@ -51,6 +52,7 @@ def start_loops(ctx: WorkerContext) -> None:
         "waker": waker_loop,
         "cancels": cancel_loop,
         "fleet": fleet_loop,
+        "adaptive": adaptive_loop,
     }
     ctx.tasks = [asyncio.create_task(loop(ctx), name=name) for name, loop in loops.items()]
 

@@ -19,6 +19,7 @@ from shared.lane import Lane
 from shared.outage import Outage
 from shared.scripts import Grant, HeldRun, Scripts
 from shared.settings import Backend, Settings
+from worker.meter import Meter
 
 log = logging.getLogger("gpugate.worker")
 
@@ -68,6 +69,8 @@ class WorkerContext:
     """SIGTERM: ask for no more work, let running runs finish."""
     redis_outage: Outage = field(default_factory=lambda: Outage(log, "Redis"))
     """Shared by the worker's loops, so an outage is logged once per worker."""
+    meter: Meter = field(default_factory=Meter)
+    """What this worker's runs did per backend, until its next flush (worker/meter.py)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     """The worker's background loops (worker/loops.py)."""
 

@@ -224,7 +224,10 @@ function renderBackends(backends, totals) {
     if (!row) body.append((row = backendRow(b.name)));
     // the kind, when not Ollama: an OpenAI-compatible server (llama.cpp, vLLM, ...)
     const kind = b.kind && b.kind !== "ollama" ? ` (${b.kind})` : "";
-    row.querySelector(".url").textContent = b.name === null ? "all workers" : text(b.url) + kind;
+    // adaptive concurrency: the cap dispatch fills now, below the ceiling of the Cap column
+    const adaptive = b.adaptive ? ` · adaptive: ${int(b.effective_concurrency)} running at most` : "";
+    row.querySelector(".url").textContent =
+      b.name === null ? "all workers" : text(b.url) + kind + adaptive;
     const health = row.querySelector(".health");
     health.textContent = b.healthy === true ? "healthy" : b.healthy === false ? "down" : DASH;
     health.className = `health ${b.healthy === true ? "ok" : b.healthy === false ? "down" : ""}`;

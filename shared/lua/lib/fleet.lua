@@ -6,12 +6,18 @@ local function live_workers(now, stale_ms)
 end
 
 -- The fleet as passed in ARGV from index `first` on: name, configured cap, kind, name, ...
+-- `cap` is what dispatch may fill: the operator's live cap (else the configured one), or
+-- below it the effective cap that adaptive concurrency found (shared/adaptive.py).
 local function read_backends(first)
   local backends = {}
+  local effective = {}
+  local pairs_ = redis.call('HGETALL', K_EFFECTIVE)
+  for i = 1, #pairs_, 2 do effective[pairs_[i]] = tonumber(pairs_[i + 1]) end
   for i = first, #ARGV, 3 do
     local name = ARGV[i]
     local b = {name = name, kind = ARGV[i + 2]}
     b.cap = tonumber(redis.call('GET', K_BACKEND_CAP .. name)) or tonumber(ARGV[i + 1])
+    if effective[name] then b.cap = math.min(b.cap, effective[name]) end
     b.running = redis.call('ZCARD', K_BACKEND_RUNNING .. name)
     b.up = redis.call('EXISTS', K_BACKEND_DOWN .. name) == 0
     b.any_model = redis.call('EXISTS', K_BACKEND_MODELS .. name) == 0

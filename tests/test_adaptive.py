@@ -1,0 +1,159 @@
+"""Adaptive concurrency (worker/adaptive.py, SPEC "The operating point"): the control law
+on a model of a GPU, then the whole loop on real processes — the workers' meter, the
+controller's decisions, dispatch filling the effective cap, and the back-off on a 503."""
+
+from __future__ import annotations
+
+import statistics
+
+import httpx
+import pytest
+
+from shared.settings import Backend, Settings
+from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
+from tests.processes import Process, wait_until
+from worker.adaptive import Window, decide
+
+JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"}}
+
+slow_sim = slow_sim_fixture(0.05)
+
+
+def _gpu(knee: int, concurrency: int, base_ms: float = 20.0) -> Window:
+    """A window of a card whose time per token is flat up to `knee` and grows past it."""
+    tpot = base_ms * max(1.0, concurrency / knee)
+    jobs = max(4, concurrency)
+    return Window(jobs=jobs, tokens=jobs * 50, tpot_ms=tpot, span_s=2.0)
+
+
+def _run(knees: list[int], base_ms: float = 20.0) -> list[int]:
+    """The caps the law picks, window after window, on a card with knee `knees[i]` in
+    window i (ceiling 16, from slow start at 1 as a new backend starts)."""
+    cap, best, pushed, since_down = 1, None, False, 0
+    caps = []
+    for knee in knees:
+        decision = decide(
+            cap,
+            16,
+            _gpu(knee, cap, base_ms),
+            best,
+            saturated=True,
+            slow_start=not pushed,
+            since_down=since_down,
+        )
+        since_down = 0 if decision.cap < cap else since_down + 1
+        pushed = pushed or decision.cap < cap
+        cap, best = decision.cap, decision.best_tpot_ms
+        caps.append(cap)
+    return caps
+
+
+def _assert_at_the_knee(caps: list[int], knee: int) -> None:
+    """≥ 90 % of the best throughput (knee / TPOT) at a median TPOT ≤ 1.25x the best."""
+    throughput = [n / (20.0 * max(1.0, n / knee)) for n in caps]
+    tpots = [20.0 * max(1.0, n / knee) for n in caps]
+    assert min(throughput) >= 0.9 * knee / 20.0, caps
+    assert statistics.median(tpots) <= 1.25 * 20.0, caps
+
+
+@pytest.mark.parametrize("knee", [1, 2, 4, 6, 12, 16])
+def test_the_law_settles_at_the_knee_without_being_told_it(knee: int) -> None:
+    """From slow start, within ten windows (20 s at CONTROL_S), and it stays there."""
+    caps = _run([knee] * 40)
+    _assert_at_the_knee(caps[10:], knee)
+    assert all(1 <= n <= 16 for n in caps)
+
+
+def test_the_law_follows_a_knee_that_moves_down() -> None:
+    """A bigger model on the same card: the knee falls from 8 to 2; within five windows
+    the cap is back at the new knee."""
+    caps = _run([8] * 20 + [2] * 30)
+    _assert_at_the_knee(caps[10:20], 8)
+    _assert_at_the_knee(caps[25:], 2)
+
+
+def test_the_law_holds_when_the_backend_is_not_saturated() -> None:
+    window = _gpu(knee=8, concurrency=2)
+    assert decide(2, 16, window, 20.0, saturated=False, slow_start=False).cap == 2
+    assert decide(2, 16, window, 20.0, saturated=True, slow_start=False).cap == 3
+    assert decide(2, 16, window, 20.0, saturated=True, slow_start=True).cap == 4
+
+
+def test_adaptive_is_per_backend_or_global() -> None:
+    one = Backend(name="a", url="http://a", gpu_concurrency=4)
+    off = Backend(name="b", url="http://b", gpu_concurrency=4, adaptive=False)
+    settings = Settings(adaptive=True)
+    assert settings.adaptive_on(one) and not settings.adaptive_on(off)
+    assert not Settings().adaptive_on(one)
+
+
+def _backend(url: str) -> dict[str, object]:
+    backends: list[dict[str, object]] = httpx.get(url + "/v1/queue", timeout=5).json()["backends"]
+    return backends[0]
+
+
+def _submit(client: httpx.Client, n: int) -> None:
+    for _ in range(n):
+        assert client.post("/v1/jobs", json=JOB).status_code == 202
+
+
+def test_a_flat_pace_climbs_to_the_ceiling_and_never_past_it(
+    make_stack: StackFactory, slow_sim: Process
+) -> None:
+    """A backend whose time per token does not change with concurrency (the simulator runs
+    8 at once): the effective cap climbs from 1 to its ceiling, and no more ever run."""
+    sim_configure(slow_sim, parallel=8, token_delay_s=0.05)
+    stack = make_stack(
+        ollama_url=slow_sim.url,
+        gpu_concurrency=6,
+        adaptive="true",
+        max_queue_depth=500,
+        burst=500,
+        rate_limit="100000/minute",
+    )
+    assert _backend(stack.url)["effective_concurrency"] == 1
+    with stack.client("adaptive") as client:
+        _submit(client, 200)
+        wait_until(
+            lambda: _backend(stack.url)["effective_concurrency"] == 6,
+            timeout=60,
+            interval=0.2,
+            what="the effective cap to climb to the ceiling (6)",
+        )
+    assert sim_stats(slow_sim)["max_in_flight"] <= 6
+    metrics = httpx.get(stack.url + "/metrics", timeout=5).text
+    assert 'gpugate_backend_effective_concurrency{backend="default"} 6.0' in metrics
+    logs = "".join(w.log() for w in stack.workers)
+    assert "effective concurrency 1 -> 2" in logs, logs[-2000:]
+
+
+def test_a_503_halves_the_cap_at_once(make_stack: StackFactory, slow_sim: Process) -> None:
+    sim_configure(slow_sim, parallel=8, token_delay_s=0.02)
+    stack = make_stack(
+        ollama_url=slow_sim.url,
+        gpu_concurrency=8,
+        adaptive="true",
+        max_queue_depth=500,
+        burst=500,
+        rate_limit="100000/minute",
+        log_level="info",
+    )
+    with stack.client("backoff") as client:
+        _submit(client, 300)
+        wait_until(
+            lambda: int(_backend(stack.url)["effective_concurrency"]) >= 4,  # type: ignore[call-overload]
+            timeout=60,
+            interval=0.2,
+            what="the effective cap to climb to 4 or more",
+        )
+        before = int(_backend(stack.url)["effective_concurrency"])  # type: ignore[call-overload]
+        sim_configure(slow_sim, reset=False, fail_mode="error503")
+        wait_until(
+            lambda: int(_backend(stack.url)["effective_concurrency"]) <= before // 2,  # type: ignore[call-overload]
+            timeout=10,
+            interval=0.05,
+            what=f"the cap halved from {before}",
+        )
+        sim_configure(slow_sim, reset=False, fail_mode="none")
+    logs = "".join(w.log() for w in stack.workers)
+    assert "it answered 503" in logs or "failed with 503" in logs, logs[-2000:]

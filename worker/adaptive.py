@@ -1,0 +1,220 @@
+"""Adaptive concurrency: each adaptive backend's effective cap, found from what its jobs do.
+
+A GPU has a best concurrency: below it, another running request costs the others almost
+nothing (each one's time per output token, TPOT, stays flat, so by Little's law the card's
+tokens per second grow with the concurrency); past it, every request only gets slower and
+the card delivers no more tokens per second. The control law is Vegas-like, on TPOT:
+
+- TPOT within LOW (x1.1) of the best TPOT seen, with the backend saturated (every slot
+  busy or work waiting): more concurrency still buys throughput — double while nothing
+  has pushed back yet (slow start), else one more, but not within PROBE_AFTER windows of
+  a step down (each probe past the knee costs its window a slower TPOT);
+- TPOT beyond HIGH (x1.2) of the best: the card is past its knee — come down in one step
+  to where TPOT would be TARGET (x1.1) of the best, assuming TPOT grows with the
+  concurrency past the knee (`cap x TARGET / ratio`), at least one lower;
+- in between: hold.
+- A 503, a 429 or an out-of-memory failure from the backend halves the cap at once (at
+  most once a second: BACKOFF_MS).
+
+The best TPOT drifts up by DRIFT a window, so a backend that changes (a bigger model)
+is measured again. Why this law and not AIMD or a gradient (Netflix's concurrency-limits):
+AIMD saw-tooths around the knee by design (it must exceed it to see loss), and the
+gradient's queue allowance (√limit) sits past the knee on a card whose TPOT grows past
+it; a TPOT band settles at the knee, within a step.
+
+Fleet-wide: every worker adds what its runs did to the backend's meter in Redis (a flush
+every FLUSH_S); the worker whose turn it is (a short SET NX lease per backend) takes a
+window of at least MIN_JOBS jobs (meter_take.lua) every CONTROL_S and decides; the
+effective cap is one field of `gpugate:effective`, which dispatch.lua reads with the caps
+(lib/fleet.lua `read_backends`): several workers and API processes agree on one cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.outage import supervised
+from shared.settings import Backend
+from shared.store import redis_errors
+from worker.state import WorkerContext
+
+log = logging.getLogger("gpugate.worker.adaptive")
+
+LOW, HIGH, TARGET = 1.1, 1.2, 1.1
+DRIFT = 0.002
+PROBE_AFTER = 4
+MIN_JOBS = 4
+CONTROL_S = 2.0
+FLUSH_S = 0.5
+BACKOFF_MS = 1_000
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a backend's jobs did over one measurement window."""
+
+    jobs: int
+    tokens: float
+    tpot_ms: float
+    """Mean time per output token of the window's jobs."""
+    span_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.span_s if self.span_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    cap: int
+    best_tpot_ms: float
+    reason: str
+
+
+def decide(
+    cap: int,
+    ceiling: int,
+    window: Window,
+    best_tpot_ms: float | None,
+    *,
+    saturated: bool,
+    slow_start: bool,
+    since_down: int = PROBE_AFTER,
+) -> Decision:
+    """The next effective cap of a backend at `cap` (ceiling `ceiling`) after `window`;
+    `since_down`: windows since the cap last came down."""
+    best = (
+        window.tpot_ms if best_tpot_ms is None else min(best_tpot_ms * (1 + DRIFT), window.tpot_ms)
+    )
+    ratio = window.tpot_ms / best if best > 0 else 1.0
+    facts = (
+        f"time per output token {window.tpot_ms:.1f} ms, {ratio:.2f}x its best; "
+        f"{window.tokens_per_s:.1f} tokens/s over {window.span_s:.1f}s, {window.jobs} jobs"
+    )
+    if ratio > HIGH:
+        lower = max(1, min(cap - 1, math.floor(cap * TARGET / ratio)))
+        return Decision(lower, best, "past the knee: " + facts)
+    if ratio <= LOW and saturated and cap < ceiling and (slow_start or since_down >= PROBE_AFTER):
+        higher = min(ceiling, cap * 2 if slow_start else cap + 1)
+        return Decision(higher, best, "more concurrency still buys throughput: " + facts)
+    return Decision(min(cap, ceiling), best, facts)
+
+
+async def configure(ctx: WorkerContext) -> None:
+    """Adaptive backends start at 1 (slow start) unless a cap is known; the others have none."""
+    settings = ctx.settings
+    with redis_errors():
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for backend in settings.backends:
+                if settings.adaptive_on(backend):
+                    pipe.hsetnx(keys.EFFECTIVE, backend.name, "1")
+                else:
+                    pipe.hdel(keys.EFFECTIVE, backend.name)
+            await pipe.execute()
+
+
+async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
+    """Halve `backend`'s effective cap now: it answered 503 or 429, or ran out of memory."""
+    redis = ctx.redis
+    with redis_errors():
+        if not await redis.set(keys.BACKOFF + backend.name, 1, nx=True, px=BACKOFF_MS):
+            return  # halved within the last second already
+        raw = await redis.hget(keys.EFFECTIVE, backend.name)  # type: ignore[misc]
+        cap = int(raw) if raw else await _ceiling(redis, backend)
+        halved = max(1, cap // 2)
+        await redis.hset(keys.EFFECTIVE, backend.name, str(halved))  # type: ignore[misc]
+        await redis.hset(keys.ADAPTIVE + backend.name, "pushed_back", "1")  # type: ignore[misc]
+    if halved != cap:
+        log.warning(
+            "backend %s: effective concurrency %d -> %d (%s)", backend.name, cap, halved, why
+        )
+
+
+async def _ceiling(redis: Redis, backend: Backend) -> int:
+    live = await redis.get(keys.backend_cap(backend.name))
+    return int(live) if live else backend.gpu_concurrency
+
+
+async def control_once(ctx: WorkerContext, backend: Backend) -> None:
+    """One decision for `backend`, if it is this worker's turn and a window is full."""
+    redis, name = ctx.redis, backend.name
+    turn = f"{keys.PREFIX}turn:adaptive:{name}"
+    if not await redis.set(turn, ctx.worker_id, nx=True, px=int(CONTROL_S * 1000)):
+        return
+    taken = await ctx.scripts.meter_take(backend=name, min_jobs=MIN_JOBS)
+    if not taken:
+        return
+    state_key = keys.ADAPTIVE + name
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(state_key, ["best_tpot_ms", "window_at", "pushed_back", "since_down"])
+        pipe.hget(keys.EFFECTIVE, name)
+        pipe.get(keys.backend_cap(name))
+        pipe.zcard(keys.backend_running(name))
+        pipe.zcard(keys.QUEUED)
+        (best_raw, at_raw, pushed, since_raw), cap_raw, live, running, queued = await pipe.execute()
+    now = time.time()
+    ceiling = int(live) if live else backend.gpu_concurrency
+    cap = min(int(cap_raw) if cap_raw else 1, ceiling)
+    jobs = int(taken.get("jobs", 0))
+    window = Window(
+        jobs=jobs,
+        tokens=taken.get("tokens", 0.0),
+        tpot_ms=taken.get("tpot_sum", 0.0) / max(jobs, 1),
+        span_s=now - float(at_raw) if at_raw else CONTROL_S,
+    )
+    decision = decide(
+        cap,
+        ceiling,
+        window,
+        float(best_raw) if best_raw else None,
+        saturated=int(running) >= cap or int(queued) > 0,
+        slow_start=not pushed,
+        since_down=int(since_raw) if since_raw else PROBE_AFTER,
+    )
+    async with redis.pipeline(transaction=False) as pipe:
+        fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms, "window_at": now}
+        fields["since_down"] = 0 if decision.cap < cap else int(since_raw or PROBE_AFTER) + 1
+        if decision.cap < cap:
+            fields["pushed_back"] = 1
+        pipe.hset(state_key, mapping=fields)
+        pipe.hset(keys.EFFECTIVE, name, str(decision.cap))
+        await pipe.execute()
+    if decision.cap != cap:
+        log.warning(
+            "backend %s: effective concurrency %d -> %d (%s)",
+            name,
+            cap,
+            decision.cap,
+            decision.reason,
+        )
+
+
+async def adaptive_loop(ctx: WorkerContext) -> None:
+    """Flush this worker's meter, and decide for the adaptive backends whose turn it is."""
+    settings = ctx.settings
+    adaptive = [b for b in settings.backends if settings.adaptive_on(b)]
+    configured = False
+    last_control = 0.0
+
+    async def turns() -> None:
+        nonlocal configured, last_control
+        while True:
+            if not configured:
+                await configure(ctx)
+                configured = True
+            with redis_errors():
+                await ctx.meter.flush(ctx.redis)
+                if adaptive and time.monotonic() - last_control >= CONTROL_S:
+                    last_control = time.monotonic()
+                    for backend in adaptive:
+                        await control_once(ctx, backend)
+            await asyncio.sleep(FLUSH_S)
+
+    await supervised("adaptive", turns, ctx.redis_outage, log, retry_s=FLUSH_S)
