@@ -466,3 +466,151 @@ function start() {
 }
 
 start();
+
+// ---- API keys (/admin/keys): list, create (the key shown once), rotate, disable, revoke
+
+const KEYS = "keys";
+const keyView = { busy: false, confirmRevoke: "" };
+
+async function refreshKeys() {
+  if (keyView.busy || !sessionStorage.getItem(KEY_ITEM) || $("#console").hidden) return;
+  keyView.busy = true;
+  try {
+    const r = await call("GET", KEYS);
+    if (r.ok && r.data) renderKeys(r.data.keys || []);
+  } finally {
+    keyView.busy = false;
+  }
+}
+
+function budgetUsed(k) {
+  if (!k.budget) return DASH;
+  const used = k.usage ? k.usage.budget_used : null;
+  return `${int(used)} / ${int(k.budget.tokens)} per ${k.budget.period}`;
+}
+
+function keyState(k) {
+  if (k.disabled) return "disabled";
+  if (k.expires_at && Date.parse(k.expires_at) <= Date.now()) return "expired";
+  return "active";
+}
+
+function keyButton(label, action, k) {
+  const button = el("button", { type: "button", class: "quiet", "data-action": action }, label);
+  button.addEventListener("click", () => keyAction(action, k));
+  return button;
+}
+
+function renderKeys(keys) {
+  const rows = keys.map((k) => {
+    const actions = el("td", { class: "actions" });
+    if (k.source === "api") {
+      const revoke = keyView.confirmRevoke === k.name ? "Confirm revoke" : "Revoke";
+      actions.append(
+        keyButton("Rotate", "rotate", k),
+        keyButton(k.disabled ? "Enable" : "Disable", k.disabled ? "enable" : "disable", k),
+        keyButton(revoke, "revoke", k),
+      );
+    } else {
+      actions.append(el("span", { class: "muted" }, "keys file"));
+    }
+    const usage = k.usage || {};
+    const state = keyState(k);
+    return el("tr", { "data-key": k.name, class: state === "active" ? "" : "disabled" },
+      el("td", {}, el("strong", {}, k.name), el("br"), el("span", { class: "url muted" }, k.fingerprint)),
+      el("td", {}, k.source),
+      el("td", {}, text(k.tier)),
+      el("td", { class: "models" }, k.models ? k.models.join(", ") : "all"),
+      el("td", { class: "num strong", "data-cell": "running" }, int(usage.running)),
+      el("td", { class: "num", "data-cell": "max_running" }, text(k.max_running)),
+      el("td", { "data-cell": "budget" }, budgetUsed(k)),
+      el("td", { "data-cell": "state" }, state),
+      actions);
+  });
+  $("#keys").replaceChildren(...rows);
+}
+
+function keysResult(ok, message) {
+  const result = $("#keys-result");
+  result.hidden = false;
+  result.className = ok ? "ok" : "error";
+  result.textContent = message;
+}
+
+function showNewKey(name, key) {
+  $("#new-key-name").textContent = name;
+  $("#new-key-value").textContent = key;
+  $("#new-key").hidden = false;
+}
+
+async function keyAction(action, k) {
+  const path = `${KEYS}/${encodeURIComponent(k.name)}`;
+  if (action === "revoke" && keyView.confirmRevoke !== k.name) {
+    keyView.confirmRevoke = k.name; // a second click revokes
+    refreshKeys();
+    return;
+  }
+  keyView.confirmRevoke = "";
+  let r;
+  if (action === "rotate") r = await call("POST", `${path}/rotate`, { grace_seconds: 0 });
+  else if (action === "revoke") r = await call("DELETE", path);
+  else r = await call("PATCH", path, { disabled: action === "disable" });
+  if (r.status === 403) {
+    signOut(problem(`Changing key ${k.name} failed`, r));
+    return;
+  }
+  const done = { rotate: "rotated", revoke: "revoked", disable: "disabled", enable: "enabled" };
+  keysResult(r.ok, r.ok ? `Key ${k.name} ${done[action]}.` : problem(`Changing key ${k.name} failed`, r));
+  if (r.ok && action === "rotate") showNewKey(k.name, r.data.key);
+  refreshKeys();
+}
+
+function newKeyBody() {
+  const body = { name: $("#key-name").value.trim() };
+  const tier = $("#key-tier").value.trim();
+  if (tier) body.tier = tier;
+  const models = $("#key-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+  if (models.length) body.models = models;
+  const maxRunning = $("#key-max-running").value;
+  if (maxRunning) body.max_running = Number(maxRunning);
+  const budget = $("#key-budget").value.trim();
+  if (budget) {
+    const m = /^(\d+)\s*\/\s*(day|week|month)$/.exec(budget);
+    if (!m) throw new Error("Budget: tokens per period, like 1000000/day (day, week or month).");
+    body.budget = { tokens: Number(m[1]), period: m[2] };
+  }
+  return body;
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  let body;
+  try {
+    body = newKeyBody();
+  } catch (err) {
+    keysResult(false, err.message);
+    return;
+  }
+  const r = await call("POST", KEYS, body);
+  if (r.status === 403) {
+    signOut(problem("Creating a key failed", r));
+    return;
+  }
+  keysResult(r.ok, r.ok ? `Key ${body.name} created.` : problem("Creating a key failed", r));
+  if (r.ok) {
+    showNewKey(body.name, r.data.key);
+    $("#key-form").reset();
+  }
+  refreshKeys();
+}
+
+function startKeys() {
+  $("#key-form").addEventListener("submit", createKey);
+  $("#new-key-done").addEventListener("click", () => {
+    $("#new-key").hidden = true;
+    $("#new-key-value").textContent = ""; // not kept in the page once copied
+  });
+  setInterval(refreshKeys, PERIOD_MS);
+}
+
+startKeys();
