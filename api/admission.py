@@ -93,6 +93,8 @@ class JobRequest:
     idempotency_key: str | None = None
     traceparent: str = ""
     """The trace the job's spans join, when the API traces (api/tracing.py)."""
+    session: str = ""
+    """Its session's digest (api/sessions.py); dispatch keeps a session on its backend."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ async def admit(
             hold_ms=settings.redis_wait_ms + HOLD_MARGIN_MS if settings.redis_min_replicas else 0,
             inbox=inbox,
             traceparent=request.traceparent,
+            session=request.session,
             key_record=who.record,
             max_running=tier.max_running or 0,
             budget_tokens=budget.tokens if budget else 0,

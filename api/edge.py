@@ -29,6 +29,7 @@ from api.errors import error_response
 from api.identity import Identity, identify
 from api.metrics import EDGE_ROUTE
 from api.paths import route_path
+from api.sessions import session_of
 from api.state import Gate
 from shared import logs, telemetry
 from shared.endpoints import INFERENCE
@@ -48,12 +49,14 @@ def _request(
     endpoint: str,
     body: Inference,
     text: str,
+    conn: HTTPConnection,
     *,
     sync: bool,
     deadline_s: float | None,
     idempotency_key: str | None = None,
 ) -> JobRequest:
     return JobRequest(
+        session=session_of(endpoint, body, conn.headers),
         endpoint=endpoint,
         model=body.model,
         body=text,
@@ -70,7 +73,9 @@ def _sync_plan(endpoint: str) -> Plan:
 
     def plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobRequest:
         body = parse(model, raw)  # relayed as sent
-        return _request(endpoint, body, raw.decode(), sync=True, deadline_s=settings.sync_timeout)
+        return _request(
+            endpoint, body, raw.decode(), conn, sync=True, deadline_s=settings.sync_timeout
+        )
 
     return plan
 
@@ -86,6 +91,7 @@ def _job_plan(raw: bytes, conn: HTTPConnection, settings: Settings) -> JobReques
         job.endpoint,
         body,
         text,
+        conn,
         sync=False,
         deadline_s=job.deadline_s,
         idempotency_key=idempotency_key,

@@ -100,6 +100,14 @@ class _QueueCollector(Collector):
         for status in ("admitted", *finals, "requeued"):
             jobs.add_metric([status], snap.stats.get(f"jobs_{status}", 0.0))
         yield jobs
+        sessions = CounterMetricFamily(
+            "gpugate_session_dispatch",
+            "Jobs of a session by where they went: kept on its backend, moved, or new.",
+            labels=["outcome"],
+        )
+        for outcome in ("kept", "moved", "new"):
+            sessions.add_metric([outcome], snap.stats.get(f"session_{outcome}", 0.0))
+        yield sessions
         errors = CounterMetricFamily(
             "gpugate_ollama_errors",
             "Failed Ollama calls by kind, across all workers.",

@@ -39,6 +39,7 @@ BACKEND_CAP = PREFIX + "cap:"  # + backend: STRING live cap set by an operator (
 BACKEND_DOWN = PREFIX + "down:"  # + backend: STRING while its breaker is open, PX
 BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
 BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of models it serves (absent: any)
+SESSION = PREFIX + "session:"  # + session digest: STRING the backend of its last job, PX
 EFFECTIVE = PREFIX + "effective"  # HASH backend -> effective cap, for adaptive backends only
 METER = PREFIX + "meter:"  # + backend: HASH what its jobs did since the controller last read
 ADAPTIVE = PREFIX + "adaptive:"  # + backend: HASH the controller's state (worker/adaptive.py)

@@ -57,6 +57,7 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_BACKEND_MODELS", keys.BACKEND_MODELS),
     ("K_BACKEND_LOADED", keys.BACKEND_LOADED),
     ("K_EFFECTIVE", keys.EFFECTIVE),
+    ("K_SESSION", keys.SESSION),
     ("K_METER", keys.METER),
     ("K_WAKE", keys.WAKE),
     ("K_MASTER", keys.MASTER),
@@ -335,6 +336,7 @@ class Scripts:
         hold_ms: int = 0,
         inbox: str = "",
         traceparent: str = "",
+        session: str = "",
         key_record: str = "",
         max_running: int = 0,
         budget_tokens: int = 0,
@@ -347,7 +349,7 @@ class Scripts:
         in Unix seconds; the tokens the request names, reserved)."""
         args = dict(locals())
         del args["self"], args["backends"], args["body"]
-        for optional in ("traceparent", "key_record", "max_running", "budget_tokens"):
+        for optional in ("traceparent", "session", "key_record", "max_running", "budget_tokens"):
             if not args[optional]:  # only requests that need one carry it
                 del args[optional]
         if not budget_tokens:
@@ -368,8 +370,12 @@ class Scripts:
         fence_ms: int,
         max_owners: int = 256,
         scan_per_owner: int = 16,
+        session_ttl_ms: int = 0,
+        session_wait_ms: int = 0,
         backends: Sequence[str | int],
     ) -> list[Grant]:
+        """`session_ttl_ms`: how long a session keeps its backend (0: sessions are not
+        kept); `session_wait_ms`: how long its job may wait there for a slot."""
         args = dict(locals())
         del args["self"], args["backends"]
         raw = await self._run("dispatch", args, *backends)

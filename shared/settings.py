@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     affinity_wait: float = Field(30, ge=0, le=3600)
     adaptive: bool = False
     """Adaptive concurrency on every backend that does not say otherwise."""
+    session_ttl: float = Field(600, ge=0, le=86400)
+    """Seconds a session keeps its backend (api/sessions.py, dispatch.lua)."""
+    session_wait: float = Field(1, ge=0, le=3600)
+    """Seconds a session's job may wait for its backend's slot before another takes it."""
     redis_min_replicas: int = Field(0, ge=0, le=16)
     redis_wait_ms: int = Field(100, ge=1, le=60_000)
     unknown_keys: Literal["default_tier", "refuse"] | None = None

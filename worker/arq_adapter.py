@@ -135,6 +135,8 @@ class GateWorker(Worker):
             want=want,
             lease_ms=settings.lease_ms,
             affinity_wait_ms=int(settings.affinity_wait * 1000),
+            session_ttl_ms=int(settings.session_ttl * 1000),
+            session_wait_ms=int(settings.session_wait * 1000),
             provisional_cost=await self._mean_cost(),
             result_ttl_ms=settings.result_ttl * 1000,
             fence_ms=fence_ms(settings),

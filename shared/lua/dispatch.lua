@@ -147,6 +147,40 @@ end
 -- the highest counter served so far (lib/fairshare.lua `fair_share_floor`)
 local vtc_floor = tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0
 
+-- Sessions (api/sessions.py): a job of a session goes to the backend that ran its last
+-- job while that one serves it and has a free slot, or frees one within session_wait
+-- (the job waits: nil); otherwise dispatch chooses as for any job and the session moves.
+local by_name = {}
+for _, b in ipairs(backends) do by_name[b.name] = b end
+
+local function session_backend(job, waited_ms)
+  if not job.session or A.session_ttl_ms <= 0 then return nil, nil end
+  local name = redis.call('GET', K_SESSION .. job.session)
+  if not name then return nil, 'new' end
+  local b = by_name[name]
+  -- not where this job already failed (a retry moves the session)
+  if b and string.find(' ' .. (job.avoid or '') .. ' ', ' ' .. name .. ' ', 1, true) then
+    b = nil
+  end
+  if b and b.up and runs_endpoint(b, job.endpoint) and serves(b, job.model) then
+    if b.free > 0 then return b, 'kept' end
+    if waited_ms < A.session_wait_ms then return false, nil end  -- its slot comes soon
+  end
+  return nil, 'moved'
+end
+
+local function place(job)
+  local waited_ms = now - tonumber(job.created_at)
+  local b, outcome = session_backend(job, waited_ms)
+  if b == false then return nil end
+  b = b or choose_backend(job.model, job.endpoint, job.avoid or '', waited_ms)
+  if b and outcome then
+    redis.call('SET', K_SESSION .. job.session, b.name, 'PX', A.session_ttl_ms)
+    redis.call('HINCRBY', K_STATS, 'session_' .. outcome, 1)
+  end
+  return b
+end
+
 local function grant(c, job_id, job, b)
   leave_waiting(job_id, c.owner, job.model, now)
   local run_id = run_of(job_id, job.attempt)
@@ -214,7 +248,7 @@ local function grant_for(c)
   for _, job_id in ipairs(ids) do
     local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
       'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
-      'key_record', 'usage_name')
+      'key_record', 'usage_name', 'session')
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
     elseif job.status ~= S_QUEUED then
@@ -225,8 +259,7 @@ local function grant_for(c)
     else
       local limit = running_limit(job)
       if limit and runs_of_owner(c.owner) >= limit then return nil end  -- the others wait
-      local b = choose_backend(job.model, job.endpoint, job.avoid or '',
-        now - tonumber(job.created_at))
+      local b = place(job)
       if b then
         local granted = grant(c, job_id, job, b)
         track_run(c.owner, granted.run_id, job)
