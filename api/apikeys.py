@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -32,9 +33,9 @@ from redis.asyncio import Redis
 from api.tiers import ApiKey, Keyring, Managed, ManagedKey, key_digest
 from shared import keys
 from shared.budget import Budget, iso
-from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.errors import Conflict, InvalidRequest, NotFound, RedisUnavailable
 from shared.outage import Outage, supervised
-from shared.store import redis_errors
+from shared.store import REDIS_ERRORS, redis_errors
 
 log = logging.getLogger("gpugate.keys")
 
@@ -173,7 +174,11 @@ class KeyStore:
 
     # --- this process's copy -------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Load the keys now (a Redis down at start-up is the loop's to retry), then
+        follow their changes."""
+        with contextlib.suppress(RedisUnavailable, *REDIS_ERRORS):
+            await self.refresh()
         self._task = asyncio.create_task(
             supervised("API keys", self.refresh, self._outage, log, retry_s=POLL_S)
         )

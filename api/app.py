@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
             metrics=metrics,
         )
         inbox.start()
-        key_store.start()
+        await key_store.start()
         try:
             yield
         finally:

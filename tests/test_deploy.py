@@ -850,6 +850,12 @@ def exported() -> Iterator[dict[str, set[str]]]:
             # What the workers record as jobs run (shared/keys.py).
             direct.hset(keys.MODEL_LOADS, "gpu-a|llama3.2", 1)
             direct.hset(keys.USAGE, mapping={"anonymous|input_tokens": 12, "anonymous|requests": 1})
+            # A key of /admin/keys with a budget (api/apikeys.py), for its budget gauge.
+            direct.zadd(keys.APIKEY_NAMES, {"team-a": 1})
+            budget = '{"tokens": 1000, "period": "day"}'
+            record = {"name": "team-a", "id": "a1", "digest": "0" * 64, "budget": budget}
+            direct.hset(keys.apikey("team-a"), mapping=record)
+            direct.incr(keys.APIKEYS_VERSION)
         with TestClient(create_app(settings)) as client:
             assert client.get("/health").status_code == 200  # so requests_total has a sample
             response = client.get("/metrics")
