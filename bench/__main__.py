@@ -13,6 +13,7 @@ from bench import (
     admission,
     commands,
     engine,
+    engine_curve,
     fairness,
     fleet,
     latency,
@@ -32,6 +33,7 @@ BENCHES = {
     "fleet": fleet.main,
     "replication": replication.main,
     "engine": engine.main,
+    "engine-curve": engine_curve.main,
     "commands": commands.main,
 }
 

@@ -47,11 +47,22 @@ the loaded models and, as Ollama's does, the one loading. `load_duration` is the
 request spent waiting for its model to be loaded (the wait for a slot, as in Ollama, is in
 `total_duration` only).
 
+A performance model (`performance`), off by default, makes it behave like a GPU under load:
+past a knee of `knee` generations at once each token takes longer (`token_delay_s` x n /
+`knee`), so total tokens/s stops rising there; a prompt takes `prompt_token_s` per token
+not already in the prompt cache of the free slot it takes (each slot keeps its last prompt
+and reply, as llama.cpp's and Ollama's do); past `max_generations` at once a request
+answers 503 out of memory. `prompt_eval_duration`, `eval_duration` and `load_duration`
+report those times. `--calibrated` starts it with the parameters measured on llama.cpp's
+`llama-server` (`python -m bench engine-curve`, BENCHMARKS.md).
+
 Its own control API lives under `/sim/`: `GET /sim/stats` (counters and config: inference
-requests by outcome, `max_in_flight`, `loads` and `loads_by_model`, `evictions`; metadata and
-model management are not counted), `POST /sim/reset` (zero the counters), `PUT /sim/config`
-(change `tokens`, `token_delay_s`, `parallel`, `fail_mode`, `load_time_s`, `max_loaded`
-live).
+requests by outcome, `max_in_flight`, `loads` and `loads_by_model`, `evictions`, prompt
+tokens cached and processed, `out_of_memory`; metadata and model management are not
+counted), `POST /sim/reset` (zero the counters), `PUT /sim/config` (change `tokens`,
+`token_delay_s`, `parallel`, `fail_mode`, `load_time_s`, `max_loaded`, `knee`,
+`prompt_token_s`, `max_generations` live), `GET /sim/performance` (the performance model's
+parameters, the contention now, and each slot's cached tokens).
 
 Where it differs from Ollama:
 
@@ -89,6 +100,7 @@ Where it differs from Ollama:
 The package, one module a seam:
 
 - `config`: SimConfig and its live changes; `stats`: the counters; `slots`: the parallel slots;
+  `performance`: how long prompts and tokens take under load, and the slots' prompt caches;
 - `names`, `models`: model names, and the models this instance has; `residency`: which are
   loaded (the scheduler);
 - `golang`: how Go reads and writes values; `apis`: the nine APIs and their error bodies;
