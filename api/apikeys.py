@@ -399,8 +399,8 @@ class KeyStore:
             pipe.hset(keys.apikey(body.name), mapping=fields)
             pipe.hset(keys.APIKEY_DIGESTS, fields["digest"], body.name)
             pipe.incr(keys.APIKEYS_VERSION)
-            await pipe.execute()
-        record = await self._changed(body.name)
+            version = (await pipe.execute())[-1]
+        record = await self._changed(body.name, version)
         changes = {k: v for k, v in record.items() if k not in ("name", "usage", "last_used_at")}
         await self.audit("create", body.name, by, changes)
         out = {**record, "key": key}
@@ -421,13 +421,14 @@ class KeyStore:
         secret = None
         if changes.webhook_url and not stored.has_webhook_secret:
             secret = fields["webhook_secret"] = new_webhook_secret()
+        version = None
         if fields:
             with redis_errors():
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.hset(keys.apikey(name), mapping=fields)
                 pipe.incr(keys.APIKEYS_VERSION)
-                await pipe.execute()
-        record = await self._changed(name)
+                version = (await pipe.execute())[-1]
+        record = await self._changed(name, version)
         shown = changes.model_dump(mode="json", include=changes.model_fields_set)
         await self.audit("update", name, by, shown)
         return record if secret is None else {**record, "webhook_secret": secret}
@@ -451,8 +452,8 @@ class KeyStore:
                 pipe.hdel(keys.APIKEY_DIGESTS, digest)
                 pipe.hset(keys.APIKEY_REVOKED, digest, name)
             pipe.incr(keys.APIKEYS_VERSION)
-            await pipe.execute()
-        record = await self._changed(name)
+            version = (await pipe.execute())[-1]
+        record = await self._changed(name, version, retired)
         await self.audit("rotate", name, by, {"grace_seconds": grace})
         return {**record, "key": key}
 
@@ -469,16 +470,36 @@ class KeyStore:
             pipe.zrem(keys.APIKEY_NAMES, name)
             pipe.hdel(keys.APIKEY_USED, name)
             pipe.incr(keys.APIKEYS_VERSION)
-            await pipe.execute()
-            await self.refresh(force=True)
+            version = (await pipe.execute())[-1]
+            await self._hold(name, version, [d for d in (stored.digest, stored.old_digest) if d])
         await self.audit("delete", name, by, {})
         return record
 
-    async def _changed(self, name: str) -> dict[str, Any]:
-        """This process holds the change at once; the others within POLL_S."""
-        with redis_errors():
-            await self.refresh(force=True)
+    async def _changed(
+        self, name: str, version: int | None, retired: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The record after a change, which this process holds at once (the others
+        within POLL_S)."""
+        if version is not None:
+            with redis_errors():
+                await self._hold(name, version, retired or [])
         return await self.show(name)
+
+    async def _hold(self, name: str, version: int, retired: list[str]) -> None:
+        """Hold this process's own change: when the version moved by this change alone,
+        only its record is read again (a few thousand keys created one after another
+        cost a read each, not a reload each); else every record."""
+        managed = self.keyring.managed
+        known = int(managed.version) if managed.version else 0
+        if known != version - 1:
+            await self.refresh(force=True)
+            return
+        raw = await self.redis.hgetall(keys.apikey(name))  # type: ignore[misc]
+        by_digest = {d: e for d, e in managed.by_digest.items() if e.key.record != name}
+        if raw:
+            by_digest.update(Stored(raw).managed(self.keyring))
+        revoked = managed.revoked | frozenset(retired)
+        self.keyring.managed = Managed(by_digest, revoked, str(version).encode())
 
     # --- audit ---------------------------------------------------------------------------
 

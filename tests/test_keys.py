@@ -440,6 +440,7 @@ def test_the_cli_creates_lists_sets_rotates_and_revokes(make_stack: StackFactory
 def test_a_queued_job_cancelled_gives_its_budget_reservation_back(
     make_stack: StackFactory, slow_sim: Process
 ) -> None:
+    sim_configure(slow_sim, token_delay_s=0.6)  # the first job holds the one slot for 3 s
     stack = make_stack(ollama_url=slow_sim.url, admin_key="admin-secret", gpu_concurrency=1)
     url = stack.url
     key = create(url, name="reserving", budget={"tokens": 1000, "period": "week"})["key"]
@@ -458,5 +459,5 @@ def test_a_queued_job_cancelled_gives_its_budget_reservation_back(
     r = httpx.delete(f"{url}/v1/jobs/{queued['id']}", headers=bearer(key))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert used() < 300
-    wait_until(lambda: _all_done(url, key, [first]), timeout=10, what="the first job's end")
+    wait_until(lambda: _all_done(url, key, [first]), timeout=20, what="the first job's end")
     assert 0 < used() < 300
