@@ -3,8 +3,8 @@ by `make llama-server`) serving a tiny random-weight model that this module writ
 
 - `write_model`: a llama-architecture GGUF of random F16 weights (4 layers x width 128 by
   default, a 512-token SentencePiece-style vocabulary with all 256 byte tokens): a few MB,
-  generated in well under a second, no download. Random weights rarely emit the end
-  token: pass `max_tokens`.
+  generated in well under a second, no download. It never emits its end token (see
+  `write_model`): every request must name `max_tokens`, and gets exactly that many.
 - `start_llama_server`: one server on a free port with one thread (`-t 1`: on a small
   machine more threads oversubscribe the cores under concurrency), `--parallel N` slots,
   chat and embeddings from one process, `/metrics` and `/slots`; ready once `/health`
@@ -29,6 +29,7 @@ import httpx
 
 from gpugate.testing.processes import ROOT, Process, free_port, start_http
 
+EOS_ID = 2
 DEFAULT_ALIAS = "tiny-llama"
 """The model name the server lists in /v1/models (it answers whatever `model` says)."""
 
@@ -116,7 +117,13 @@ def _vocabulary(size: int) -> tuple[list[str], list[float], list[int]]:
 def write_model(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> Path:
     """Write a llama GGUF of random F16 weights to `path` (the keys llama.cpp insists on:
     context, embedding and feed-forward lengths, block and head counts, the RMS norm
-    epsilon, rope dimensions = the head size, the tokenizer and its tokens)."""
+    epsilon, rope dimensions = the head size, the tokenizer and its tokens).
+
+    Random weights would sample the end token now and then (about once in 500 tokens),
+    ending a request early at random. So one dimension of every token's embedding is a
+    constant that dominates the residual stream, and only the end token's output row
+    reads it, negatively: its logit is always the lowest, outside any top-k, and a
+    request generates exactly its `max_tokens`."""
     import gguf
     import numpy as np
 
@@ -142,7 +149,7 @@ def write_model(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> 
     writer.add_token_types(kinds)
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(EOS_ID)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHATML)
@@ -154,7 +161,12 @@ def write_model(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> 
         return np.ones(shape.width, dtype=np.float32)
 
     kv_width = shape.kv_heads * shape.head_size
-    writer.add_tensor("token_embd.weight", matrix(shape.vocab, shape.width))
+    embeddings = matrix(shape.vocab, shape.width)
+    embeddings[:, 0] = 1.0
+    output = matrix(shape.vocab, shape.width)
+    output[:, 0] = 0.0
+    output[EOS_ID, 0] = -1.0
+    writer.add_tensor("token_embd.weight", embeddings)
     for i in range(shape.layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
         writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(shape.width, shape.width))
@@ -166,7 +178,7 @@ def write_model(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> 
         writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(shape.feed_forward, shape.width))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(shape.width, shape.feed_forward))
     writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", matrix(shape.vocab, shape.width))
+    writer.add_tensor("output.weight", output)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -185,8 +197,10 @@ def start_llama_server(
     timeout: float = 60.0,
 ) -> Process:
     """One llama-server for `model`: `parallel` slots, chat and embeddings (mean pooling),
-    `/metrics`, `/slots`; returned once `/health` answers 200. `port`: a given one (to
-    restart a server where the gate expects it), else a free one."""
+    `/metrics`, `/slots`; returned once `/health` answers 200. Its HTTP threads are many
+    more than its slots: each open connection holds one (keep-alive ones too), and a
+    gateway's pool, a cap above the slots and a test polling `/slots` must all get in.
+    `port`: a given one (to restart a server where the gate expects it), else a free one."""
     port = port or free_port()
     argv = llama_server_argv(model, port, parallel, context_per_slot, alias, api_key)
     proc = start_http(
@@ -212,7 +226,7 @@ def llama_server_argv(
         "--host", host,
         "--port", str(port),
         "--threads", "1",
-        "--threads-http", "4",
+        "--threads-http", str(parallel + 16),
         "--parallel", str(parallel),
         "--ctx-size", str(context_per_slot * parallel),
         "--embeddings",
