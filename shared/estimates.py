@@ -12,6 +12,9 @@ from dataclasses import dataclass
 PRIOR_JOB_S = 5.0
 """Mean job time assumed before any job was measured (a short chat reply on a GPU)."""
 
+PRIOR_LOAD_S = 5.0
+"""A model's load time on a backend before one was measured (a 7-8B model from disk)."""
+
 EWMA_WEIGHT = 0.2
 """Weight of the newest job duration in the running mean the workers keep in Redis."""
 

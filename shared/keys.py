@@ -57,6 +57,7 @@ WORKER = PREFIX + "worker:"  # + worker id: HASH info, heartbeat
 STATS = PREFIX + "stats"  # HASH: means, counters by outcome and rejection reason
 MODEL_STATS = PREFIX + "model-ms"  # HASH model -> mean job ms (EWMA)
 MODEL_LOADS = PREFIX + "loads"  # HASH "backend|model" -> model loads seen
+LOAD_MS = PREFIX + "load-ms"  # HASH "backend|model" -> mean load time (EWMA), from load_duration
 HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum
 READY_PROBE = PREFIX + "ready-probe"  # STRING, PX: /ready checks that Redis takes writes
 USAGE = PREFIX + "usage"  # HASH "name|requests|input_tokens|output_tokens|gpu_ms" -> count

@@ -31,6 +31,7 @@ import orjson
 
 from shared import keys
 from shared.endpoints import INFERENCE, Api
+from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors
@@ -68,6 +69,7 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_STATS", keys.STATS),
     ("K_MODEL_STATS", keys.MODEL_STATS),
     ("K_MODEL_LOADS", keys.MODEL_LOADS),
+    ("K_LOAD_MS", keys.LOAD_MS),
     ("K_HISTOGRAM", keys.HISTOGRAM),
     ("K_USAGE", keys.USAGE),
     ("K_BUCKET", keys.BUCKET),
@@ -372,6 +374,8 @@ class Scripts:
         scan_per_owner: int = 16,
         session_ttl_ms: int = 0,
         session_wait_ms: int = 0,
+        load_prior_ms: int = int(PRIOR_LOAD_S * 1000),
+        job_prior_ms: int = int(PRIOR_JOB_S * 1000),
         backends: Sequence[str | int],
     ) -> list[Grant]:
         """`session_ttl_ms`: how long a session keeps its backend (0: sessions are not

@@ -192,8 +192,10 @@ def test_a_dead_backend_is_left_out_and_taken_back(
                 timeout=15,
                 what="gpu-b back in dispatch",
             )
-            statuses = asyncio.run(_burst(stack.url, [GEN] * 12))
-            assert statuses == [200] * 12
+            # a queue gpu-a alone would serve later than gpu-b could load the model (at
+            # the 5 s prior: 60 jobs of 0.2 s on 2 slots) brings gpu-b back into play
+            statuses = asyncio.run(_burst(stack.url, [GEN] * 60))
+            assert statuses == [200] * 60
             assert sim_stats(revived)["requests"] > 0
         finally:
             revived.stop()
@@ -225,3 +227,32 @@ def test_fleet_tuning_and_metadata(
     metrics = httpx.get(stack.url + "/metrics").text
     assert 'gpugate_backend_gpu_concurrency{backend="gpu-b"} 3.0' in metrics
     assert 'gpugate_backend_up{backend="gpu-a"} 1.0' in metrics
+
+
+def test_a_short_queue_waits_for_the_loaded_backend_and_a_long_one_loads_elsewhere(
+    make_stack: StackFactory,
+) -> None:
+    """SPEC "The operating point", waiting against loading: the model is loaded on gpu-a
+    (cap 1), gpu-b is free and empty, a load there costs the 5 s prior. Three queued
+    jobs of a quarter second wait for gpu-a; forty (10 s of work) load it on gpu-b."""
+    args = ("--tokens", "5", "--token-delay", "0.05", "--parallel", "8", "--load-time", "1")
+    a, b = start_sim(*args), start_sim(*args)
+    try:
+        stack = make_stack(
+            backends=fleet(("gpu-a", a, 1, None), ("gpu-b", b, 1, None)),
+            burst=200,
+            max_queue_depth=100,
+            rate_limit="6000/minute",
+        )
+        with stack.client("warm") as client:  # llama3.2 on gpu-a: gpu-a is the first
+            assert client.post("/api/generate", json=GEN).status_code == 200
+        loaded_on = [s for s in (a, b) if sim_stats(s)["loads"]]
+        assert len(loaded_on) == 1
+        idle = b if loaded_on[0] is a else a
+        assert asyncio.run(_burst(stack.url, [GEN] * 3)) == [200] * 3
+        assert sim_stats(idle)["requests"] == 0, "a short queue loaded the model elsewhere"
+        assert asyncio.run(_burst(stack.url, [GEN] * 40)) == [200] * 40
+        assert sim_stats(idle)["loads"] == 1 and sim_stats(idle)["requests"] > 0
+    finally:
+        a.stop()
+        b.stop()

@@ -107,6 +107,14 @@ def test_a_session_whose_backend_stays_busy_moves(
     stack = make_stack(
         backends=_fleet(*two_sims, cap=1), session_wait=0.3, burst=100, rate_limit="6000/minute"
     )
+    for sim in two_sims:  # the model loaded on both: moving costs no load
+        httpx.post(sim.url + "/api/generate", json=_generate("warm"), timeout=10)
+    wait_until(
+        lambda: all(
+            b["loaded_models"] for b in httpx.get(stack.url + "/v1/queue").json()["backends"]
+        ),
+        what="the model loaded on both backends",
+    )
     with stack.client("mover") as client:
         home = _backend_of(
             stack, client.post("/api/generate", json=_generate("first"), headers=_SESSION)

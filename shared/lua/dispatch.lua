@@ -10,10 +10,14 @@
 --
 -- Where: a backend that is up, has a free slot, can run the job's endpoint (an `openai`
 -- backend runs only OpenAI's paths), serves the model (and is not one this job already
--- failed on, unless no other serves it). Among those, one with the model
--- loaded, most free slots first; else one whose loaded models have no work waiting,
--- preferring an empty one; else, once the job has waited GPUGATE_AFFINITY_WAIT, any
--- (unless its model is loaded on a busy backend: it waits for a slot there).
+-- failed on, unless no other serves it). Among those, one with the model loaded, most
+-- free slots first. Else the model must be loaded somewhere: on a backend whose loaded
+-- models have no work waiting (an empty one first) when the job's expected wait for a
+-- slot where the model is loaded (the jobs waiting for it at those slots' pace) is
+-- longer than that backend's load time (measured, else a prior), or once it has waited
+-- GPUGATE_AFFINITY_WAIT; a model loaded nowhere waits at most a load time, then switches
+-- a backend whose loaded models have work waiting. A session's job prefers its backend
+-- (`place`).
 -- A job for a model that no backend serves (for its endpoint) goes to any backend, an
 -- Ollama one first: Ollama's 404 answers it (the worker answers that 404 itself for a
 -- native path on an `openai` backend).
@@ -96,6 +100,20 @@ local function most_free(list)
   return best
 end
 
+-- Waiting against loading: how long a job of `model` can expect to wait for a slot where
+-- it is loaded (the jobs waiting for it, at the pace of the loaded backends' slots), and
+-- what a load costs on backend `b` (its measured load_duration, else the prior).
+local function expected_wait_ms(model, loaded_cap)
+  local waiting = math.max(1, tonumber(redis.call('HGET', K_WAITING_MODELS, model)) or 1)
+  local mean = tonumber(redis.call('HGET', K_MODEL_STATS, model))
+    or tonumber(redis.call('HGET', K_STATS, 'mean_job_ms')) or A.job_prior_ms
+  return waiting * mean / math.max(1, loaded_cap)
+end
+
+local function load_ms(b, model)
+  return tonumber(redis.call('HGET', K_LOAD_MS, b.name .. '|' .. model)) or A.load_prior_ms
+end
+
 local function choose_backend(model, endpoint, avoid, waited_ms)
   local serving, open = {}, {}
   for _, b in ipairs(backends) do
@@ -132,16 +150,28 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
     end
   end
   if #hot > 0 then return most_free(hot) end
-  if #empty > 0 then return most_free(empty) end
-  if #idle > 0 then return most_free(idle) end
-  if #serving > 1 and waited_ms < A.affinity_wait_ms then return nil end
-  -- waited long enough to switch a backend that has other work waiting, unless one has
-  -- this model loaded already: a slot comes there soon, and switching a second backend
-  -- to the same model would evict for nothing
+  -- the model is loaded only on busy backends (or nowhere): waiting against loading
+  local loaded_cap = 0
   for _, b in ipairs(serving) do
-    if b.up and loaded(b, model) then return nil end
+    if b.up and loaded(b, model) then loaded_cap = loaded_cap + b.cap end
   end
-  return most_free(open)
+  local fresh = most_free(empty) or most_free(idle)  -- a load there evicts no waited-for work
+  if fresh then
+    if loaded_cap > 0 and waited_ms < A.affinity_wait_ms
+        and expected_wait_ms(model, loaded_cap) <= load_ms(fresh, model) then
+      return nil  -- a slot where it is loaded comes sooner than a load would finish
+    end
+    return fresh
+  end
+  -- only backends whose loaded models have work waiting are free: where the model is
+  -- loaded, a slot comes (switching a second backend to it would evict for nothing);
+  -- loaded nowhere, the job waits at most what a load costs, then one backend switches
+  if loaded_cap > 0 then return nil end
+  local switch = most_free(open)
+  if #serving > 1 and waited_ms < math.min(A.affinity_wait_ms, load_ms(switch, model)) then
+    return nil
+  end
+  return switch
 end
 
 -- the highest counter served so far (lib/fairshare.lua `fair_share_floor`)

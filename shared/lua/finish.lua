@@ -57,7 +57,12 @@ end
 settle_budget(not (job.status == S_RUNNING and A.status == RUN_RETRY
   and tonumber(job.runs) < A.max_attempts))
 if A.model_load_ms > 0 then
-  redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
+  local where = backend .. '|' .. (job.model or '')
+  redis.call('HINCRBY', K_MODEL_LOADS, where, 1)
+  -- what a load costs there: dispatch weighs it against waiting (dispatch.lua)
+  local mean = tonumber(redis.call('HGET', K_LOAD_MS, where))
+  redis.call('HSET', K_LOAD_MS, where,
+    tostring(mean and (mean + A.ewma_weight * (A.model_load_ms - mean)) or A.model_load_ms))
 end
 
 local status = A.status
@@ -99,6 +104,8 @@ local function ewma(mean, value)
   return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
 end
 local costed, timed = served > 0 or A.duration_ms > 0, status == S_SUCCEEDED
+-- a job's service time, without a model load (a load is weighed apart: dispatch.lua)
+local service_ms = math.max(0, A.duration_ms - A.model_load_ms)
 if costed or timed then
   local means = redis.call('HMGET', K_STATS, 'mean_cost', 'mean_job_ms')
   local update = {}
@@ -108,14 +115,14 @@ if costed or timed then
   end
   if timed then
     table.insert(update, 'mean_job_ms')
-    table.insert(update, ewma(means[2], A.duration_ms))
+    table.insert(update, ewma(means[2], service_ms))
   end
   redis.call('HSET', K_STATS, unpack(update))
 end
 if timed then
   local model = job.model or ''
   local mean = redis.call('HGET', K_MODEL_STATS, model)
-  redis.call('HSET', K_MODEL_STATS, model, ewma(mean, A.duration_ms))
+  redis.call('HSET', K_MODEL_STATS, model, ewma(mean, service_ms))
 end
 observe('job_duration_seconds', A.duration_ms / 1000, JOB_DURATION_BOUNDS)
 return reply(status, opened)
