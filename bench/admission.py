@@ -1,5 +1,7 @@
 """Requests per second of the admission decision, admitted and rejected, beside a bare
 FastAPI endpoint and slowapi with Redis storage; and the Redis commands per request.
+The gpugate stack holds a few thousand keys created through `/admin/keys`, and one of
+them, spent, is refused too: checking a key of the API must not cost a second round trip.
 
 Every target is one uvicorn process serving `POST /v1/jobs` with gpugate's body model,
 loaded by the same wrk command in interleaved rounds (the order rotates each round) so
@@ -34,6 +36,7 @@ from gpugate.testing import wrk
 from gpugate.testing.processes import Process, stop_all, wait_until
 from gpugate.testing.stack import queue, start_redis, start_sim, start_stack, start_uvicorn
 from gpugate.testing.stats import cpu_s
+from shared import keys
 from shared.scripts import source
 
 THREADS, CONNECTIONS = 1, 32
@@ -43,6 +46,9 @@ JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"
 LIMIT = "1/hour"
 """Every limiter in the run: one request per key per hour (gpugate: burst 1)."""
 HUGE = 10**9
+ADMIN_KEY = "bench-admin-key"
+API_KEYS = 3000
+"""Keys created through /admin/keys on the gpugate stack before the load."""
 
 GPUGATE_SCRIPTS = ("admit", "bucket", "dispatch", "finish", "cancel", "heartbeat", "release")
 LIMITS_LUA = Path(limits.__file__).parent / "resources" / "redis" / "lua_scripts"
@@ -80,8 +86,41 @@ SLOWAPI_ALLOWED = Case(
 SLOWAPI_REJECTED = Case(
     "slowapi + Redis", "rejected: over limit", "slowapi", 429, "Rate limit exceeded", "bench-spent"
 )
-CASES = (BARE, ADMITTED, BUCKET_EMPTY, QUEUE_FULL, SLOWAPI_ALLOWED, SLOWAPI_REJECTED)
-COUNTED = (BUCKET_EMPTY, QUEUE_FULL, SLOWAPI_REJECTED, ADMITTED, SLOWAPI_ALLOWED)
+MANAGED_EMPTY = Case(
+    "gpugate",
+    f"rejected: bucket empty, a key of /admin/keys ({API_KEYS} keys)",
+    "gpugate",
+    429,
+    '"rate_limit_exceeded"',
+    "bench-managed",
+)
+CASES = (
+    BARE,
+    ADMITTED,
+    BUCKET_EMPTY,
+    MANAGED_EMPTY,
+    QUEUE_FULL,
+    SLOWAPI_ALLOWED,
+    SLOWAPI_REJECTED,
+)
+COUNTED = (BUCKET_EMPTY, MANAGED_EMPTY, QUEUE_FULL, SLOWAPI_REJECTED, ADMITTED, SLOWAPI_ALLOWED)
+CREATED: dict[str, str] = {}
+"""The clear keys the API created, by their case's placeholder `key`."""
+
+
+def key_of(case: Case) -> str:
+    return CREATED.get(case.key, case.key)
+
+
+def create_keys(api: Process, n: int) -> str:
+    """Create `n` keys through POST /admin/keys; the last one's clear key."""
+    key = ""
+    with httpx.Client(base_url=api.url, timeout=30, headers={"X-Admin-Key": ADMIN_KEY}) as client:
+        for i in range(n):
+            r = client.post("/admin/keys", json={"name": f"bench-app-{i}"})
+            expect(r, 201, '"key"', f"creating key {i}")
+            key = r.json()["key"]
+    return key
 
 
 def stack_settings(max_queue_depth: int) -> dict[str, object]:
@@ -93,6 +132,7 @@ def stack_settings(max_queue_depth: int) -> dict[str, object]:
         "gpu_concurrency": 1,
         "worker_concurrency": 1,
         "shutdown_grace": 0,
+        "admin_key": ADMIN_KEY,
     }
 
 
@@ -120,17 +160,20 @@ def prepare(servers: dict[str, Process]) -> None:
     """Park each stack's worker, fill the queue of gpugate-full, spend the keys that must be
     refused; then check one request of every case."""
     park_worker(servers["gpugate"], "bench-park")
+    started = time.perf_counter()
+    CREATED[MANAGED_EMPTY.key] = create_keys(servers["gpugate"], API_KEYS)
+    print(f"{API_KEYS} keys created in {time.perf_counter() - started:.1f} s", flush=True)
     full = servers["gpugate-full"]
     park_worker(full, "bench-park")
     with httpx.Client(base_url=full.url, timeout=10) as client:
         expect(post(client, "bench-fill"), 202, '"queued"', "filling the queue")
     wait_until(lambda: queue(full.url)["queue_depth"] == 1, timeout=10, what="a full queue")
-    for case in (BUCKET_EMPTY, SLOWAPI_REJECTED):
+    for case in (BUCKET_EMPTY, MANAGED_EMPTY, SLOWAPI_REJECTED):
         with httpx.Client(base_url=servers[case.server].url, timeout=10) as client:
-            expect(post(client, case.key), 202, '"queued"', f"{case.label}: spending the key")
+            expect(post(client, key_of(case)), 202, '"queued"', f"{case.label}: spending the key")
     for case in CASES:
         with httpx.Client(base_url=servers[case.server].url, timeout=10) as client:
-            key = f"{case.key}-check" if case.fresh else case.key
+            key = f"{case.key}-check" if case.fresh else key_of(case)
             expect(post(client, key), case.status, case.text, case.label)
 
 
@@ -183,6 +226,8 @@ def commands_sent(redis_url: str, server: Process, send: Callable[[], None]) -> 
                     continue
                 parts = line["command"].split(" ")
                 name = parts[0].upper()
+                if name == "GET" and keys.APIKEYS_VERSION in line["command"]:
+                    continue  # each API process's poll of the keys' version, off the path
                 if name == "EVALSHA" and len(parts) > 1:
                     name += f" ({names.get(parts[1], 'unknown script')})"
                 seen[name] += 1
@@ -197,7 +242,7 @@ def count_commands(redis_url: str, server: Process, case: Case, n: int) -> Count
 
         def send(prefix: str, count: int) -> None:
             for i in range(count):
-                key = f"{case.key}-{prefix}-{tag}-{i}" if case.fresh else case.key
+                key = f"{case.key}-{prefix}-{tag}-{i}" if case.fresh else key_of(case)
                 expect(post(client, key), case.status, case.text, case.label)
 
         send("warm", 10)  # connections open, scripts loaded
@@ -209,7 +254,7 @@ def count_commands(redis_url: str, server: Process, case: Case, n: int) -> Count
 
 def load(url: str, case: Case, duration_s: int, tag: str) -> float:
     """Requests per second of `case` under wrk; fails on any unexpected response."""
-    key = f"{case.key}-{tag}" if case.fresh else case.key
+    key = f"{case.key}-{tag}" if case.fresh else key_of(case)
     sent = wrk.Load(
         json.dumps(JOB), case.status, (case.text, ""), ("X-API-Key", key), fresh=case.fresh
     )
@@ -312,6 +357,11 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
         _ratio_row(
             "gpugate bucket-empty rejection / bare", median[BUCKET_EMPTY] / median[BARE], 0.5
         ),
+        _ratio_row(
+            f"gpugate bucket-empty rejection, a key of /admin/keys ({API_KEYS} keys) / bare",
+            median[MANAGED_EMPTY] / median[BARE],
+            0.8,
+        ),
         _ratio_row("gpugate queue-full rejection / bare", median[QUEUE_FULL] / median[BARE], 0.5),
         _ratio_row(
             "gpugate bucket-empty rejection / slowapi rejection",
@@ -328,7 +378,7 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
             "gpugate admitted / slowapi allowed", median[ADMITTED] / median[SLOWAPI_ALLOWED], None
         ),
     ]
-    rejections = (BUCKET_EMPTY, QUEUE_FULL)
+    rejections = (BUCKET_EMPTY, MANAGED_EMPTY, QUEUE_FULL)
     one_trip = all(sum(commands[c].values()) == COUNTED_REQUESTS for c in rejections)
     setup = (
         f"`POST /v1/jobs` with `{json.dumps(JOB)}`; every target is one uvicorn process "
@@ -348,7 +398,11 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
         "benchmark (with its one place taken it does not even wait on the wake list). "
         f"*admitted*: `GPUGATE_MAX_QUEUE_DEPTH={HUGE}` and a new key per request "
         f"({piled_up} jobs queued at the end); *bucket empty*: the same stack, one key whose "
-        "token is spent; *queue full*: a second stack with `GPUGATE_MAX_QUEUE_DEPTH=1` and "
+        "token is spent (a key no keys file or /admin/keys knows: the default tier); "
+        f"*a key of /admin/keys*: the same stack holds {API_KEYS} keys created through "
+        "`POST /admin/keys` before the load (each API process keeps them in memory, "
+        "api/apikeys.py), and the last one, its token spent, is refused; "
+        "*queue full*: a second stack with `GPUGATE_MAX_QUEUE_DEPTH=1` and "
         "one job queued behind the parked one.\n"
         "- **bare FastAPI**: the same route and pydantic body (`api.bodies.JobBody`), "
         "answering 202 at once without Redis (`bench/peers/bare.py`).\n"
@@ -368,7 +422,9 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
         f"Redis commands sent per request, counted with MONITOR (before the load, not during "
         f"it) over {COUNTED_REQUESTS} sequential requests per case, keeping only the commands "
         "that arrived on the sockets of the server process under test; commands a Lua script "
-        "runs inside Redis are not round trips and are not counted. One command is one round "
+        "runs inside Redis are not round trips and are not counted, nor is each API "
+        "process's poll of the keys' version (`GET gpugate:apikeys-version`, 4 a second, "
+        "off the request path). One command is one round "
         "trip. Target: one Redis round trip per rejection: "
         f"{'**met**' if one_trip else '**not met**'}. (An admission also reads the job back, "
         "`read_job` in `api/jobs.py`, in one pipeline: the commands after its EVALSHA are one "
