@@ -5,13 +5,14 @@ controller's decisions, dispatch filling the effective cap, and the back-off on 
 from __future__ import annotations
 
 import statistics
+import time
 
 import httpx
 import pytest
 
 from shared.settings import Backend, Settings
 from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
-from tests.processes import Process, wait_until
+from tests.processes import Process, start_sim, wait_until
 from worker.adaptive import Window, decide
 
 JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"}}
@@ -157,3 +158,37 @@ def test_a_503_halves_the_cap_at_once(make_stack: StackFactory, slow_sim: Proces
         sim_configure(slow_sim, reset=False, fail_mode="none")
     logs = "".join(w.log() for w in stack.workers)
     assert "it answered 503" in logs or "failed with 503" in logs, logs[-2000:]
+
+
+def test_on_a_card_with_a_knee_the_cap_settles_there(make_stack: StackFactory) -> None:
+    """SPEC "The operating point": a backend whose throughput stops rising at concurrency 4
+    (the simulator's performance model), ceiling 16: within 60 s the effective cap is at
+    the knee (4, or 5 while it probes), and no more than that run at once from then on."""
+    sim = start_sim("--tokens", "10", "--token-delay", "0.01", "--parallel", "16", "--knee", "4")
+    try:
+        stack = make_stack(
+            ollama_url=sim.url,
+            gpu_concurrency=16,
+            worker_concurrency=16,
+            adaptive="true",
+            max_queue_depth=2000,
+            burst=5000,
+            rate_limit="1000000/minute",
+        )
+        with stack.client("knee") as client:
+            _submit(client, 1500)
+            wait_until(
+                lambda: int(_backend(stack.url)["effective_concurrency"]) in (4, 5),  # type: ignore[call-overload]
+                timeout=60,
+                interval=0.2,
+                what="the effective cap to settle at the knee (4)",
+            )
+            sim_configure(sim, reset=True)  # max_in_flight from here on
+            seen, watched_until = [], time.monotonic() + 4  # four seconds of its decisions
+            while time.monotonic() < watched_until:
+                seen.append(int(_backend(stack.url)["effective_concurrency"]))  # type: ignore[call-overload]
+            stats = sim_stats(sim)
+        assert all(4 <= n <= 5 for n in seen), seen
+        assert stats["max_in_flight"] <= 5, stats
+    finally:
+        sim.stop()
