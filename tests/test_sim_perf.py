@@ -172,6 +172,23 @@ def test_a_cache_hit_needs_a_free_slot_holding_the_prefix(url: str) -> None:
     assert [slot["cached_tokens"] >= 1001 for slot in slots] == [True, True]
 
 
+def test_a_new_conversation_takes_a_free_slot_without_overwriting_another_cache(url: str) -> None:
+    configure(url, prompt_token_s=PROMPT_TOKEN_S, tokens=3, parallel=2)
+    body = {"model": MODEL, "stream": False}
+
+    def chat(messages: list[dict[str, str]]) -> str:
+        answer = httpx.post(url + "/v1/chat/completions", json={**body, "messages": messages})
+        answer.raise_for_status()
+        return str(answer.json()["choices"][0]["message"]["content"])
+
+    first = [{"role": "user", "content": LONG_PROMPT}]
+    reply = chat(first)  # slot 1
+    chat([{"role": "user", "content": "other " + LONG_PROMPT}])  # shares 3 tokens: slot 2
+    before = stats(url)["prompt_tokens_processed"]
+    chat([*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}])
+    assert stats(url)["prompt_tokens_processed"] - before == 1 + 5  # its history was kept
+
+
 def test_prompt_time_grows_with_concurrency_past_the_knee_too(url: str) -> None:
     configure(url, prompt_token_s=PROMPT_TOKEN_S, tokens=1, knee=1)
     alone = generate(url, "one " + LONG_PROMPT)  # no prefix in common with the others

@@ -12,9 +12,11 @@ by itself, from the command line or live with `PUT /sim/config`:
 - **the prompt cache** (with prompt processing): each of the `parallel` slots remembers, per
   model, the tokens of the last prompt it processed and of the reply it generated. A request
   takes, among the *free* slots, the one whose cache shares the longest prefix with its
-  prompt (none shares any: the least recently used), and pays for the rest only, at least
-  one token (llama.cpp and Ollama re-evaluate the last one for its logits). A busy slot's
-  cache helps no one. A request cancelled during its prompt leaves its slot empty.
+  prompt if that is more than a tenth of the prompt (llama.cpp's slot choice, its
+  `--slot-prompt-similarity` 0.1), else the least recently used free slot, and pays only
+  for what its slot's cache does not hold, at least one token (llama.cpp and Ollama
+  re-evaluate the last one for its logits). A busy slot's cache helps no one. A request
+  cancelled during its prompt leaves its slot empty.
 - **out of memory** (`max_generations` M > 0): a request that would be the (M+1)th
   generation at once answers 503 `out of memory` (a `parallel` set beyond what the card
   holds), at once, in the API's error shape.
@@ -118,6 +120,10 @@ def common_prefix(a: list[str], b: list[str]) -> int:
 
 REPLY_MARKERS = ["<|im_start|>", "assistant", "\n"]
 
+SIMILARITY = 0.1
+"""llama.cpp's `--slot-prompt-similarity` default: a free slot is chosen for its cache when
+the prefix it shares is more than this part of the prompt; else the least recently used."""
+
 
 class PromptCache:
     """The slots' caches; a request takes the free one holding its longest prefix."""
@@ -136,10 +142,13 @@ class PromptCache:
         def match(slot: CacheSlot) -> int:
             return common_prefix(slot.tokens, tokens) if slot.model == model else 0
 
-        best = max(free, key=lambda slot: (match(slot), -slot.last_used))
-        cached = match(best)
+        similar = [slot for slot in free if match(slot) > SIMILARITY * len(tokens)]
+        if similar:
+            best = max(similar, key=match)
+        else:  # the least recently used (an empty one first)
+            best = min(free, key=lambda slot: slot.last_used)
         best.busy = True
-        return best, cached
+        return best, match(best)
 
     def give_back(self, slot: CacheSlot, model: str, tokens: list[str]) -> None:
         slot.model, slot.tokens = model, tokens
