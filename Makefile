@@ -44,9 +44,13 @@ LLAMA_SERVER := $(LLAMA_CACHE)/bin/llama-server
 
 llama-server: $(LLAMA_SERVER)
 
-$(LLAMA_SERVER):
+$(LLAMA_SERVER): | $(STAMP)
+	@command -v cmake >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++) >/dev/null; \
+	  else echo "cmake and g++ are missing: install Debian's cmake and g++ packages" >&2; exit 1; fi; }
 	@rm -rf $(LLAMA_CACHE)/src $(LLAMA_CACHE)/build; mkdir -p $(LLAMA_CACHE)/src $(LLAMA_CACHE)/bin
-	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
 	  -d $(LLAMA_CACHE)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf $(LLAMA_CACHE)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CACHE)/src
 	cmake -S $(LLAMA_CACHE)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp \
