@@ -32,6 +32,7 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import arguments, is_quick, publish
+from bench.report import ROOT, arguments, is_quick, publish
 from gpugate.sim.performance import CALIBRATED
 from gpugate.testing.llama import (
     DEFAULT_ALIAS,
@@ -446,16 +447,55 @@ def differences(runs: list[Run]) -> str:
     )
 
 
+PLOT = ROOT / "bench" / "engine_curve.png"
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    """Tokens/s and time per token against concurrency: the small model's engine, the
+    simulator, and the performance model's formula."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, pace) = plt.subplots(1, 2, figsize=(10, 4))
+    model = [model_point(c) for c in CONCURRENCY]
+    lines = [(run.label, run.points, "o-") for run in runs[1:]]
+    lines.append(("model (calibrated)", model, "k--"))
+    for label, points, style in lines:
+        rate.plot(CONCURRENCY, [p.tokens_per_s for p in points], style, label=label)
+        pace.plot(CONCURRENCY, [p.tpot_ms for p in points], style, label=label)
+    for ax, title in ((rate, "total output tokens/s"), (pace, "median ms per output token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
+        ax.set_xlabel("concurrent streams", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.tick_params(labelsize=7)
+    rate.legend(fontsize=7)
+    fig.suptitle(
+        f"llama-server (-t 1, --parallel {SLOTS}, small random model) and gpugate sim --calibrated",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     quick = is_quick(arguments("engine_curve", __doc__).parse_args(argv or []), "engine_curve")
     runs, text = run(quick)
+    path = Path(tempfile.mkdtemp(prefix="gpugate-curve-")) / "engine_curve.png" if quick else PLOT
+    plot(runs, path)
+    print(f"plot: {path}", flush=True)
+    figure = "![tokens/s and time per token against concurrency](bench/engine_curve.png)"
     publish(
         "engine-curve",
-        text + "\n\n" + differences(runs),
+        text + "\n\n" + figure + "\n\n" + differences(runs),
         quick=quick,
         command="make llama-server && python -m bench engine-curve",
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
