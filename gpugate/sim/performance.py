@@ -29,6 +29,13 @@ A reply is cached behind `<|im_start|> assistant` and a newline, so the next tur
 
 `CALIBRATED` holds the values measured on llama.cpp's `llama-server` (`python -m bench
 engine-curve`, BENCHMARKS.md); `gpugate sim --calibrated` starts with them.
+
+Where a real engine differs (BENCHMARKS.md, "engine-curve"): its time per token has no flat
+part on a CPU (it grows from the second stream on, and its tokens/s approach the plateau
+gradually; a GPU's knee is sharper); its prompt time also grows with attention over the
+prompt; a long prompt being processed slows the others' tokens more than one generation's
+worth (llama.cpp batches prompt chunks with their tokens); the contention a prompt sees is
+fixed when it starts here. Slot caches here outlive the model's unloading.
 """
 
 from __future__ import annotations
