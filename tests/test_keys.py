@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from gpugate.testing.keys import Key, write_keys_file
+from gpugate.testing.stack import start_redis, start_stack
 from shared import keys
 from tests.conftest import Stack, StackFactory, sim_configure, sim_stats, slow_sim_fixture
 from tests.processes import Process, wait_until
@@ -461,3 +462,33 @@ def test_a_queued_job_cancelled_gives_its_budget_reservation_back(
     assert used() < 300
     wait_until(lambda: _all_done(url, key, [first]), timeout=20, what="the first job's end")
     assert 0 < used() < 300
+
+
+def test_keys_survive_a_redis_restart_with_persistence_and_a_new_api_process(
+    sim_proc: Process, tmp_path: Path
+) -> None:
+    data = str(tmp_path / "redis-data")
+    Path(data).mkdir()
+    redis_server = start_redis(data_dir=data)
+    stack = start_stack(
+        sim_proc.url, redis_server.url, admin_key="admin-secret", unknown_keys="refuse"
+    )
+    try:
+        kept = create(stack.url, name="kept")["key"]
+        gone = create(stack.url, name="gone")["key"]
+        httpx.delete(stack.url + "/admin/keys/gone", headers=ADMIN).raise_for_status()
+        redis_server.stop()
+        redis_server = start_redis(redis_server.port, data_dir=data)
+        stack.api.stop()  # a new API process knows only what Redis kept
+        stack.apis.clear()
+        stack.add_api()
+        stack.wait_for_workers()
+        assert generate(stack.url, kept).status_code == 200
+        assert generate(stack.url, gone).status_code == 401
+        names = [
+            k["name"] for k in httpx.get(stack.url + "/admin/keys", headers=ADMIN).json()["keys"]
+        ]
+        assert names == ["kept"]
+    finally:
+        stack.stop()
+        redis_server.stop()
