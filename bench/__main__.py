@@ -17,6 +17,7 @@ from bench import (
     fairness,
     fleet,
     latency,
+    operating_point,
     overload,
     replication,
     soak,
@@ -35,6 +36,7 @@ BENCHES = {
     "engine": engine.main,
     "engine-curve": engine_curve.main,
     "commands": commands.main,
+    "operating-point": operating_point.main,
 }
 
 

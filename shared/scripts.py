@@ -260,6 +260,9 @@ class Grant:
     queued and when it was dispatched, in Redis's clock (shared/telemetry.py)."""
     queued_at_ms: int = 0
     started_at_ms: int = 0
+    cold: bool = False
+    """The model was not loaded on the backend when the run was granted: its load time
+    (even none) is what a load costs there (finish.lua, dispatch.lua `load_ms`)."""
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,7 @@ class Scripts:
         input_tokens: int,
         output_tokens: int,
         model_load_ms: float,
+        cold: bool = False,
         max_attempts: int,
         breaker_threshold: int,
         breaker_cooldown_ms: int,

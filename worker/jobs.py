@@ -161,6 +161,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 input_tokens=outcome.usage.input_tokens,
                 output_tokens=outcome.usage.output_tokens,
                 model_load_ms=outcome.model_load_ms,
+                cold=grant.cold,
                 max_attempts=settings.max_attempts,
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown_ms=int(settings.breaker_cooldown * 1000),

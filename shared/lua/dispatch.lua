@@ -102,7 +102,8 @@ end
 
 -- Waiting against loading: how long a job of `model` can expect to wait for a slot where
 -- it is loaded (the jobs waiting for it, at the pace of the loaded backends' slots), and
--- what a load costs on backend `b` (its measured load_duration, else the prior).
+-- what a load costs on backend `b` (its measured load_duration, else the last measured on
+-- any backend, else the prior).
 local function expected_wait_ms(model, loaded_cap)
   local waiting = math.max(1, tonumber(redis.call('HGET', K_WAITING_MODELS, model)) or 1)
   local mean = tonumber(redis.call('HGET', K_MODEL_STATS, model))
@@ -111,7 +112,8 @@ local function expected_wait_ms(model, loaded_cap)
 end
 
 local function load_ms(b, model)
-  return tonumber(redis.call('HGET', K_LOAD_MS, b.name .. '|' .. model)) or A.load_prior_ms
+  local known = redis.call('HMGET', K_LOAD_MS, b.name .. '|' .. model, '*|' .. model)
+  return tonumber(known[1]) or tonumber(known[2]) or A.load_prior_ms
 end
 
 local function choose_backend(model, endpoint, avoid, waited_ms)
@@ -217,6 +219,7 @@ local function grant(c, job_id, job, b)
   redis.call('ZADD', K_RUNNING, now, run_id)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
+  local cold = not loaded(b, job.model)  -- the run pays the model's load there
   redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
   local weight = tonumber(job.weight) or 1
   local cost = A.provisional_cost / weight
@@ -237,7 +240,7 @@ local function grant(c, job_id, job, b)
   local more = redis.call('HMGET', K_JOB .. job_id, 'body', 'owner_name', 'traceparent')
   local out = {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
     endpoint = job.endpoint, body = more[1], stream = job.stream == '1', backend = b.name,
-    model = job.model, owner_name = more[2]}
+    model = job.model, owner_name = more[2], cold = cold}
   if more[3] then  -- traced (shared/telemetry.py): the worker's spans join the trace
     out.traceparent, out.queued_at_ms, out.started_at_ms = more[3], tonumber(job.created_at), now
   end

@@ -57,12 +57,17 @@ end
 settle_budget(not (job.status == S_RUNNING and A.status == RUN_RETRY
   and tonumber(job.runs) < A.max_attempts))
 if A.model_load_ms > 0 then
+  redis.call('HINCRBY', K_MODEL_LOADS, backend .. '|' .. (job.model or ''), 1)
+end
+if A.cold and A.status ~= RUN_RETRY then
+  -- what a load costs there (none, for a backend that loads at once): dispatch weighs
+  -- it against waiting (dispatch.lua load_ms)
+  -- (`*|model`: the last one seen anywhere, the guess for a backend that never loaded it)
   local where = backend .. '|' .. (job.model or '')
-  redis.call('HINCRBY', K_MODEL_LOADS, where, 1)
-  -- what a load costs there: dispatch weighs it against waiting (dispatch.lua)
   local mean = tonumber(redis.call('HGET', K_LOAD_MS, where))
   redis.call('HSET', K_LOAD_MS, where,
-    tostring(mean and (mean + A.ewma_weight * (A.model_load_ms - mean)) or A.model_load_ms))
+    tostring(mean and (mean + A.ewma_weight * (A.model_load_ms - mean)) or A.model_load_ms),
+    '*|' .. (job.model or ''), tostring(A.model_load_ms))
 end
 
 local status = A.status
