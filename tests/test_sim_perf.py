@@ -172,6 +172,17 @@ def test_a_cache_hit_needs_a_free_slot_holding_the_prefix(url: str) -> None:
     assert [slot["cached_tokens"] >= 1001 for slot in slots] == [True, True]
 
 
+def test_unloading_a_model_drops_its_prompt_caches(url: str) -> None:
+    configure(url, prompt_token_s=PROMPT_TOKEN_S, tokens=2)
+    generate(url, LONG_PROMPT, keep_alive=0)  # unloaded once it ends
+    wait_until(lambda: not httpx.get(url + "/api/ps").json()["models"], what="the unload")
+    loads = stats(url)["loads"]
+    generate(url, LONG_PROMPT)  # loaded again: its slots' caches are gone
+    counters = stats(url)
+    assert counters["loads"] == loads + 1
+    assert counters["prompt_cache_hits"] == 0 and counters["prompt_tokens_processed"] == 2 * 1001
+
+
 def test_a_new_conversation_takes_a_free_slot_without_overwriting_another_cache(url: str) -> None:
     configure(url, prompt_token_s=PROMPT_TOKEN_S, tokens=3, parallel=2)
     body = {"model": MODEL, "stream": False}

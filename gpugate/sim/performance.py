@@ -15,8 +15,8 @@ by itself, from the command line or live with `PUT /sim/config`:
   prompt if that is more than a tenth of the prompt (llama.cpp's slot choice, its
   `--slot-prompt-similarity` 0.1), else the least recently used free slot, and pays only
   for what its slot's cache does not hold, at least one token (llama.cpp and Ollama
-  re-evaluate the last one for its logits). A busy slot's cache helps no one. A request
-  cancelled during its prompt leaves its slot empty.
+  re-evaluate the last one for its logits). A busy slot's cache helps no one; a request
+  cancelled during its prompt leaves its slot empty; unloading a model drops its caches.
 - **out of memory** (`max_generations` M > 0): a request that would be the (M+1)th
   generation at once answers 503 `out of memory` (a `parallel` set beyond what the card
   holds), at once, in the API's error shape.
@@ -35,7 +35,7 @@ part on a CPU (it grows from the second stream on, and its tokens/s approach the
 gradually; a GPU's knee is sharper); its prompt time also grows with attention over the
 prompt; a long prompt being processed slows the others' tokens more than one generation's
 worth (llama.cpp batches prompt chunks with their tokens); the contention a prompt sees is
-fixed when it starts here. Slot caches here outlive the model's unloading.
+fixed when it starts here.
 """
 
 from __future__ import annotations
@@ -108,9 +108,11 @@ def validate_performance(config: PerformanceConfig) -> None:
 
 @dataclass
 class CacheSlot:
-    """One slot's prompt cache: the tokens it last processed, for one model."""
+    """One slot's prompt cache: the tokens it last processed, for one model as loaded then
+    (`runner`: a cache does not survive its model's unloading)."""
 
     model: str = ""
+    runner: object = None
     tokens: list[str] = field(default_factory=list)
     busy: bool = False
     last_used: float = 0.0
@@ -138,7 +140,9 @@ class PromptCache:
     def __init__(self) -> None:
         self.slots: list[CacheSlot] = []
 
-    def take(self, model: str, tokens: list[str], parallel: int) -> tuple[CacheSlot, int]:
+    def take(
+        self, model: str, runner: object, tokens: list[str], parallel: int
+    ) -> tuple[CacheSlot, int]:
         """A free slot for a prompt, and how many of its tokens that slot has cached."""
         self._resize(parallel)
         free = [slot for slot in self.slots if not slot.busy]
@@ -147,7 +151,9 @@ class PromptCache:
             self.slots.extend(free)
 
         def match(slot: CacheSlot) -> int:
-            return common_prefix(slot.tokens, tokens) if slot.model == model else 0
+            if slot.model != model or slot.runner is not runner:
+                return 0
+            return common_prefix(slot.tokens, tokens)
 
         similar = [slot for slot in free if match(slot) > SIMILARITY * len(tokens)]
         if similar:
@@ -157,8 +163,8 @@ class PromptCache:
         best.busy = True
         return best, match(best)
 
-    def give_back(self, slot: CacheSlot, model: str, tokens: list[str]) -> None:
-        slot.model, slot.tokens = model, tokens
+    def give_back(self, slot: CacheSlot, model: str, runner: object, tokens: list[str]) -> None:
+        slot.model, slot.runner, slot.tokens = model, runner, tokens
         slot.busy = False
         slot.last_used = time.monotonic()
 
@@ -186,12 +192,14 @@ class Generation:
         self,
         model: Performance,
         key: str = "",
+        runner: object = None,
         prompt: list[str] | None = None,
         slot: CacheSlot | None = None,
         cached: int = 0,
     ) -> None:
         self._model = model
         self._key = key
+        self._runner = runner
         self._prompt = prompt or []
         self._slot = slot
         self._reply: list[str] | None = None  # None until the prompt is processed
@@ -219,7 +227,7 @@ class Generation:
         if self._slot is None:
             return
         cached = [] if self._reply is None else [*self._prompt, *REPLY_MARKERS, *self._reply]
-        self._model.cache.give_back(self._slot, self._key, cached)
+        self._model.cache.give_back(self._slot, self._key, self._runner, cached)
         self._slot = None
 
 
@@ -231,9 +239,12 @@ class Performance:
         config: Callable[[], PerformanceConfig],
         sim_config: Callable[[], SimConfig],
         stats: Stats,
+        runner: Callable[[str], object],
     ) -> None:
+        """`runner(key)`: the model as loaded now (what its slots' caches belong to)."""
         self.config = config
         self.sim_config = sim_config
+        self._runner = runner
         self._stats = stats
         self.cache = PromptCache()
 
@@ -255,8 +266,9 @@ class Performance:
             return Generation(self)
         key = model_key(model)
         tokens = material_tokens(material)
-        slot, cached = self.cache.take(key, tokens, self.sim_config().parallel)
-        generation = Generation(self, key, tokens, slot, cached)
+        runner = self._runner(key)
+        slot, cached = self.cache.take(key, runner, tokens, self.sim_config().parallel)
+        generation = Generation(self, key, runner, tokens, slot, cached)
         self._stats.count_prompt(generation.cached_tokens, generation.uncached_tokens)
         return generation
 

@@ -38,7 +38,10 @@ class Simulator:
         self.residency = Residency(lambda: self.config, self.stats)
         self.blobs: dict[str, int] = {}
         self.performance = Performance(
-            lambda: self.performance_config, lambda: self.config, self.stats
+            lambda: self.performance_config,
+            lambda: self.config,
+            self.stats,
+            lambda key: self.residency.resident.get(key),
         )
 
     def running_models(self) -> list[dict[str, Any]]:
