@@ -93,29 +93,34 @@ class _QueueCollector(Collector):
         yield _gauge(
             "gpugate_mean_job_seconds", "Measured mean job duration (EWMA).", backlog.mean_job_s
         )
-        jobs = CounterMetricFamily(
-            "gpugate_jobs", "Jobs by final status, across all workers.", labels=["status"]
-        )
         finals = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-        for status in ("admitted", *finals, "requeued"):
-            jobs.add_metric([status], snap.stats.get(f"jobs_{status}", 0.0))
-        yield jobs
-        sessions = CounterMetricFamily(
-            "gpugate_session_dispatch",
-            "Jobs of a session by where they went: kept on its backend, moved, or new.",
-            labels=["outcome"],
-        )
-        for outcome in ("kept", "moved", "new"):
-            sessions.add_metric([outcome], snap.stats.get(f"session_{outcome}", 0.0))
-        yield sessions
-        errors = CounterMetricFamily(
-            "gpugate_ollama_errors",
-            "Failed Ollama calls by kind, across all workers.",
-            labels=["kind"],
-        )
-        for kind in ("ollama_error", "backend_error", "timeout"):
-            errors.add_metric([kind], snap.stats.get(f"errors_{kind}", 0.0))
-        yield errors
+        for name, doc, label, prefix, values in (
+            (
+                "gpugate_jobs",
+                "Jobs by final status, across all workers.",
+                "status",
+                "jobs_",
+                ("admitted", *finals, "requeued"),
+            ),
+            (
+                "gpugate_session_dispatch",
+                "Jobs of a session by where they went: kept on its backend, moved, or new.",
+                "outcome",
+                "session_",
+                ("kept", "moved", "new"),
+            ),
+            (
+                "gpugate_ollama_errors",
+                "Failed Ollama calls by kind, across all workers.",
+                "kind",
+                "errors_",
+                ("ollama_error", "backend_error", "timeout"),
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=[label])
+            for value in values:
+                counter.add_metric([value], snap.stats.get(prefix + value, 0.0))
+            yield counter
         for name, doc in (
             ("queue_wait_seconds", "Time from admission to the start on a GPU slot."),
             ("job_duration_seconds", "Time a job held its GPU slot."),
