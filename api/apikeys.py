@@ -399,7 +399,12 @@ class KeyStore:
             pipe.hset(keys.apikey(body.name), mapping=fields)
             pipe.hset(keys.APIKEY_DIGESTS, fields["digest"], body.name)
             pipe.incr(keys.APIKEYS_VERSION)
-            version = (await pipe.execute())[-1]
+            try:
+                version = (await pipe.execute())[-1]
+            except REDIS_ERRORS:
+                with contextlib.suppress(*REDIS_ERRORS):  # the name is free again
+                    await self.redis.zrem(keys.APIKEY_NAMES, body.name)
+                raise
         record = await self._changed(body.name, version)
         changes = {k: v for k, v in record.items() if k not in ("name", "usage", "last_used_at")}
         await self.audit("create", body.name, by, changes)
