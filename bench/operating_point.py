@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         "(a) Fixed caps against adaptive concurrency; one simulated card, knee at 4 "
         f"(20 tokens a job, 10 ms a token up to the knee), {CLIENTS} clients:\n\n{a}\n\n"
-        "(b) Waiting against loading; model loaded on gpu-a (cap 1), gpu-b empty, loads "
-        f"cost 1 s (dispatch knows only its 5 s prior for gpu-b):\n\n{b}\n\n"
+        "(b) Waiting against loading; model loaded on gpu-a (cap 1), gpu-b empty, a load "
+        "costs 1 s (dispatch knows it from gpu-a's first load), jobs of a quarter second:"
+        f"\n\n{b}\n\n"
         f"(c) Sessions and the prompt cache:\n\n{c}\n"
     )
     publish("operating-point", text, quick=quick, command="python -m bench operating-point")
