@@ -492,3 +492,21 @@ def test_keys_survive_a_redis_restart_with_persistence_and_a_new_api_process(
     finally:
         stack.stop()
         redis_server.stop()
+
+
+def test_max_running_of_a_keys_file_tier_holds_too(
+    make_stack: StackFactory, slow_sim: Process, tmp_path: Path
+) -> None:
+    keys_file = write_keys_file(
+        tmp_path / "keys.toml",
+        [Key("one-lane", "one-lane-secret", "single")],
+        {"single": {"rate": "600/minute", "burst": 50, "max_running": 1}},
+    )
+    stack = make_stack(ollama_url=slow_sim.url, keys_file=str(keys_file), gpu_concurrency=3)
+    ids = _submit(stack.url, "one-lane-secret", 3)
+    wait_until(
+        lambda: _all_done(stack.url, "one-lane-secret", ids), timeout=30, what="the jobs' end"
+    )
+    windows = _job_windows(stack, ids)
+    for (_, end), (start, _) in itertools.pairwise(windows):
+        assert start >= end, f"two jobs of a max_running=1 tier overlapped: {windows}"
