@@ -228,6 +228,8 @@ def commands_sent(redis_url: str, server: Process, send: Callable[[], None]) -> 
                 name = parts[0].upper()
                 if name == "GET" and keys.APIKEYS_VERSION in line["command"]:
                     continue  # each API process's poll of the keys' version, off the path
+                if name == "XREAD" and keys.INBOX in line["command"]:
+                    continue  # its inbox reader's blocking read (api/inbox.py), off the path
                 if name == "EVALSHA" and len(parts) > 1:
                     name += f" ({names.get(parts[1], 'unknown script')})"
                 seen[name] += 1
@@ -423,8 +425,9 @@ def run(duration_s: int = DURATION_S, rounds: int = ROUNDS) -> str:
         f"it) over {COUNTED_REQUESTS} sequential requests per case, keeping only the commands "
         "that arrived on the sockets of the server process under test; commands a Lua script "
         "runs inside Redis are not round trips and are not counted, nor is each API "
-        "process's poll of the keys' version (`GET gpugate:apikeys-version`, 4 a second, "
-        "off the request path). One command is one round "
+        "process's poll of the keys' version (`GET gpugate:apikeys-version`, 4 a second) "
+        "and its inbox reader's blocking `XREAD` (one each 5 s when idle): both off the "
+        "request path. One command is one round "
         "trip. Target: one Redis round trip per rejection: "
         f"{'**met**' if one_trip else '**not met**'}. (An admission also reads the job back, "
         "`read_job` in `api/jobs.py`, in one pipeline: the commands after its EVALSHA are one "
