@@ -16,7 +16,9 @@ from shared.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    keys: argparse.ArgumentParser = sub.add_parser("keys", help="create, list, change, rotate and revoke API keys")
+    keys: argparse.ArgumentParser = sub.add_parser(
+        "keys", help="create, list, change, rotate and revoke API keys"
+    )
     keys.add_argument("--url", help="the gpugate API (default http://GPUGATE_HOST:GPUGATE_PORT)")
     verbs = keys.add_subparsers(dest="verb", required=True)
 
