@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -29,6 +30,27 @@ def own_redis() -> Iterator[Process]:
     proc = start_redis()
     yield proc
     proc.stop()
+
+
+@contextmanager
+def _stack(
+    own_redis: Process, slow_sim: Process, **settings: object
+) -> Iterator[tuple[Stack, redis.Redis]]:
+    """A stack on this test's redis-server with no rate limit in the way, and a client of
+    its database; both gone afterwards."""
+    stack = build_stack(
+        own_redis,
+        slow_sim,
+        burst=10_000,
+        rate_limit="100000/minute",
+        **settings,  # type: ignore[arg-type]
+    )
+    rdb = stack.redis()
+    try:
+        yield stack, rdb
+    finally:
+        stack.stop()
+        rdb.close()
 
 
 def _submit(client: httpx.Client, n: int) -> list[str]:
@@ -64,11 +86,7 @@ def _assert_503(reply: httpx.Response) -> None:
 def test_redis_out_of_memory_refuses_new_work_with_503_and_loses_nothing(
     own_redis: Process, slow_sim: Process
 ) -> None:
-    stack = build_stack(
-        own_redis, slow_sim, workers=2, gpu_concurrency=2, burst=10_000, rate_limit="100000/minute"
-    )
-    rdb = stack.redis()
-    try:
+    with _stack(own_redis, slow_sim, workers=2, gpu_concurrency=2) as (stack, rdb):
         with stack.client("oom") as client:
             jobs = _submit(client, 4)  # two run, two wait
             wait_until(
@@ -100,19 +118,12 @@ def test_redis_out_of_memory_refuses_new_work_with_503_and_loses_nothing(
             reply = client.post("/api/generate", json=GENERATE)
             assert reply.status_code == 200, reply.text
             assert httpx.get(stack.url + "/ready", timeout=5).status_code == 200
-    finally:
-        stack.stop()
-        rdb.close()
 
 
 def test_a_paused_redis_gives_no_500_and_loses_no_job(
     own_redis: Process, slow_sim: Process
 ) -> None:
-    stack = build_stack(
-        own_redis, slow_sim, workers=2, gpu_concurrency=2, burst=10_000, rate_limit="100000/minute"
-    )
-    rdb = stack.redis()
-    try:
+    with _stack(own_redis, slow_sim, workers=2, gpu_concurrency=2) as (stack, rdb):
         with stack.client("paused") as client:
             jobs = _submit(client, 4)
             wait_until(
@@ -147,20 +158,13 @@ def test_a_paused_redis_gives_no_500_and_loses_no_job(
                     )
             assert client.post("/api/generate", json=GENERATE).status_code == 200
             assert all(w.alive() for w in stack.workers)
-    finally:
-        stack.stop()
-        rdb.close()
 
 
 def test_error_replies_to_every_loop_do_not_end_them(own_redis: Process, slow_sim: Process) -> None:
     """An ACL that denies the scripts (an error reply, not a lost connection) for a few
     seconds: the heartbeat, the worker's loop and the inbox reader all live on, each
     outage is logged once, and service resumes by itself."""
-    stack: Stack = build_stack(
-        own_redis, slow_sim, workers=1, burst=10_000, rate_limit="100000/minute"
-    )
-    rdb = stack.redis()
-    try:
+    with _stack(own_redis, slow_sim, workers=1) as (stack, rdb):
         with stack.client("denied") as client:
             assert client.post("/api/generate", json=GENERATE).status_code == 200
             rdb.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval", "-blpop")
@@ -184,6 +188,3 @@ def test_error_replies_to_every_loop_do_not_end_them(own_redis: Process, slow_si
         logs = "".join(w.log() for w in stack.workers)
         assert logs.count("Redis is unavailable (denied") == 1, logs[-2000:]
         assert "Traceback" not in logs, logs[-2000:]
-    finally:
-        stack.stop()
-        rdb.close()
