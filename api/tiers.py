@@ -19,6 +19,7 @@ import yaml
 from shared.budget import Budget
 from shared.errors import InvalidApiKey
 from shared.settings import Rate, Settings
+from shared.webhooks import SECRET_MAX_BYTES, SECRET_MIN_BYTES, SECRET_PREFIX, secret_key
 
 DEFAULT_TIER = "free"
 PRIORITY_STEP_MS = 1000
@@ -65,6 +66,9 @@ class ApiKey:
     record: str = ""
     """The name of its /admin/keys record ("" for a file key)."""
     webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    """A keys-file key's `whsec_` secret (one of /admin/keys keeps its own in its record);
+    mirrored into Redis for the workers (api/webhooks.py), never shown."""
 
     @property
     def source(self) -> str:
@@ -225,6 +229,26 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _webhook(raw: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """A file key's `webhook_url` and the `webhook_secret` it needs (a secret alone is
+    checked, and unused). Errors name the key, never the secret."""
+    url, secret = raw.get("webhook_url") or None, raw.get("webhook_secret") or None
+    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        raise ValueError(f"{where}: webhook_url must start with http:// or https://")
+    if secret is not None:
+        try:
+            secret_key(secret if isinstance(secret, str) else "")
+        except ValueError as exc:
+            raise ValueError(f"{where}: webhook_secret is not valid: {exc}") from None
+    if url is not None and secret is None:
+        raise ValueError(
+            f"{where}: webhook_url needs a webhook_secret to sign with "
+            f"({SECRET_PREFIX} and the base64 of {SECRET_MIN_BYTES} to {SECRET_MAX_BYTES} "
+            f"random bytes, e.g. {SECRET_PREFIX}$(openssl rand -base64 32))"
+        )
+    return url, secret if url is not None else None
+
+
 def load_keys_file(path: Path, default: Tier) -> Keyring:
     data = _read(path)
     tiers = {
@@ -245,16 +269,18 @@ def load_keys_file(path: Path, default: Tier) -> Keyring:
             not isinstance(models, list) or not all(isinstance(m, str) for m in models)
         ):
             raise ValueError(f"{path}: keys[{i}].models must be a list of model names")
-        webhook_url = raw.get("webhook_url")
+        name = str(raw.get("name", digest[:8]))
+        webhook_url, webhook_secret = _webhook(raw, f"{path}: keys[{i}] ({name!r})")
         keys.append(
             ApiKey(
-                str(raw.get("name", digest[:8])),
+                name,
                 digest,
                 tier,
                 models=tuple(models) if models is not None else None,
                 max_running=tier.max_running,
                 budget=tier.budget,
-                webhook_url=str(webhook_url) if webhook_url else None,
+                webhook_url=webhook_url,
+                webhook_secret=webhook_secret,
             )
         )
     ring = Keyring(tiers[DEFAULT_TIER], keys)

@@ -15,6 +15,9 @@ class Key:
     secret: str
     """The clear API key a client sends; the file holds its SHA-256."""
     tier: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    """`whsec_…`, which the keys file holds as it is (signing needs it)."""
 
 
 def digest(secret: str) -> str:
@@ -40,7 +43,9 @@ def write_keys_file(
         lines += [f"{field} = {_toml(value)}" for field, value in fields.items()]
     for key in keys:
         lines += ["[[keys]]", f"name = {_toml(key.name)}", f'sha256 = "{digest(key.secret)}"']
-        if key.tier is not None:
-            lines.append(f"tier = {_toml(key.tier)}")
+        for field in ("tier", "webhook_url", "webhook_secret"):
+            value = getattr(key, field)
+            if value is not None:
+                lines.append(f"{field} = {_toml(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
