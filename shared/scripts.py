@@ -35,6 +35,7 @@ from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors
+from shared.webhooks import State
 
 _LUA_DIR = Path(__file__).with_name("lua")
 _KEYS: tuple[tuple[str, str], ...] = (
@@ -287,6 +288,39 @@ class TokenReply:
     next_token_ms: int
 
 
+class WebhookOutcome(StrEnum):
+    """What one webhook attempt came to, as the worker reports it (webhook_done.lua)."""
+
+    DELIVERED = State.DELIVERED.value
+    """A 2xx."""
+    RETRY = "retry"
+    """Anything else: tried again after the backoff, or failed past the retry window."""
+    FAILED = State.FAILED.value
+    """Nowhere to send it: its key has no webhook any more."""
+
+
+@dataclass(frozen=True)
+class ClaimedWebhook:
+    """A delivery claimed by one worker for one attempt (webhook_claim.lua)."""
+
+    id: str
+    key: str
+    """The name of the key whose webhook gets it."""
+    body: str
+    claim: str
+    attempts: int
+    """Attempts made before this one."""
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class WebhookDoneReply:
+    state: State | None
+    """None: the claim was no longer the delivery's, nothing was recorded."""
+    attempts: int = 0
+    next_at_ms: int | None = None
+
+
 _encode = orjson.dumps
 """Arguments and replies are JSON through orjson: 1.4 µs to encode admit's arguments and
 1.5 µs to decode its reply here, against 15 and 8 µs with the json module, on the path
@@ -472,3 +506,51 @@ class Scripts:
         it; `{}` before (shared/lua/meter_take.lua)."""
         raw = await self._run("meter_take", {"backend": backend, "min_jobs": min_jobs})
         return {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    async def claim_webhooks(
+        self, *, worker: str, limit: int, lease_ms: int, listing_keep_ms: int
+    ) -> list[ClaimedWebhook]:
+        """Up to `limit` due deliveries, each claimed for `lease_ms` (webhook_claim.lua);
+        `listing_keep_ms`: how long the key's /admin/webhooks listing outlives them."""
+        args = dict(locals())
+        del args["self"]
+        raw = await self._run("webhook_claim", args)
+        return [
+            ClaimedWebhook(
+                id=c["id"],
+                key=c["key"],
+                body=c["body"],
+                claim=c["claim"],
+                attempts=int(c["attempts"]),
+                created_at_ms=int(c["created_at"]),
+            )
+            for c in _list(raw.get("claimed"))
+        ]
+
+    async def webhook_done(
+        self,
+        *,
+        id: str,
+        claim: str,
+        outcome: WebhookOutcome,
+        status: int | str,
+        error: str,
+        base_ms: int,
+        max_ms: int,
+        retry_for_ms: int,
+        delivered_keep_ms: int,
+        failed_keep_ms: int,
+        listing_keep_ms: int,
+    ) -> WebhookDoneReply:
+        """Record an attempt made under `claim` (webhook_done.lua): `status` the HTTP
+        status ('' when none came); a retry backs off from `base_ms` doubling to `max_ms`,
+        and fails once it would come `retry_for_ms` after the event."""
+        args = dict(locals())
+        del args["self"]
+        raw = await self._run("webhook_done", args)
+        if raw["state"] == "stale":
+            return WebhookDoneReply(None)
+        next_at = raw.get("next_at")
+        return WebhookDoneReply(
+            State(raw["state"]), int(raw["attempts"]), int(next_at) if next_at else None
+        )
