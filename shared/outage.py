@@ -32,9 +32,11 @@ class Outage:
         return self.since is not None
 
     def should_try(self) -> bool:
-        """False while down, but for one caller a second: a Redis that hangs instead of
-        refusing then costs one caller its timeout, not every caller."""
-        if self.since is None:
+        """False while unreachable, but for one caller a second: a Redis that hangs instead
+        of refusing then costs one caller its timeout, not every caller. A Redis that
+        answers with an error (out of memory, read-only) answers at once: every caller
+        tries, so the first request after it recovers is served."""
+        if self.since is None or not _unreachable(self.error):
             return True
         now = time.monotonic()
         if now < self._next_try:
@@ -57,11 +59,16 @@ class Outage:
             self.error = None
 
 
+def _unreachable(exc: BaseException | None) -> bool:
+    """No answer at all (a refused connection, a timeout), as opposed to an error reply."""
+    return not isinstance(exc, RedisUnavailable) or exc.reason == "unreachable"
+
+
 def _describe(exc: BaseException) -> str:
     """`unreachable (ConnectionError)`, or `unavailable (out of memory: OutOfMemoryError …)`."""
     cause = exc.__cause__ if isinstance(exc, RedisUnavailable) else exc
     name = (cause or exc).__class__.__name__
-    if not isinstance(exc, RedisUnavailable) or exc.reason == "unreachable":
+    if not isinstance(exc, RedisUnavailable) or _unreachable(exc):
         return f"unreachable ({name})"
     return f"unavailable ({exc.reason}: {name} {str(cause)[:200]})"
 
