@@ -182,6 +182,7 @@ async def admit(
             traceparent=request.traceparent,
             session=request.session,
             key_record=who.record,
+            hook="" if request.sync else who.hook,
             max_running=tier.max_running or 0,
             budget_tokens=budget.tokens if budget else 0,
             budget_period=window[0],

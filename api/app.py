@@ -23,9 +23,20 @@ from api.body_limit import BodyLimit
 from api.edge import AdmissionEdge
 from api.inbox import Inbox
 from api.metrics import Metrics, RequestMetrics
-from api.routes import admin, console, inference, jobs, keys, models, service
+from api.routes import (
+    admin,
+    batches,
+    console,
+    inference,
+    jobs,
+    keys,
+    models,
+    service,
+    webhooks,
+)
 from api.state import Gate
 from api.tiers import Keyring
+from api.webhooks import FileKeyMirror
 from shared import store, telemetry
 from shared.lane import Lane
 from shared.scripts import Scripts
@@ -56,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         lane = Lane(settings.redis_url)
         inbox = Inbox(blocking_redis)
         key_store = KeyStore(redis, keyring)
+        webhook_mirror = FileKeyMirror(redis, keyring)
         app.state.gate = Gate(
             settings=settings,
             redis=redis,
@@ -72,9 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
         )
         inbox.start()
         await key_store.start()
+        await webhook_mirror.start()
         try:
             yield
         finally:
+            await webhook_mirror.stop()
             await key_store.stop()
             await inbox.stop()
             await http.aclose()
@@ -90,10 +104,12 @@ def create_app(settings: Settings) -> FastAPI:
         **_native_telemetry_off(),
     )
     errors.install(app)
-    for module in (inference, jobs, models, service, admin, keys, console):
+    for module in (inference, jobs, batches, models, service, admin, keys, webhooks, console):
         app.include_router(module.router)
     app.add_middleware(AdmissionEdge)  # innermost: it needs the body BodyLimit has read
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, file_bytes=settings.max_batch_file_bytes
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)
     if telemetry.ENABLED:  # outermost; off, no request meets it (shared/telemetry.py)
         from api.tracing import ServerSpans

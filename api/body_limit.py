@@ -15,10 +15,17 @@ BODY = "gpugate.body"
 """Scope key of the whole request body, once read (`api.edge` admits from it)."""
 
 
+FILES_PATH = "/v1/files"
+"""Batch input files have their own limit (GPUGATE_MAX_BATCH_FILE_BYTES, api/files.py)."""
+MULTIPART_MARGIN = 64 * 1024
+"""Room for the multipart envelope around a file of the largest size."""
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, file_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.file_bytes = max_bytes if file_bytes is None else file_bytes + MULTIPART_MARGIN
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -28,9 +35,10 @@ class BodyLimit:
         ):
             await self.app(scope, receive, send)
             return
+        limit = self.file_bytes if route_path(scope) == FILES_PATH else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -39,8 +47,8 @@ class BodyLimit:
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -58,8 +66,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = RequestTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = RequestTooLarge(f"The request body is larger than {limit} bytes.")
         response = JSONResponse(
             error.body(), error.status, headers={"Connection": "close", **error.headers}
         )

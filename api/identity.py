@@ -38,6 +38,8 @@ class Identity:
     record: str = ""
     """The key's /admin/keys record, when it has one (the scheduler reads its live
     `max_running` there)."""
+    hook: str = ""
+    """The key's name when it has a webhook: its jobs' and batches' events go there."""
 
     def may_use(self, model: str) -> bool:
         return model_allowed(self.models, model)
@@ -108,6 +110,7 @@ def known(entry: ApiKey) -> Identity:
         max_running=entry.max_running,
         budget=entry.budget,
         record=entry.record,
+        hook=entry.name if entry.webhook_url else "",
     )
 
 

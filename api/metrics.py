@@ -110,6 +110,14 @@ class _QueueCollector(Collector):
                 ("kept", "moved", "new"),
             ),
             (
+                "gpugate_batch_lines",
+                "Batch lines by how they ended: completed, failed, cancelled or expired before "
+                "they started.",
+                "outcome",
+                "batch_lines_",
+                ("completed", "failed", "cancelled", "expired"),
+            ),
+            (
                 "gpugate_ollama_errors",
                 "Failed Ollama calls by kind, across all workers.",
                 "kind",

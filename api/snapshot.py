@@ -106,6 +106,9 @@ def _model_names(loaded: list[bytes]) -> list[str]:
 class Queue:
     backlog: Backlog
     backends: list[BackendView]
+    batch_queued: int = 0
+    """Batch lines waiting (not in the backlog: they take only what it leaves)."""
+    batch_running: int = 0
 
 
 async def read_queue(redis: Redis, settings: Settings) -> Queue:
@@ -114,7 +117,8 @@ async def read_queue(redis: Redis, settings: Settings) -> Queue:
             queue_backlog(pipe, settings)
             for b in settings.backends:
                 pipe.zrange(keys.backend_loaded(b.name), 0, -1)
-            replies = await pipe.execute()
+            pipe.hmget(keys.STATS, ["batch_queued", "batch_running"])
+            *replies, batch = await pipe.execute()
     n = backlog_replies(settings)
     caps = _caps(replies[:n], settings)
     backends = [
@@ -131,7 +135,8 @@ async def read_queue(redis: Redis, settings: Settings) -> Queue:
         )
         for b, c, loaded in zip(settings.backends, caps, replies[n:], strict=True)
     ]
-    return Queue(backlog_from(replies[:n], settings), backends)
+    queued, running = (int(v or 0) for v in batch)
+    return Queue(backlog_from(replies[:n], settings), backends, max(0, queued), max(0, running))
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,26 @@ APIKEY_USED = PREFIX + "apikey-used"  # HASH name -> ms of its last admission
 APIKEYS_VERSION = PREFIX + "apikeys-version"  # STRING, INCR on every change: caches reload
 AUDIT = PREFIX + "audit"  # LIST of JSON events, newest first, the last 10,000
 
+# batches (api/batches.py, shared/lua/lib/batch.lua): files, the batch band of dispatch
+FILE = PREFIX + "file:"  # + file id: HASH metadata and, for an input file, its content
+FILES_OF = PREFIX + "files:"  # + owner: ZSET file id -> created ms (listing)
+BATCH = PREFIX + "batch:"  # + batch id: HASH the Batch object's fields and its bookkeeping
+BATCHES_OF = PREFIX + "batches:"  # + owner: ZSET batch id -> created ms (listing)
+BATCH_LINES = PREFIX + "batch-lines:"  # + batch id: HASH line n -> {"custom_id","model","body"}
+BATCH_TODO = PREFIX + "batch-todo:"  # + batch id + ":" + model: LIST line numbers not started
+BATCH_MODELS = PREFIX + "batch-models:"  # + batch id: HASH model -> lines not started
+BATCH_OUT = PREFIX + "batch-out:"  # + batch id: HASH custom_id -> output file line
+BATCH_ERR = PREFIX + "batch-err:"  # + batch id: HASH custom_id -> error file line
+BATCH_OWNER = PREFIX + "batch-owner:"  # + owner: ZSET its batches with lines to run -> created ms
+BATCH_BACKLOG = PREFIX + "batch-backlog"  # ZSET owner -> fair-share counter among batch owners
+BATCH_ACTIVE = PREFIX + "batch-active"  # ZSET batch id -> expires ms: batches not yet ended
+
+# webhooks (shared/lua/lib/webhook.lua emits, worker/webhooks.py delivers)
+WEBHOOK = PREFIX + "webhook:"  # + event id: HASH the delivery: key, type, body, attempts...
+WEBHOOK_DUE = PREFIX + "webhook-due"  # ZSET event id -> ms of its next attempt (pending only)
+WEBHOOKS_OF = PREFIX + "webhooks:"  # + key name: ZSET event id -> created ms (/admin/webhooks)
+WEBHOOK_FILE_KEY = PREFIX + "webhook-file:"  # + key name: HASH url, secret of a keys-file key
+
 # arq's own names (arq 0.28), for worker/arq_adapter.py: the queue name its Worker (and
 # its health-check key) is named by, and the name of the one job function.
 ARQ_QUEUE = "arq:queue"

@@ -32,6 +32,8 @@ import orjson
 from shared import keys
 from shared.endpoints import INFERENCE, Api
 from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
+from shared.batches import BatchStatus, LineError
+from shared.batches import lua_constants as batch_constants
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors
@@ -79,6 +81,21 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_OWNER_RUNNING", keys.OWNER_RUNNING),
     ("K_APIKEY", keys.APIKEY),
     ("K_APIKEY_USED", keys.APIKEY_USED),
+    ("K_FILE", keys.FILE),
+    ("K_FILES_OF", keys.FILES_OF),
+    ("K_BATCH", keys.BATCH),
+    ("K_BATCHES_OF", keys.BATCHES_OF),
+    ("K_BATCH_LINES", keys.BATCH_LINES),
+    ("K_BATCH_TODO", keys.BATCH_TODO),
+    ("K_BATCH_MODELS", keys.BATCH_MODELS),
+    ("K_BATCH_OUT", keys.BATCH_OUT),
+    ("K_BATCH_ERR", keys.BATCH_ERR),
+    ("K_BATCH_OWNER", keys.BATCH_OWNER),
+    ("K_BATCH_BACKLOG", keys.BATCH_BACKLOG),
+    ("K_BATCH_ACTIVE", keys.BATCH_ACTIVE),
+    ("K_WEBHOOK", keys.WEBHOOK),
+    ("K_WEBHOOK_DUE", keys.WEBHOOK_DUE),
+    ("K_WEBHOOKS_OF", keys.WEBHOOKS_OF),
 )
 KEY_NAMES: tuple[str, ...] = tuple(name for _, name in _KEYS)
 
@@ -108,6 +125,7 @@ observation in its own bucket; api/metrics.py adds them up for Prometheus)."""
 _OPENAI_PATHS = ", ".join(f"['{p}'] = true" for p, e in INFERENCE.items() if e.api is Api.OPENAI)
 _CONSTANTS = (
     lua_constants()
+    + batch_constants()
     + f"local WAKE_MAX = {keys.WAKE_MAX}\n"
     + "".join(
         f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
@@ -118,7 +136,7 @@ _CONSTANTS = (
 """Lua constants: the job's statuses and error codes (shared/jobs.py), the wake list's
 bound, the histogram bounds, the paths an `openai` backend runs (the others need Ollama)."""
 
-_LIBRARY = ("clock", "buckets", "stats", "fleet", "fairshare", "job")
+_LIBRARY = ("clock", "buckets", "stats", "fleet", "fairshare", "webhook", "batch", "job")
 """The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
 _USES = re.compile(r"^-- (uses|needs): (.*)$", re.MULTILINE)
 
@@ -264,6 +282,10 @@ class Grant:
     cold: bool = False
     """The model was not loaded on the backend when the run was granted: its load time
     (even none) is what a load costs there (finish.lua, dispatch.lua `load_ms`)."""
+    batch: str = ""
+    """A batch's line (lib/batch.lua): its end is a line of the batch's output or error
+    file, which the worker writes (`batch_line`)."""
+    custom_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -377,6 +399,7 @@ class Scripts:
         traceparent: str = "",
         session: str = "",
         key_record: str = "",
+        hook: str = "",
         max_running: int = 0,
         budget_tokens: int = 0,
         budget_period: int = 0,
@@ -385,10 +408,12 @@ class Scripts:
     ) -> AdmitReply:
         """`key_record`, `max_running`, `budget_*`: a known key's (api/apikeys.py): its
         record's name, its tier's max_running, its budget (the period named by its start,
-        in Unix seconds; the tokens the request names, reserved)."""
+        in Unix seconds; the tokens the request names, reserved). `hook`: the key whose
+        webhook receives the job's end (an async job of a key that has one)."""
         args = dict(locals())
         del args["self"], args["backends"], args["body"]
-        for optional in ("traceparent", "session", "key_record", "max_running", "budget_tokens"):
+        optional_args = ("traceparent", "session", "key_record", "hook", "max_running")
+        for optional in (*optional_args, "budget_tokens"):
             if not args[optional]:  # only requests that need one carry it
                 del args[optional]
         if not budget_tokens:
@@ -446,7 +471,9 @@ class Scripts:
         wake: bool,
         result_ttl_ms: int,
         record_ttl_ms: int,
+        batch_line: str = "",
     ) -> FinishReply:
+        """`batch_line`: a batch line's output or error file line (lib/batch.lua)."""
         args = dict(locals())
         del args["self"]
         raw = await self._run("finish", args)
@@ -496,6 +523,56 @@ class Scripts:
         was cancelled meanwhile."""
         raw = await self._run("release", {"job_id": job_id})
         return bool(raw["released"])
+
+    async def batch_create(
+        self,
+        *,
+        batch_id: str,
+        owner: str,
+        owner_name: str,
+        usage_name: str,
+        hook: str,
+        endpoint: str,
+        input_file_id: str,
+        completion_window: str,
+        window_s: float,
+        metadata: str,
+        files_ttl_ms: int,
+        weight: float,
+        key_record: str,
+        max_running: int,
+        budget_tokens: int,
+        budget_period: str,
+        budget_key: str,
+        total: int,
+        errors: str = "",
+    ) -> BatchStatus:
+        """Create the batch: `failed` with `errors` (JSON text), else `in_progress` with the
+        `total` lines api/batches.py wrote waiting (shared/lua/batch_create.lua)."""
+        args = dict(locals())
+        del args["self"]
+        if not errors:
+            del args["errors"]
+        raw = await self._run("batch_create", args)
+        return BatchStatus(raw["status"])
+
+    async def batch_cancel(self, *, batch_id: str, owner: str) -> BatchStatus | None:
+        """`cancelling` (or the status it had, if it had ended); None: not the owner's."""
+        raw = await self._run("batch_cancel", {"batch_id": batch_id, "owner": owner})
+        return BatchStatus(raw["status"]) if raw["status"] else None
+
+    async def batch_step(self, *, chunk: int) -> int:
+        """Expire, drain and end batches (shared/lua/batch_step.lua); how many are still
+        draining lines."""
+        raw = await self._run(
+            "batch_step",
+            {
+                "chunk": chunk,
+                "expired_code": LineError.EXPIRED.value,
+                "cancelled_code": LineError.CANCELLED.value,
+            },
+        )
+        return int(raw["draining"])
 
     async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
         raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})

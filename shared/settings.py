@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     """Seconds a session keeps its backend (api/sessions.py, dispatch.lua)."""
     session_wait: float = Field(1, ge=0, le=3600)
     """Seconds a session's job may wait for its backend's slot before another takes it."""
+    max_batch_file_bytes: int = Field(67_108_864, ge=1)
+    """The largest batch input file (api/files.py); a file holds at most 50,000 lines."""
+    files_ttl: int = Field(604_800, ge=1)
+    """Seconds batch input, output and error files are kept."""
     redis_min_replicas: int = Field(0, ge=0, le=16)
     redis_wait_ms: int = Field(100, ge=1, le=60_000)
     unknown_keys: Literal["default_tier", "refuse"] | None = None

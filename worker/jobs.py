@@ -24,6 +24,7 @@ from shared.jobs import ErrorCode, record_ttl_ms
 from shared.scripts import FinishStatus, Grant
 from shared.store import REDIS_ERRORS
 from worker.adaptive import backoff
+from worker.batches import output_line
 from worker.meter import tpot_ms
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
@@ -145,6 +146,9 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     started = time.monotonic()
     warned = False
     error = outcome.error
+    # a batch's line: its end is a line of the batch's output or error file
+    batch_line = output_line(grant, outcome) if grant.batch else ""
+    result = "" if grant.batch else outcome.result
     while not held.lost:
         try:
             reply = await ctx.scripts.finish(
@@ -154,7 +158,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 status=outcome.status,
                 http_status=outcome.http_status or "",
                 content_type=outcome.content_type,
-                result=outcome.result,
+                result=result,
                 error="" if error is None else json.dumps(error),
                 error_code="" if error is None else str(error.get("code", "")),
                 duration_ms=held.duration_ms,
@@ -169,6 +173,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 wake=ctx.draining,
                 result_ttl_ms=settings.result_ttl * 1000,
                 record_ttl_ms=record_ttl_ms(settings.result_ttl),
+                batch_line=batch_line,
             )
         except RedisUnavailable as exc:
             if not warned and time.monotonic() - started > settings.lease_ttl * 3:

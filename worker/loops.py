@@ -7,7 +7,9 @@ retried; no loop ends but by cancellation.
 - `waker`: while it has room, block on the wake list (one entry wakes one worker);
 - `cancels`: pub/sub of cancelled job ids, turned into closing the Ollama call;
 - `fleet`: probe backends whose breaker is open, and learn what each backend serves
-  (/api/tags) and has loaded (/api/ps); of an `openai` backend, both from /v1/models.
+  (/api/tags) and has loaded (/api/ps); of an `openai` backend, both from /v1/models;
+- `batches`: expire, drain and end batches (worker/batches.py);
+- `webhooks`: deliver the keys' webhook events (worker/webhooks.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from shared.scripts import fleet_argv
 from shared.settings import Backend, Settings
 from shared.store import redis_errors
 from worker.adaptive import adaptive_loop
+from worker.batches import batch_loop
 from worker.state import WorkerContext
+from worker.webhooks import webhook_loop
 
 log = logging.getLogger("gpugate.worker")
 
@@ -53,6 +57,8 @@ def start_loops(ctx: WorkerContext) -> None:
         "cancels": cancel_loop,
         "fleet": fleet_loop,
         "adaptive": adaptive_loop,
+        "batches": batch_loop,
+        "webhooks": webhook_loop,
     }
     ctx.tasks = [asyncio.create_task(loop(ctx), name=name) for name, loop in loops.items()]
 

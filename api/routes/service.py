@@ -92,6 +92,8 @@ async def queue(gate: GateDep) -> dict[str, Any]:
         "gpu_concurrency": q.backlog.cap,
         "max_queue_depth": gate.settings.max_queue_depth,
         "estimated_wait_seconds": round(q.backlog.queue_wait_s(), 3),
+        "batch_queued": q.batch_queued,
+        "batch_running": q.batch_running,
         "backends": [b.public() for b in q.backends],
     }
 

@@ -106,6 +106,7 @@ set_status(job_id, S_QUEUED, 'id', job_id, 'owner', owner, 'owner_name', A.owner
   'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox)
 if A.traceparent then redis.call('HSET', jk, 'traceparent', A.traceparent) end
 if A.session then redis.call('HSET', jk, 'session', A.session) end
+if A.hook then redis.call('HSET', jk, 'hook', A.hook) end  -- its key's webhook
 -- a known key's limits: its budget reservation (settled by finish.lua), the record the
 -- scheduler reads its live max_running from, the tier's max_running (dispatch.lua)
 local function note_key_limits()

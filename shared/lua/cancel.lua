@@ -5,8 +5,9 @@
 -- lease lapses. With `only_if_queued`, a running job is left to run.
 local A = cjson.decode(ARGV[1])
 local now = now_ms()
-local job = read_job(A.job_id, 'status', 'owner', 'model')
-if not job.status or (A.owner ~= '' and job.owner ~= A.owner) then
+local job = read_job(A.job_id, 'status', 'owner', 'model', 'batch')
+-- a batch's line is cancelled with its batch (POST /v1/batches/{id}/cancel)
+if not job.status or (A.owner ~= '' and job.owner ~= A.owner) or job.batch then
   return cjson.encode({verdict = 'not_found'})
 end
 local status = job.status

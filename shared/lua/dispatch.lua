@@ -1,4 +1,4 @@
--- uses: clock, stats, fleet, fairshare, job
+-- uses: clock, stats, fleet, fairshare, batch, job
 -- The scheduler: grant up to `want` GPU slots to a worker, over every waiting job of the
 -- fleet, in one decision (shared/scripts.py `dispatch`).
 --
@@ -50,7 +50,6 @@ local owners = {}
 for _, raw in ipairs(redis.call('ZRANGE', K_BACKLOG, 0, A.max_owners - 1, 'WITHSCORES')) do
   table.insert(owners, raw)
 end
-if #owners == 0 then return '[]' end
 local candidates = {}
 local group_head = {}
 for i = 1, #owners, 2 do
@@ -213,30 +212,21 @@ local function place(job)
   return b
 end
 
-local function grant(c, job_id, job, b)
-  leave_waiting(job_id, c.owner, job.model, now)
+-- Job `job_id` takes a slot of backend `b` (either band): its run enters the running
+-- sets, the job `running`, the grant made for the worker.
+local function occupy(job_id, job, b, cost, fields)
   local run_id = run_of(job_id, job.attempt)
   redis.call('ZADD', K_RUNNING, now, run_id)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
   local cold = not loaded(b, job.model)  -- the run pays the model's load there
   redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
-  local weight = tonumber(job.weight) or 1
-  local cost = A.provisional_cost / weight
-  if c.counter > vtc_floor then
-    vtc_floor = c.counter
-    redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
-  end
-  charge(c.owner, cost, now)
-  c.counter = c.counter + cost
   set_status(job_id, S_RUNNING, 'started_at', now,
     'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,
-    'vtc_charged', tostring(cost))
-  observe('queue_wait_seconds', (now - tonumber(job.created_at)) / 1000, QUEUE_WAIT_BOUNDS)
+    'vtc_charged', tostring(cost), unpack(fields or {}))
   b.free = b.free - 1
   b.running = b.running + 1
   free_total = free_total - 1
-  waiting_models[job.model] = nil
   local more = redis.call('HMGET', K_JOB .. job_id, 'body', 'owner_name', 'traceparent')
   local out = {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
     endpoint = job.endpoint, body = more[1], stream = job.stream == '1', backend = b.name,
@@ -245,6 +235,21 @@ local function grant(c, job_id, job, b)
     out.traceparent, out.queued_at_ms, out.started_at_ms = more[3], tonumber(job.created_at), now
   end
   return out
+end
+
+local function grant(c, job_id, job, b)
+  leave_waiting(job_id, c.owner, job.model, now)
+  local weight = tonumber(job.weight) or 1
+  local cost = A.provisional_cost / weight
+  if c.counter > vtc_floor then
+    vtc_floor = c.counter
+    redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
+  end
+  charge(c.owner, cost, now)
+  c.counter = c.counter + cost
+  observe('queue_wait_seconds', (now - tonumber(job.created_at)) / 1000, QUEUE_WAIT_BOUNDS)
+  waiting_models[job.model] = nil
+  return occupy(job_id, job, b, cost)
 end
 
 -- max_running (api/apikeys.py): a known key's runs now (entries of runs that ended are
@@ -303,19 +308,136 @@ local function grant_for(c)
   return nil
 end
 
-local grants = {}
-local stuck = {}
-while #grants < A.want and free_total > 0 do
-  table.sort(candidates, before)
-  local granted = nil
-  for _, c in ipairs(candidates) do
-    if not stuck[c.owner] then
-      granted = grant_for(c)
-      if granted then break end
-      stuck[c.owner] = true
+-- The batch band (lib/batch.lua): a slot that no waiting interactive job took runs a
+-- batch line. Batch owners take turns by their own fair-share counter; an owner's oldest
+-- batch goes first. Of a batch's models, one loaded on a free backend goes first (lines
+-- of one model run together), else the one with the most lines waiting, on a backend
+-- whose loaded models no interactive job waits for (a batch never evicts one that is
+-- waited for). The line becomes a job record at its first start (the same record on a
+-- retry); a key's max_running and budget hold its lines back as its jobs.
+local function batch_place(model, endpoint)
+  local hot, idle, any = nil, nil, nil
+  local served = false
+  for _, b in ipairs(backends) do
+    if runs_endpoint(b, endpoint) and serves(b, model) then
+      served = true
+      if b.up and b.free > 0 then
+        if loaded(b, model) then
+          if hot == nil or b.free > hot.free then hot = b end
+        elseif not busy_with_other(b, model) then
+          if idle == nil or b.free > idle.free then idle = b end
+        end
+      end
+    elseif b.up and b.free > 0 and (any == nil or any.kind == 'openai') then
+      any = b
     end
   end
-  if granted == nil then break end
-  table.insert(grants, granted)
+  if not served then return nil, any end  -- nobody serves it: the backend's own 404
+  return hot, idle
+end
+
+local function batch_budget_spent(batch)
+  if not batch.budget_key or batch.budget_key == '' then return false end
+  local used = tonumber(redis.call('GET', batch.budget_key)) or 0
+  return used >= (tonumber(batch.budget_tokens) or math.huge)
+end
+
+local function start_line(c, batch_id, batch, model, b)
+  local n = batch_pop(batch_id, model, 1)[1]
+  if not n then return nil end
+  local limits = {usage_name = batch.usage_name, max_running = batch.max_running}
+  local job_id = line_job_id(batch_id, n)
+  local job = read_job(job_id, 'status', 'attempt', 'runs', 'model', 'endpoint', 'created_at',
+    'custom_id')
+  if not job.status then  -- its first start: the line becomes a job
+    local line = cjson.decode(redis.call('HGET', K_BATCH_LINES .. batch_id, n))
+    job = {attempt = 1, runs = 0, model = model, endpoint = batch.endpoint, created_at = now,
+      custom_id = line.custom_id}
+    set_status(job_id, S_QUEUED, 'id', job_id, 'owner', c.owner,
+      'owner_name', batch.owner_name, 'usage_name', batch.usage_name,
+      'endpoint', batch.endpoint, 'model', model, 'body', line.body, 'stream', 0, 'sync', 0,
+      'created_at', now, 'score', 0, 'priority', -1, 'weight', batch.weight,
+      'attempt', 1, 'runs', 0, 'batch', batch_id, 'line', n, 'custom_id', line.custom_id)
+    if batch.budget_key and batch.budget_key ~= '' then
+      redis.call('HSET', K_JOB .. job_id, 'budget_key', batch.budget_key, 'budget_reserved', 0)
+    end
+    redis.call('PEXPIRE', K_JOB .. job_id, tonumber(batch.files_ttl_ms))
+    redis.call('HINCRBY', K_USAGE, batch.usage_name .. '|requests', 1)
+  end
+  batch_move(batch_id, -1, 1)
+  local cost = A.provisional_cost / (tonumber(batch.weight) or 1)
+  charge_batch(c.owner, cost)
+  c.counter = c.counter + cost
+  local out = occupy(job_id, job, b, cost)
+  out.batch, out.custom_id = batch_id, job.custom_id
+  track_run(c.owner, out.run_id, limits)
+  return out
+end
+
+local function line_for(c)
+  for _, batch_id in ipairs(redis.call('ZRANGE', K_BATCH_OWNER .. c.owner, 0, 7)) do
+    local v = redis.call('HMGET', K_BATCH .. batch_id, 'status', 'todo', 'endpoint',
+      'budget_key', 'budget_tokens', 'max_running', 'key_record', 'weight', 'owner_name',
+      'usage_name', 'files_ttl_ms')
+    local batch = {status = v[1], todo = tonumber(v[2]) or 0, endpoint = v[3],
+      budget_key = v[4], budget_tokens = v[5], weight = v[8], owner_name = v[9],
+      usage_name = v[10], files_ttl_ms = v[11]}
+    -- as a job carries them (absent when the key has none)
+    if v[6] and v[6] ~= '0' and v[6] ~= '' then batch.max_running = v[6] end
+    if v[7] and v[7] ~= '' then batch.key_record = v[7] end
+    if batch.status ~= B_IN_PROGRESS then
+      redis.call('ZREM', K_BATCH_OWNER .. c.owner, batch_id)  -- ending: the batch loop drains it
+    elseif batch.todo > 0 then
+      if batch_budget_spent(batch) then return nil end
+      local limit = running_limit(batch)
+      if limit and runs_of_owner(c.owner) >= limit then return nil end
+      local models = redis.call('HGETALL', K_BATCH_MODELS .. batch_id)
+      local fallback, fallback_model, most = nil, nil, -1
+      for i = 1, #models, 2 do
+        local model, waiting = models[i], tonumber(models[i + 1])
+        local hot, idle = batch_place(model, batch.endpoint)
+        if hot then return start_line(c, batch_id, batch, model, hot) end
+        if idle and waiting > most then fallback, fallback_model, most = idle, model, waiting end
+      end
+      if fallback then return start_line(c, batch_id, batch, fallback_model, fallback) end
+    end
+  end
+  if redis.call('ZCARD', K_BATCH_OWNER .. c.owner) == 0 then
+    redis.call('ZREM', K_BATCH_BACKLOG, c.owner)
+  end
+  return nil
+end
+
+-- Grants, in turn, from a band's candidates in `order` (`take`: the owner's next grant,
+-- or nil when it has none a backend can take now).
+local grants = {}
+local function take_turns(list, order, take)
+  local stuck = {}
+  while #grants < A.want and free_total > 0 do
+    table.sort(list, order)
+    local granted = nil
+    for _, c in ipairs(list) do
+      if not stuck[c.owner] then
+        granted = take(c)
+        if granted then break end
+        stuck[c.owner] = true
+      end
+    end
+    if granted == nil then return end
+    table.insert(grants, granted)
+  end
+end
+
+take_turns(candidates, before, grant_for)
+if #grants < A.want and free_total > 0 then
+  local batch_owners = {}
+  local raw = redis.call('ZRANGE', K_BATCH_BACKLOG, 0, A.max_owners - 1, 'WITHSCORES')
+  for i = 1, #raw, 2 do
+    table.insert(batch_owners, {owner = raw[i], counter = tonumber(raw[i + 1])})
+  end
+  take_turns(batch_owners, function(a, b)
+    if a.counter ~= b.counter then return a.counter < b.counter end
+    return a.owner < b.owner
+  end, line_for)
 end
 return cjson.encode(grants)

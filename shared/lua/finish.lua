@@ -14,7 +14,8 @@ local job_id = A.job_id
 local run_id = run_of(job_id, A.attempt)
 local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_name', 'model',
   'weight', 'vtc_charged', 'reserved_tokens', 'tpm_rate', 'tpm_burst', 'runs', 'score',
-  'priority', 'avoid', 'started_at', 'sync', 'inbox', 'budget_key', 'budget_reserved')
+  'priority', 'avoid', 'started_at', 'sync', 'inbox', 'budget_key', 'budget_reserved', 'hook',
+  'batch', 'line', 'custom_id')
 local backend = A.backend
 free_run(run_id, backend, A.wake)
 
@@ -28,7 +29,8 @@ local served = A.input_tokens + A.output_tokens
 if served > 0 or A.duration_ms > 0 then
   local weight = tonumber(job.weight) or 1
   local cost = (A.input_tokens + 2 * A.output_tokens) / weight
-  charge(job.owner, cost - (tonumber(job.vtc_charged) or 0), now)
+  local settled = cost - (tonumber(job.vtc_charged) or 0)
+  if job.batch then charge_batch(job.owner, settled) else charge(job.owner, settled, now) end
   redis.call('HSET', K_JOB .. job_id, 'vtc_charged', 0, 'input_tokens', A.input_tokens,
     'output_tokens', A.output_tokens)
   local name = job.usage_name
@@ -80,7 +82,7 @@ if job.status == S_RUNNING then
     local fields = {'http_status', A.http_status, 'content_type', A.content_type,
       'result', A.result}
     if A.error ~= '' then table.insert(fields, 'error'); table.insert(fields, A.error) end
-    finalize(job_id, status, fields, now, A.result_ttl_ms, job)
+    finalize(job_id, status, fields, now, A.result_ttl_ms, job, A.batch_line)
   end
 elseif job.status == S_CANCELLED then
   end_cancelled_run(job_id, A.result_ttl_ms)

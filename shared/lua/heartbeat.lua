@@ -45,7 +45,7 @@ local reaped = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 10
 for _, run_id in ipairs(reaped) do
   local job_id, attempt = split_run(run_id)
   local job = read_job(job_id, 'status', 'attempt', 'owner', 'score', 'runs', 'stream',
-    'model', 'priority')
+    'model', 'priority', 'batch', 'line')
   for i = 2, #ARGV, 3 do redis.call('ZREM', K_BACKEND_RUNNING .. ARGV[i], run_id) end
   free_run(run_id, '', true)
   if job.status and tonumber(job.attempt) == attempt then

@@ -56,3 +56,15 @@ local function charge(owner, amount, now)
     redis.call('ZADD', K_VTC_IDLE, now, owner)
   end
 end
+
+-- Batch lines have a fair-share counter of their own, among the owners with batch lines
+-- waiting (dispatch.lua's batch band): an owner that joins starts level with the lowest.
+local function charge_batch(owner, amount)
+  if amount ~= 0 then redis.call('ZADD', K_BATCH_BACKLOG, 'XX', 'INCR', amount, owner) end
+end
+
+local function join_batch_band(owner)
+  if redis.call('ZSCORE', K_BATCH_BACKLOG, owner) then return end
+  local lowest = redis.call('ZRANGE', K_BATCH_BACKLOG, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', K_BATCH_BACKLOG, tonumber(lowest[2]) or 0, owner)
+end

@@ -1,6 +1,6 @@
 -- The job's life: its record, its status (set_status is the only code that writes it),
 -- its end event, its slot. The fields and statuses are the table of shared/jobs.py.
--- needs: clock, fleet, fairshare
+-- needs: clock, fleet, fairshare, webhook, batch
 
 -- A run gives its GPU slot back; `wake`: an idle worker should take it (the run's own
 -- worker asks for work itself once it ends, unless it is stopping).
@@ -43,18 +43,29 @@ local function post_end(job_id, event, inbox, ttl_ms)
 end
 
 -- End a job: final fields, the `end` event for waiters (with the outcome itself for a
--- synchronous caller, so it needs no second read), the record kept for result_ttl.
--- `waiter`: the job's `sync` and `inbox` fields, when the caller read them already.
-local function finalize(job_id, status, fields, now, result_ttl_ms, waiter)
+-- synchronous caller, so it needs no second read), the record kept for result_ttl, its
+-- key's webhook told. `waiter`: the job's `sync`, `inbox`, `hook` and `batch` fields (and a
+-- batch line's `custom_id`), when the caller read them already. A batch line's end goes
+-- to its batch instead (lib/batch.lua): `line` is what the worker made of its answer.
+local function finalize(job_id, status, fields, now, result_ttl_ms, waiter, line)
+  waiter = waiter or read_job(job_id, 'sync', 'inbox', 'hook', 'batch', 'custom_id')
+  if waiter.batch then
+    local error_text = nil
+    for i = 1, #fields, 2 do
+      if fields[i] == 'error' then error_text = fields[i + 1] end
+    end
+    batch_line_end(job_id, waiter, status, error_text, line, now)
+    return
+  end
   set_status(job_id, status, 'finished_at', now, unpack(fields))
   redis.call('PEXPIRE', K_JOB .. job_id, result_ttl_ms)
   local event = {'type', 'end', 'status', status}
-  waiter = waiter or read_job(job_id, 'sync', 'inbox')
   if waiter.sync == '1' then
     for i = 1, #fields do table.insert(event, fields[i]) end
   end
   post_end(job_id, event, waiter.inbox, result_ttl_ms)
   redis.call('HINCRBY', K_STATS, 'jobs_' .. status, 1)
+  emit_webhook(waiter.hook, 'job.' .. status, job_id, now)
 end
 
 -- The `end` event of a job cancelled while it ran, once its run has stopped.
@@ -70,6 +81,7 @@ local function cancel_running(job_id, code, message, now, result_ttl_ms)
   redis.call('PEXPIRE', K_JOB .. job_id, result_ttl_ms)
   redis.call('HINCRBY', K_STATS, 'jobs_' .. S_CANCELLED, 1)
   redis.call('PUBLISH', K_CANCEL_CHANNEL, job_id)
+  emit_webhook(redis.call('HGET', K_JOB .. job_id, 'hook'), 'job.' .. S_CANCELLED, job_id, now)
 end
 
 -- A budget reservation (admit.lua's) of a job that will never run, given back.
@@ -92,10 +104,17 @@ end
 
 -- Queue a job again as its next attempt, keeping its place (a dead worker, a backend
 -- that failed before any byte was relayed).
+-- A batch line goes back to its batch's list (`job`: read with `batch`, `line`).
 local function requeue(job_id, job, record_ttl_ms, extra)
   set_status(job_id, S_QUEUED, 'attempt', tonumber(job.attempt) + 1, 'worker', '',
     'backend', '', 'started_at', '', unpack(extra))
   redis.call('PEXPIRE', K_JOB .. job_id, record_ttl_ms)
+  if job.batch then
+    batch_line_return(job.batch, job.line, job.model)
+    redis.call('HINCRBY', K_STATS, 'jobs_requeued', 1)
+    wake_one()
+    return
+  end
   enqueue_waiting(job_id, job.owner, tonumber(job.score), job.model, tonumber(job.priority))
   redis.call('HINCRBY', K_STATS, 'jobs_requeued', 1)
   wake_one()

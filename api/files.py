@@ -1,0 +1,162 @@
+"""OpenAI's Files API, for batches: a caller's JSONL input files, and the output and error
+files of its batches, each visible to its owner only (404 for anyone else).
+
+An input file is a Redis HASH (`keys.FILE`) holding its metadata and its bytes, kept
+GPUGATE_FILES_TTL. An output or error file holds no bytes of its own: its content is the
+lines its batch wrote (lib/batch.lua), read when it is downloaded.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from api.state import Gate
+from shared import keys
+from shared.errors import InvalidRequest, NotFound, RequestTooLarge
+from shared.store import redis_errors
+
+PURPOSE = "batch"
+_NOT_FOUND = "No such file."
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    id: str
+    owner: str
+    filename: str
+    purpose: str
+    created_at: int
+    size: int
+    lines_key: str
+    """An output or error file: the HASH of the lines it is made of."""
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> StoredFile:
+        f = {k.decode(): v for k, v in raw.items() if k != b"content"}
+        return cls(
+            id=f["id"].decode(),
+            owner=f["owner"].decode(),
+            filename=f["filename"].decode(),
+            purpose=f["purpose"].decode(),
+            created_at=int(f["created_at"]),
+            size=int(f.get("bytes", b"0")),
+            lines_key=f.get("lines", b"").decode(),
+        )
+
+    def public(self, size: int | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.size if size is None else size,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+        }
+
+
+async def store_file(
+    gate: Gate, owner: str, filename: str, purpose: str, content: bytes
+) -> dict[str, Any]:
+    """Keep an uploaded batch input file for its owner."""
+    if purpose != PURPOSE:
+        raise InvalidRequest(f"purpose: only {PURPOSE!r} files are accepted here")
+    limit = gate.settings.max_batch_file_bytes
+    if len(content) > limit:
+        raise RequestTooLarge(f"The file is larger than {limit} bytes.")
+    if not content.strip():
+        raise InvalidRequest("file: the file is empty", status=400)
+    file_id, now = new_file_id(), int(time.time())
+    ttl_s = gate.settings.files_ttl
+    fields = {
+        "id": file_id,
+        "owner": owner,
+        "filename": filename[:255] or "input.jsonl",
+        "purpose": purpose,
+        "created_at": now,
+        "bytes": len(content),
+        "content": content,
+    }
+    with redis_errors():
+        async with gate.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.FILE + file_id, mapping=fields)
+            pipe.expire(keys.FILE + file_id, ttl_s)
+            pipe.zadd(keys.FILES_OF + owner, {file_id: now * 1000})
+            pipe.expire(keys.FILES_OF + owner, ttl_s)
+            await pipe.execute()
+    return StoredFile.from_hash({k.encode(): str(v).encode() for k, v in fields.items()}).public()
+
+
+async def find_file(gate: Gate, owner: str, file_id: str) -> StoredFile:
+    with redis_errors():
+        raw = await gate.redis.hgetall(keys.FILE + file_id)  # type: ignore[misc]
+    if not raw or raw.get(b"owner", b"").decode() != owner:
+        raise NotFound(_NOT_FOUND)
+    return StoredFile.from_hash(raw)
+
+
+async def file_content(gate: Gate, owner: str, file_id: str) -> bytes:
+    """The bytes of an input file, or the lines of an output or error file."""
+    found = await find_file(gate, owner, file_id)
+    with redis_errors():
+        if found.lines_key:
+            lines = await gate.redis.hvals(found.lines_key)  # type: ignore[misc]
+            return b"".join(line + b"\n" for line in lines)
+        content = await gate.redis.hget(keys.FILE + file_id, "content")  # type: ignore[misc]
+    if content is None:
+        raise NotFound(_NOT_FOUND)
+    return bytes(content)
+
+
+async def describe(gate: Gate, found: StoredFile) -> dict[str, Any]:
+    """The File object; an output or error file's size is that of its lines."""
+    if not found.lines_key:
+        return found.public()
+    with redis_errors():
+        lines = await gate.redis.hvals(found.lines_key)  # type: ignore[misc]
+    return found.public(sum(len(line) + 1 for line in lines))
+
+
+async def list_files(gate: Gate, owner: str, limit: int, after: str | None) -> dict[str, Any]:
+    """The owner's files, newest first (OpenAI's list object)."""
+    with redis_errors():
+        ids = [i.decode() for i in await gate.redis.zrevrange(keys.FILES_OF + owner, 0, -1)]
+    if after is not None and after in ids:
+        ids = ids[ids.index(after) + 1 :]
+    data: list[dict[str, Any]] = []
+    for file_id in ids:
+        if len(data) > limit:
+            break
+        try:
+            data.append(await describe(gate, await find_file(gate, owner, file_id)))
+        except NotFound:  # expired: forget it
+            with redis_errors():
+                await gate.redis.zrem(keys.FILES_OF + owner, file_id)
+    return _page(data, limit)
+
+
+def _page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    page = data[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(data) > limit,
+    }
+
+
+async def delete_file(gate: Gate, owner: str, file_id: str) -> dict[str, Any]:
+    await find_file(gate, owner, file_id)
+    with redis_errors():
+        async with gate.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.FILE + file_id)
+            pipe.zrem(keys.FILES_OF + owner, file_id)
+            await pipe.execute()
+    return {"id": file_id, "object": "file", "deleted": True}
