@@ -2,7 +2,8 @@
 
 python -m bench            all benchmarks
 python -m bench latency    one of them (latency, admission, overload, soak, throughput,
-                           fairness, fleet, replication, engine, commands)
+                           fairness, fleet, replication, engine, commands,
+                           operating-point, batch)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 from bench import (
     admission,
+    batch,
     commands,
     engine,
     engine_curve,
@@ -37,6 +39,7 @@ BENCHES = {
     "engine-curve": engine_curve.main,
     "commands": commands.main,
     "operating-point": operating_point.main,
+    "batch": batch.main,
 }
 
 
