@@ -6,6 +6,7 @@ delivered; the keys file's keys too; nothing for synchronous calls or keys witho
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 import secrets
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
+from openai import OpenAI
 from redis.asyncio import Redis
 
 from api.tiers import DEFAULT_TIER, Tier, load_keys_file
@@ -292,6 +294,36 @@ def test_a_keys_file_key_gets_job_failed_and_job_cancelled(
     # the secret is in Redis for the workers, and nowhere an API shows it
     shown = httpx.get(stack.url + "/admin/keys/filed", headers=ADMIN).json()
     assert secret not in json.dumps(shown) and shown["webhook_url"] == receiver.url("/file")
+
+
+def test_a_batch_of_a_key_with_a_webhook_gets_batch_completed_and_nothing_per_line(
+    make_stack: StackFactory, receiver: Receiver
+) -> None:
+    stack = make_stack(admin_key="admin-secret")
+    made = create_key(stack.url, "nightly", webhook_url=receiver.url("/batches"))
+    client = OpenAI(base_url=stack.url + "/v1", api_key=made["key"], max_retries=0, timeout=30)
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "llama3.2", "messages": [{"role": "user", "content": f"say {i}"}]},
+        }
+        for i in range(3)
+    ]
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    file_id = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch").id
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    (delivery,) = wait_until(
+        lambda: receiver.at("/batches"), timeout=60, what="the batch.completed webhook"
+    )
+    event = delivery.verify(made["webhook_secret"])
+    assert event["type"] == "batch.completed" and event["data"] == {"id": batch.id}
+    assert client.batches.retrieve(batch.id).status == "completed"
+    assert [r["type"] for r in records(stack)] == ["batch.completed"]  # none for its lines
 
 
 def test_a_keys_file_webhook_without_a_valid_secret_is_refused_naming_the_key(
