@@ -84,59 +84,56 @@ def read_lines(content: bytes, endpoint: str, who: Identity) -> Lines:
     """Validate an input file for `endpoint`: every line, so that a failed batch names each
     line at fault."""
     out = Lines()
-    seen: set[str] = set()
-    model_of = BODIES[endpoint]
-    rows = [row for row in content.splitlines()]
+    rows = content.splitlines()
     while rows and not rows[-1].strip():
         rows.pop()
     if not rows:
         out.fail(0, "empty_file", "The input file has no lines.")
-        return out
-    if len(rows) > MAX_LINES:
+    elif len(rows) > MAX_LINES:
         out.fail(0, "too_many_lines", f"The input file has {len(rows)} lines; at most {MAX_LINES}.")
-        return out
-    for n, row in enumerate(rows, 1):
-        try:
-            line = orjson.loads(row)
-        except orjson.JSONDecodeError:
-            out.fail(n, "invalid_json_line", "This line is not valid JSON.")
-            continue
-        if not isinstance(line, dict):
-            out.fail(n, "invalid_json_line", "This line is not a JSON object.")
-            continue
-        custom_id = line.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            out.fail(n, "missing_required_parameter", "custom_id: a non-empty string", "custom_id")
-            continue
-        if custom_id in seen:
-            out.fail(n, "duplicate_custom_id", f"custom_id {custom_id!r} is repeated.", "custom_id")
-            continue
-        seen.add(custom_id)
-        if line.get("method") != "POST":
-            out.fail(n, "invalid_method", "method: only POST", "method")
-            continue
-        if line.get("url") != endpoint:
-            out.fail(n, "mismatched_url", f"url: this batch's endpoint is {endpoint}", "url")
-            continue
-        body = line.get("body")
-        if not isinstance(body, dict):
-            out.fail(n, "missing_required_parameter", "body: a JSON object", "body")
-            continue
-        try:
-            request = parse(model_of, body, prefix="body.")
-        except GatewayError as exc:
-            out.fail(n, "invalid_request", exc.message, "body")
-            continue
-        if not who.may_use(request.model):
-            out.fail(n, "model_not_allowed", f"This key may not use model {request.model!r}.")
-            continue
-        text = _json_text({**body, "stream": False})  # a batch line never streams
-        out.bodies.append(
-            orjson.dumps({"custom_id": custom_id, "model": request.model, "body": text})
-        )
-        out.by_model.setdefault(request.model, []).append(n)
-    out.total = len(rows)
+    else:
+        seen: set[str] = set()
+        for n, row in enumerate(rows, 1):
+            fault = _read_line(out, n, row, endpoint, who, seen)
+            if fault is not None:
+                out.fail(n, *fault)
+        out.total = len(rows)
     return out
+
+
+def _read_line(
+    out: Lines, n: int, row: bytes, endpoint: str, who: Identity, seen: set[str]
+) -> tuple[str, str, str | None] | None:
+    """Line `n` into `out`, or what is wrong with it: (code, message, param)."""
+    try:
+        line = orjson.loads(row)
+    except orjson.JSONDecodeError:
+        return "invalid_json_line", "This line is not valid JSON.", None
+    if not isinstance(line, dict):
+        return "invalid_json_line", "This line is not a JSON object.", None
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "missing_required_parameter", "custom_id: a non-empty string", "custom_id"
+    if custom_id in seen:
+        return "duplicate_custom_id", f"custom_id {custom_id!r} is repeated.", "custom_id"
+    seen.add(custom_id)
+    if line.get("method") != "POST":
+        return "invalid_method", "method: only POST", "method"
+    if line.get("url") != endpoint:
+        return "mismatched_url", f"url: this batch's endpoint is {endpoint}", "url"
+    body = line.get("body")
+    if not isinstance(body, dict):
+        return "missing_required_parameter", "body: a JSON object", "body"
+    try:
+        request = parse(BODIES[endpoint], body, prefix="body.")
+    except GatewayError as exc:
+        return "invalid_request", exc.message, "body"
+    if not who.may_use(request.model):
+        return "model_not_allowed", f"This key may not use model {request.model!r}.", "body.model"
+    text = _json_text({**body, "stream": False})  # a batch line never streams
+    out.bodies.append(orjson.dumps({"custom_id": custom_id, "model": request.model, "body": text}))
+    out.by_model.setdefault(request.model, []).append(n)
+    return None
 
 
 def _json_text(value: dict[str, Any]) -> str:

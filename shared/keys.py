@@ -95,7 +95,9 @@ BATCH_ACTIVE = PREFIX + "batch-active"  # ZSET batch id -> expires ms: batches n
 WEBHOOK = PREFIX + "webhook:"  # + event id: HASH the delivery: key, type, body, attempts...
 WEBHOOK_DUE = PREFIX + "webhook-due"  # ZSET event id -> ms of its next attempt (pending only)
 WEBHOOKS_OF = PREFIX + "webhooks:"  # + key name: ZSET event id -> created ms (/admin/webhooks)
-WEBHOOK_FILE_KEY = PREFIX + "webhook-file:"  # + key name: HASH url, secret of a keys-file key
+WEBHOOK_FILE_KEY = (
+    PREFIX + "webhook-file:"
+)  # + key name: HASH webhook_url, webhook_secret (keys file)
 
 # arq's own names (arq 0.28), for worker/arq_adapter.py: the queue name its Worker (and
 # its health-check key) is named by, and the name of the one job function.

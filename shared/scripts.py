@@ -30,10 +30,10 @@ from typing import Any
 import orjson
 
 from shared import keys
-from shared.endpoints import INFERENCE, Api
-from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
 from shared.batches import BatchStatus, LineError
 from shared.batches import lua_constants as batch_constants
+from shared.endpoints import INFERENCE, Api
+from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -14,10 +18,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gpugate.testing.stack import start_sim
+from gpugate.testing.stack import start_redis, start_sim
 from shared import keys
-from tests.conftest import Stack, StackFactory
-from tests.processes import Process, wait_until
+from tests.conftest import Stack, StackFactory, build_stack
+from tests.processes import ROOT, Process, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -288,3 +292,82 @@ def test_interactive_work_goes_before_batch_lines(
     assert client.batches.retrieve(batch.id).status == "in_progress"
     client.batches.cancel(batch.id)
     wait_batch(client, batch.id, {"cancelled"})
+
+
+def test_the_readme_batch_example_works_as_printed(make_stack: StackFactory) -> None:
+    stack = make_stack()
+    text = (ROOT / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "batches.create" in b]
+    script = block.replace("http://127.0.0.1:8000", stack.url)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout.splitlines()
+    assert printed[0].startswith("completed ") and "completed=100" in printed[0], printed[0]
+    assert len(printed) == 101 and printed[1].startswith("doc-")
+
+
+def test_a_redis_restart_mid_batch_loses_no_line(slow_sim: Process) -> None:
+    """Redis with its append-only file stops and starts again while lines run and wait:
+    the batch completes with every line once."""
+    data_dir = tempfile.mkdtemp(prefix="gpugate-redis-aof-")
+    redis_proc = start_redis(data_dir=data_dir)
+    stack = build_stack(redis_proc, slow_sim, gpu_concurrency=2, lease_ttl=2)
+    try:
+        client = sdk(stack)
+        batch = client.batches.create(
+            input_file_id=upload(client, [chat_line(i) for i in range(30)]),
+            endpoint=CHAT,
+            completion_window="24h",
+        )
+        wait_until(
+            lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4,
+            what="some lines done",
+        )
+        redis_proc.stop()  # SIGTERM: Redis writes its append-only file and exits
+        redis_proc = start_redis(redis_proc.port, data_dir=data_dir)
+        done = wait_batch(client, batch.id, {"completed"}, timeout=90)
+        out = lines_of(client, done.output_file_id)
+        assert done.request_counts.completed == 30 and done.request_counts.failed == 0
+        assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(30))
+    finally:
+        stack.stop()
+        redis_proc.stop()
+
+
+def test_batch_owners_share_the_idle_slots_and_pay_in_usage(
+    make_stack: StackFactory, slow_sim: Process
+) -> None:
+    """Two owners' batches at once: lines alternate between them (fair share among batch
+    owners), and every line counts in its key's usage."""
+    stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1)
+    first, second = sdk(stack, "owner-a"), sdk(stack, "owner-b")
+    a = first.batches.create(
+        input_file_id=upload(first, [chat_line(i) for i in range(20)]),
+        endpoint=CHAT,
+        completion_window="24h",
+    )
+    b = second.batches.create(
+        input_file_id=upload(second, [chat_line(i) for i in range(20)]),
+        endpoint=CHAT,
+        completion_window="24h",
+    )
+    wait_until(
+        lambda: (
+            first.batches.retrieve(a.id).request_counts.completed
+            + second.batches.retrieve(b.id).request_counts.completed
+            >= 10
+        ),
+        what="ten lines done",
+    )
+    done_a = first.batches.retrieve(a.id).request_counts.completed
+    done_b = second.batches.retrieve(b.id).request_counts.completed
+    assert abs(done_a - done_b) <= 2, (done_a, done_b)  # not one batch after the other
+    usage = stack.redis().hgetall(keys.USAGE)  # keys unknown to gpugate: "anonymous"
+    assert int(usage[b"anonymous|requests"]) >= done_a + done_b
+    assert int(usage[b"anonymous|output_tokens"]) >= 5 * (done_a + done_b)
+    first.batches.cancel(a.id)
+    second.batches.cancel(b.id)
+    wait_batch(first, a.id, {"cancelled"})
+    wait_batch(second, b.id, {"cancelled"})

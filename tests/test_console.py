@@ -189,7 +189,14 @@ def shows_the_queue(console: Console, client: httpx.Client) -> bool:
     return (
         all(
             shown[f]["text"] == f"{q[f]:,}"
-            for f in ("queue_depth", "running", "gpu_concurrency", "max_queue_depth")
+            for f in (
+                "queue_depth",
+                "running",
+                "gpu_concurrency",
+                "max_queue_depth",
+                "batch_running",
+                "batch_queued",
+            )
         )
         and float(shown["estimated_wait_seconds"]["value"]) == q["estimated_wait_seconds"]
     )
@@ -235,6 +242,46 @@ def test_console_is_off_while_the_admin_api_is(make_stack: StackFactory) -> None
 
 
 # ---- in the browser -------------------------------------------------------------------
+
+
+def test_console_shows_batch_lines_beside_the_queue(
+    make_stack: StackFactory, slow_sim: Process, open_console: OpenConsole
+) -> None:
+    stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1, admin_key=ADMIN_KEY)
+    console = open_console(stack)
+    console.sign_in()
+    lines = "".join(
+        json.dumps(
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/api/generate",
+                "body": GEN,
+            }
+        )
+        + "\n"
+        for i in range(30)
+    )
+    with stack.client() as client:
+        upload = client.post(
+            "/v1/files",
+            files={"file": ("in.jsonl", lines.encode())},
+            data={"purpose": "batch"},
+            headers={"X-API-Key": "night"},
+        )
+        assert upload.status_code == 200, upload.text
+        batch = client.post(
+            "/v1/batches",
+            json={"input_file_id": upload.json()["id"], "endpoint": "/api/generate"},
+            headers={"X-API-Key": "night"},
+        )
+        assert batch.status_code == 200, batch.text
+        wait_until(lambda: queue(client)["batch_running"] == 1, what="a batch line running")
+        wait_until(lambda: shows_the_queue(console, client), timeout=REFRESH_S, what="the page")
+        shown = console.shown()
+        assert shown["batch_running"]["text"] == "1"
+        assert 0 < int(shown["batch_queued"]["text"]) < 30
+        assert shown["queue_depth"]["text"] == "0"  # batch lines are not the queue
 
 
 def test_console_asks_for_the_key_then_shows_what_v1_queue_says_under_load(

@@ -201,6 +201,7 @@ function renderTotals(q, s, rejectedPerSecond) {
   setField("gpu_concurrency", int(pick("gpu_concurrency", q, s)), pick("gpu_concurrency", q, s));
   setField("queue_depth", int(depth), depth);
   setField("max_queue_depth", int(max), max);
+  for (const name of ["batch_running", "batch_queued"]) setField(name, int(pick(name, q, s)), pick(name, q, s));
   const wait = pick("estimated_wait_seconds", q, s);
   setField("estimated_wait_seconds", duration(wait), wait);
   setField("rejections_per_second", rate(rejectedPerSecond), rejectedPerSecond);
