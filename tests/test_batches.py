@@ -371,3 +371,44 @@ def test_batch_owners_share_the_idle_slots_and_pay_in_usage(
     second.batches.cancel(b.id)
     wait_batch(first, a.id, {"cancelled"})
     wait_batch(second, b.id, {"cancelled"})
+
+
+def test_a_spent_budget_holds_batch_lines_back_until_it_is_raised(
+    make_stack: StackFactory, slow_sim: Process
+) -> None:
+    """Batch lines count in the key's budget: once it is spent no line starts (the batch
+    waits, it does not fail); an operator's bigger budget lets the rest run."""
+    stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1, admin_key="admin")
+    admin = {"X-Admin-Key": "admin"}
+    made = httpx.post(
+        stack.url + "/admin/keys",
+        json={"name": "nightly", "budget": {"tokens": 40, "period": "day"}},
+        headers=admin,
+    ).json()
+    client = sdk(stack, made["key"])
+    batch = client.batches.create(
+        input_file_id=upload(client, [chat_line(i) for i in range(20)]),
+        endpoint=CHAT,
+        completion_window="24h",
+    )
+
+    def held_back() -> bool:
+        budget = httpx.get(stack.url + "/v1/me", headers={"X-API-Key": made["key"]}).json()
+        return budget["budget"]["remaining"] == 0 and queue_of(stack)["batch_running"] == 0
+
+    wait_until(held_back, timeout=30, what="the budget spent and no line running")
+    held = client.batches.retrieve(batch.id)
+    assert held.status == "in_progress" and 0 < held.request_counts.completed < 20
+    assert queue_of(stack)["batch_queued"] == 20 - held.request_counts.completed
+    raised = httpx.patch(
+        stack.url + "/admin/keys/nightly",
+        json={"budget": {"tokens": 1_000_000, "period": "day"}},
+        headers=admin,
+    )
+    assert raised.status_code == 200, raised.text
+    done = wait_batch(client, batch.id, {"completed"})
+    assert done.request_counts.completed == 20
+
+
+def queue_of(stack: Stack) -> dict[str, Any]:
+    return dict(httpx.get(stack.url + "/v1/queue").json())

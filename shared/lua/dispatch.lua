@@ -336,10 +336,18 @@ local function batch_place(model, endpoint)
   return hot, idle
 end
 
+-- The key's budget (the period's counter the batch loop keeps current): its live size on
+-- an /admin/keys record (an operator may raise it), else the one the batch was made with.
 local function batch_budget_spent(batch)
   if not batch.budget_key or batch.budget_key == '' then return false end
+  local tokens = tonumber(batch.budget_tokens)
+  if batch.key_record then
+    local live = redis.call('HGET', K_APIKEY .. batch.key_record, 'budget')
+    if live == '' then return false end
+    if live then tokens = tonumber(cjson.decode(live).tokens) or tokens end
+  end
   local used = tonumber(redis.call('GET', batch.budget_key)) or 0
-  return used >= (tonumber(batch.budget_tokens) or math.huge)
+  return used >= (tokens or math.huge)
 end
 
 local function start_line(c, batch_id, batch, model, b)
