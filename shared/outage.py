@@ -84,16 +84,28 @@ async def supervised(
     """Run `loop` for ever. A Redis failure of any kind (no connection, a timeout, an
     error reply such as OOM) is the outage's: logged once, retried every `retry_s`. Any
     other exception is a bug: logged with its traceback once per kind in a row, and
-    retried too. Only cancellation ends it."""
+    retried too. Only cancellation ends it, even one a library turned into another error
+    (redis-py can answer a cancel in the middle of a read with a timeout or a lost
+    connection): then the loop would sleep and go on, and whoever cancelled it would wait
+    for ever."""
     last_bug: type[BaseException] | None = None
     while True:
         try:
             await loop()
             last_bug = None
         except (RedisUnavailable, *REDIS_ERRORS) as exc:
+            _end_if_cancelled()
             outage.failed(unavailable(exc), "waiting for it")
         except Exception as exc:
+            _end_if_cancelled()
             if type(exc) is not last_bug:
                 log.exception("the %s loop failed; it goes on", name)
             last_bug = type(exc)
         await asyncio.sleep(retry_s)
+
+
+def _end_if_cancelled() -> None:
+    """Raise CancelledError if the running task is being cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

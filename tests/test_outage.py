@@ -6,6 +6,8 @@ lost (shared/outage.py, shared/store.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import redis
+from redis import exceptions as redis_exceptions
 
+from shared.outage import Outage, supervised
 from tests.conftest import Stack, build_stack, slow_sim_fixture
 from tests.processes import Process, start_redis, wait_until
 
@@ -188,3 +192,28 @@ def test_error_replies_to_every_loop_do_not_end_them(own_redis: Process, slow_si
         logs = "".join(w.log() for w in stack.workers)
         assert logs.count("Redis is unavailable (denied") == 1, logs[-2000:]
         assert "Traceback" not in logs, logs[-2000:]
+
+
+async def test_a_supervised_loop_ends_when_cancelled_even_if_the_cancel_became_a_redis_error() -> (
+    None
+):
+    """redis-py can answer a cancel in the middle of a read with a timeout or a lost
+    connection; the loop must still end, or whoever stops it (an API's lifespan) waits
+    for ever. Seen as a hang of an API's shutdown under load."""
+    started = asyncio.Event()
+
+    async def read_that_turns_cancel_into_an_error() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise redis_exceptions.TimeoutError("Timeout reading from socket") from None
+
+    outage = Outage(logging.getLogger("test"), "Redis")
+    task = asyncio.create_task(
+        supervised("test", read_that_turns_cancel_into_an_error, outage, outage.log, retry_s=60)
+    )
+    await started.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()
