@@ -15,6 +15,11 @@ PRIOR_JOB_S = 5.0
 PRIOR_LOAD_S = 5.0
 """A model's load time on a backend before one was measured (a 7-8B model from disk)."""
 
+SWITCH_HOLD_LOADS = 5
+"""A backend switched to another model keeps it at least this many of that load's times
+before a model loaded nowhere may switch it again (dispatch.lua): each switch then pays
+for its load, and three models on two backends do not thrash."""
+
 EWMA_WEIGHT = 0.2
 """Weight of the newest job duration in the running mean the workers keep in Redis."""
 

@@ -45,6 +45,7 @@ METER = PREFIX + "meter:"  # + backend: HASH what its jobs did since the control
 ADAPTIVE = PREFIX + "adaptive:"  # + backend: HASH the controller's state (worker/adaptive.py)
 BACKOFF = PREFIX + "backoff:"  # + backend: STRING, PX: its cap was just halved (503, OOM)
 BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
+SWITCHED = PREFIX + "switched"  # HASH backend -> "ms model" of its last grant that loaded a model
 MASTER = PREFIX + "master"  # STRING: run id of the Redis master the grants were made on
 FENCE = PREFIX + "fence"  # STRING while no slot is granted after a failover, PX
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)

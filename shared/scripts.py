@@ -33,7 +33,7 @@ from shared import keys
 from shared.batches import BatchStatus, LineError
 from shared.batches import lua_constants as batch_constants
 from shared.endpoints import INFERENCE, Api
-from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S
+from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S, SWITCH_HOLD_LOADS
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
 from shared.store import Execute, evalsha, redis_errors
@@ -73,6 +73,7 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_MODEL_STATS", keys.MODEL_STATS),
     ("K_MODEL_LOADS", keys.MODEL_LOADS),
     ("K_LOAD_MS", keys.LOAD_MS),
+    ("K_SWITCHED", keys.SWITCHED),
     ("K_HISTOGRAM", keys.HISTOGRAM),
     ("K_USAGE", keys.USAGE),
     ("K_BUCKET", keys.BUCKET),
@@ -438,6 +439,7 @@ class Scripts:
         session_wait_ms: int = 0,
         load_prior_ms: int = int(PRIOR_LOAD_S * 1000),
         job_prior_ms: int = int(PRIOR_JOB_S * 1000),
+        switch_hold_loads: float = SWITCH_HOLD_LOADS,
         backends: Sequence[str | int],
     ) -> list[Grant]:
         """`session_ttl_ms`: how long a session keeps its backend (0: sessions are not

@@ -256,3 +256,57 @@ def test_a_short_queue_waits_for_the_loaded_backend_and_a_long_one_loads_elsewhe
     finally:
         a.stop()
         b.stop()
+
+
+def test_three_models_on_two_backends_take_turns_without_thrashing(
+    make_stack: StackFactory,
+) -> None:
+    """Each backend holds one model at a time (`--max-loaded 1`) and four clients per model
+    keep three models busy for 15 s (loads of 1 s or more): every model is served within a bounded wait (not the
+    30 s GPUGATE_AFFINITY_WAIT of old), and a backend switched to a model keeps it long
+    enough to pay for the load (loads a small part of the jobs, where the backends used
+    to evict each other's models every few jobs)."""
+    models = ("llama3.2", "qwen2.5", "gemma2")
+    args = ("--models", ",".join(models), "--max-loaded", "1", "--load-time", "1")
+    args += ("--parallel", "2", "--tokens", "10", "--token-delay", "0.05")
+    a, b = start_sim(*args), start_sim(*args)
+    try:
+        stack = make_stack(
+            backends=fleet(("gpu-a", a, 2, None), ("gpu-b", b, 2, None)),
+            burst=10_000,
+            max_queue_depth=1_000,
+            rate_limit="600000/minute",
+            worker_concurrency=4,
+        )
+        stack.add_worker()
+        stack.wait_for_workers(2)
+        waits: dict[str, float] = dict.fromkeys(models, 0.0)
+        served: dict[str, int] = dict.fromkeys(models, 0)
+
+        async def clients(seconds: float) -> None:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+
+                async def one(model: str) -> None:
+                    while loop.time() - start < seconds:
+                        sent = loop.time()
+                        body = {**GEN, "model": model}
+                        r = await client.post(
+                            "/api/generate", json=body, headers={"X-API-Key": model}
+                        )
+                        assert r.status_code == 200, r.text
+                        waits[model] = max(waits[model], loop.time() - sent)
+                        served[model] += 1
+
+                await asyncio.gather(*(one(m) for m in models for _ in range(4)))
+
+        asyncio.run(clients(15.0))
+        loads = sim_stats(a)["loads"] + sim_stats(b)["loads"]
+        jobs = sum(served.values())
+        assert all(served[m] > 0 for m in models), served
+        assert max(waits.values()) < 15.0, waits
+        assert loads <= 0.15 * jobs, (loads, jobs, served)
+    finally:
+        a.stop()
+        b.stop()

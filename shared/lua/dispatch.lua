@@ -79,13 +79,37 @@ local function has_waiting_work(model)
   return waiting_models[model]
 end
 
+-- The models loaded on `b` as far as gpugate knows: what its /api/ps last showed (the
+-- fleet loop) and what was granted there since. A grant that loaded a model there may
+-- have evicted the others (a backend holds as many as its memory does), so a model last
+-- seen before that grant counts as loaded again only once /api/ps shows it still is;
+-- otherwise its jobs would be sent back at once, and the two would take turns loading.
+local residents = {}
+local function resident(b)
+  if residents[b.name] == nil then
+    local last = redis.call('HGET', K_SWITCHED, b.name)
+    local at, switched_to = nil, nil
+    if last then at, switched_to = string.match(last, '^(%d+) (.*)$') end
+    at = tonumber(at)
+    local set = {}
+    local seen = redis.call('ZRANGE', K_BACKEND_LOADED .. b.name, 0, -1, 'WITHSCORES')
+    for i = 1, #seen, 2 do
+      if not at or tonumber(seen[i + 1]) >= at or seen[i] == switched_to then
+        set[seen[i]] = true
+      end
+    end
+    residents[b.name] = set
+  end
+  return residents[b.name]
+end
+
 local function loaded(b, model)
-  return redis.call('ZSCORE', K_BACKEND_LOADED .. b.name, model) ~= false
+  return resident(b)[model] == true
 end
 
 -- True when sending another model to `b` would switch it away from one with work waiting.
 local function busy_with_other(b, model)
-  for _, m in ipairs(redis.call('ZRANGE', K_BACKEND_LOADED .. b.name, 0, -1)) do
+  for m in pairs(resident(b)) do
     if m ~= model and has_waiting_work(m) then return true end
   end
   return false
@@ -147,7 +171,7 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
       table.insert(hot, b)
     elseif not busy_with_other(b, model) then
       table.insert(idle, b)
-      if redis.call('ZCARD', K_BACKEND_LOADED .. b.name) == 0 then table.insert(empty, b) end
+      if next(resident(b)) == nil then table.insert(empty, b) end
     end
   end
   if #hot > 0 then return most_free(hot) end
@@ -166,13 +190,25 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
   end
   -- only backends whose loaded models have work waiting are free: where the model is
   -- loaded, a slot comes (switching a second backend to it would evict for nothing);
-  -- loaded nowhere, the job waits at most what a load costs, then one backend switches
+  -- loaded nowhere, the job waits what a load costs, then one backend switches to it:
+  -- not one that switched within SWITCH_HOLD_LOADS of its load time (a switch must pay
+  -- for its load: with more models than backends they would take turns evicting each
+  -- other), unless the job has waited GPUGATE_AFFINITY_WAIT
   if loaded_cap > 0 then return nil end
   local switch = most_free(open)
-  if #serving > 1 and waited_ms < math.min(A.affinity_wait_ms, load_ms(switch, model)) then
-    return nil
+  if #serving == 1 then return switch end
+  if waited_ms >= A.affinity_wait_ms then return switch end
+  if waited_ms < load_ms(switch, model) then return nil end
+  local settled = {}
+  for _, b in ipairs(open) do
+    local last = redis.call('HGET', K_SWITCHED, b.name)
+    local at, resident = nil, nil
+    if last then at, resident = string.match(last, '^(%d+) (.*)$') end
+    if not at or now - tonumber(at) >= A.switch_hold_loads * load_ms(b, resident) then
+      table.insert(settled, b)
+    end
   end
-  return switch
+  return most_free(settled)
 end
 
 -- the highest counter served so far (lib/fairshare.lua `fair_share_floor`)
@@ -221,6 +257,12 @@ local function occupy(job_id, job, b, cost, fields)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
   local cold = not loaded(b, job.model)  -- the run pays the model's load there
   redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
+  if cold then
+    redis.call('HSET', K_SWITCHED, b.name, now .. ' ' .. job.model)
+    residents[b.name] = {[job.model] = true}
+  else
+    resident(b)[job.model] = true
+  end
   set_status(job_id, S_RUNNING, 'started_at', now,
     'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,
     'vtc_charged', tostring(cost), unpack(fields or {}))
