@@ -264,8 +264,8 @@ def test_three_models_on_two_backends_take_turns_without_thrashing(
     """Each backend holds one model at a time (`--max-loaded 1`, loads of 1 s or more) and
     four clients per model keep three models busy for 15 s: every model is served within
     a bounded wait (not the 30 s GPUGATE_AFFINITY_WAIT of old), and a backend switched to
-    a model keeps it long enough to pay for the load (loads a small part of the jobs, where the backends used
-    to evict each other's models every few jobs)."""
+    a model keeps it long enough to pay for the load (loads a small part of the jobs,
+    where the backends used to evict each other's models every few jobs)."""
     models = ("llama3.2", "qwen2.5", "gemma2")
     args = ("--models", ",".join(models), "--max-loaded", "1", "--load-time", "1")
     args += ("--parallel", "2", "--tokens", "10", "--token-delay", "0.05")
