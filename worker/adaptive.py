@@ -5,14 +5,23 @@ nothing (each one's time per output token, TPOT, stays flat, so by Little's law 
 tokens per second grow with the concurrency); past it, every request only gets slower and
 the card delivers no more tokens per second. The control law is Vegas-like, on TPOT:
 
-- TPOT within LOW (x1.1) of the best TPOT seen, with the backend saturated (every slot
-  busy or work waiting): more concurrency still buys throughput — double while nothing
-  has pushed back yet (slow start), else one more, but not within PROBE_AFTER windows of
-  a step down (each probe past the knee costs its window a slower TPOT);
-- TPOT beyond HIGH (x1.2) of the best: the card is past its knee — come down in one step
-  to where TPOT would be TARGET (x1.1) of the best, assuming TPOT grows with the
-  concurrency past the knee (`cap x TARGET / ratio`), at least one lower;
-- in between: hold.
+- More concurrency still buys throughput, with the backend saturated (every slot busy or
+  work waiting): its TPOT within LOW (x1.1) of the best TPOT seen, or its tokens/s at least
+  GAIN (5 %) above the best measured at any lower cap — double while nothing has pushed
+  back yet (slow start), else one more, but not within PROBE_AFTER windows of a step down
+  (each probe past the knee costs its window a slower TPOT);
+- TPOT beyond HIGH (x1.2) of the best without that gain: the card is past its knee —
+  come down in one step to the lowest cap that measured nearly the same tokens/s (within
+  GAIN), or, before any was measured, to where TPOT would be TARGET (x1.1) of the best,
+  assuming TPOT grows with the concurrency past the knee (`cap x TARGET / ratio`); at
+  least one lower;
+- otherwise: hold.
+
+Both signals matter: a GPU's TPOT is flat up to its knee, but an engine batching on a CPU
+(llama-server with one thread) slows every stream from the second one on while its
+tokens/s keep rising to 16; on TPOT alone the law held such a backend at 1-2, half of its
+throughput (BENCHMARKS.md, operating point). The tokens/s of each cap are a moving mean
+of the saturated windows measured there (`tps:<cap>` in the controller's state).
 - A 503, a 429 or an out-of-memory failure from the backend halves the cap at once (at
   most once a second: BACKOFF_MS).
 
@@ -35,6 +44,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -48,6 +58,8 @@ from worker.state import WorkerContext
 log = logging.getLogger("gpugate.worker.adaptive")
 
 LOW, HIGH, TARGET = 1.1, 1.2, 1.1
+GAIN = 0.05
+CHANGED = 0.3
 DRIFT = 0.002
 PROBE_AFTER = 4
 MIN_JOBS = 4
@@ -76,6 +88,9 @@ class Decision:
     cap: int
     best_tpot_ms: float
     reason: str
+    forget: bool = False
+    """The backend changed (its cap now delivers far less than it did): the tokens/s
+    measured at each cap are forgotten."""
 
 
 def decide(
@@ -87,24 +102,50 @@ def decide(
     saturated: bool,
     slow_start: bool,
     since_down: int = PROBE_AFTER,
+    tps_at: Mapping[int, float] | None = None,
 ) -> Decision:
     """The next effective cap of a backend at `cap` (ceiling `ceiling`) after `window`;
-    `since_down`: windows since the cap last came down."""
+    `since_down`: windows since the cap last came down; `tps_at`: the tokens/s measured
+    at other caps while saturated."""
     best = (
         window.tpot_ms if best_tpot_ms is None else min(best_tpot_ms * (1 + DRIFT), window.tpot_ms)
     )
     ratio = window.tpot_ms / best if best > 0 else 1.0
+    tps = window.tokens_per_s
+    known = dict(tps_at or {})
+    # far less than this cap delivered before: the backend changed (a bigger model), what
+    # was measured at each cap no longer holds
+    forget = saturated and tps < (1 - CHANGED) * known.get(cap, 0.0)
+    if forget:
+        known = {}
+    if saturated:  # as the controller keeps it: a moving mean of this cap's windows
+        known[cap] = tps if cap not in known else (known[cap] + tps) / 2
+    below = {c: v for c, v in known.items() if c < cap}
+    gained = saturated and bool(below) and tps >= max(below.values()) * (1 + GAIN)
     facts = (
         f"time per output token {window.tpot_ms:.1f} ms, {ratio:.2f}x its best; "
-        f"{window.tokens_per_s:.1f} tokens/s over {window.span_s:.1f}s, {window.jobs} jobs"
+        f"{tps:.1f} tokens/s over {window.span_s:.1f}s, {window.jobs} jobs"
     )
-    if ratio > HIGH:
+    if gained:
+        facts += f" ({tps / max(below.values()):.2f}x the best below cap {cap})"
+    peak = max(known.values(), default=0.0)
+    near = [c for c, v in known.items() if v >= (1 - GAIN) * peak] if saturated else []
+    if near and min(near) < cap and not gained:
+        return Decision(min(near), best, f"cap {min(near)} delivered as much: " + facts)
+    if ratio > HIGH and not gained and not (saturated and below):
         lower = max(1, min(cap - 1, math.floor(cap * TARGET / ratio)))
-        return Decision(lower, best, "past the knee: " + facts)
-    if ratio <= LOW and saturated and cap < ceiling and (slow_start or since_down >= PROBE_AFTER):
-        higher = min(ceiling, cap * 2 if slow_start else cap + 1)
-        return Decision(higher, best, "more concurrency still buys throughput: " + facts)
-    return Decision(min(cap, ceiling), best, facts)
+        return Decision(lower, best, "past the knee: " + facts, forget)
+    may_probe = slow_start or since_down >= PROBE_AFTER
+    if saturated and cap < ceiling and may_probe and (ratio <= LOW or gained):
+        # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
+        # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
+        higher = min(ceiling, cap * 2 if slow_start or ratio > HIGH else cap + 1)
+        if known.get(higher, math.inf) >= tps * (1 + GAIN):  # not known to be no better
+            reason = "more concurrency still buys throughput: "
+            return Decision(higher, best, reason + facts, forget)
+    if saturated and ratio > HIGH and may_probe and cap > 1:
+        return Decision(cap - 1, best, "TPOT above its best: probing one lower: " + facts, forget)
+    return Decision(min(cap, ceiling), best, facts, forget)
 
 
 async def configure(ctx: WorkerContext) -> None:
@@ -153,12 +194,16 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         return
     state_key = keys.ADAPTIVE + name
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hmget(state_key, ["best_tpot_ms", "window_at", "pushed_back", "since_down"])
+        pipe.hgetall(state_key)
         pipe.hget(keys.EFFECTIVE, name)
         pipe.get(keys.backend_cap(name))
         pipe.zcard(keys.backend_running(name))
         pipe.zcard(keys.QUEUED)
-        (best_raw, at_raw, pushed, since_raw), cap_raw, live, running, queued = await pipe.execute()
+        raw_state, cap_raw, live, running, queued = await pipe.execute()
+    state = {k.decode(): v.decode() for k, v in raw_state.items()}
+    best_raw, at_raw = state.get("best_tpot_ms"), state.get("window_at")
+    pushed, since_raw = state.get("pushed_back"), state.get("since_down")
+    tps_at = {int(k[4:]): float(v) for k, v in state.items() if k.startswith("tps:")}
     now = time.time()
     ceiling = int(live) if live else backend.gpu_concurrency
     cap = min(int(cap_raw) if cap_raw else 1, ceiling)
@@ -169,17 +214,26 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         tpot_ms=taken.get("tpot_sum", 0.0) / max(jobs, 1),
         span_s=now - float(at_raw) if at_raw else CONTROL_S,
     )
+    saturated = int(running) >= cap or int(queued) > 0
     decision = decide(
         cap,
         ceiling,
         window,
         float(best_raw) if best_raw else None,
-        saturated=int(running) >= cap or int(queued) > 0,
+        saturated=saturated,
         slow_start=not pushed,
         since_down=int(since_raw) if since_raw else PROBE_AFTER,
+        tps_at=tps_at,
     )
     async with redis.pipeline(transaction=False) as pipe:
         fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms, "window_at": now}
+        if decision.forget:
+            pipe.hdel(state_key, *(f"tps:{c}" for c in tps_at))
+            tps_at = {}
+        if saturated:  # what this cap delivers, a moving mean of its saturated windows
+            known = tps_at.get(cap)
+            tps = window.tokens_per_s
+            fields[f"tps:{cap}"] = tps if known is None else (known + tps) / 2
         fields["since_down"] = 0 if decision.cap < cap else int(since_raw or PROBE_AFTER) + 1
         if decision.cap < cap:
             fields["pushed_back"] = 1
