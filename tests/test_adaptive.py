@@ -33,11 +33,17 @@ def _gpu(knee: int, concurrency: int, base_ms: float = 20.0) -> Window:
     return _window(concurrency, base_ms * max(1.0, concurrency / knee))
 
 
-def _cpu_engine(concurrency: int) -> Window:
-    """A window of llama-server on one CPU thread, as measured (BENCHMARKS.md): every
-    stream slows from the second one on, yet tokens/s rise up to 16 (111, 131, 140, 184,
-    233 tokens/s at 1, 2, 4, 8, 16)."""
-    measured = {1: 111.0, 2: 131.0, 4: 140.0, 8: 184.0, 16: 233.0}
+ENGINE_RUNS = (
+    {1: 111.0, 2: 131.0, 4: 140.0, 8: 184.0, 16: 233.0},
+    {1: 140.0, 2: 141.0, 4: 163.0, 8: 197.0, 16: 248.0},
+)
+"""llama-server on one CPU thread, tokens/s at caps 1-16, two runs of bench
+operating-point (BENCHMARKS.md): every stream slows from the second one on, yet tokens/s
+rise up to 16, in steps, with a plateau from 1 to 2 in the second run."""
+
+
+def _cpu_engine(concurrency: int, measured: dict[int, float] = ENGINE_RUNS[0]) -> Window:
+    """A window of llama-server at `concurrency`, between the measured caps."""
     below = max(c for c in measured if c <= concurrency)
     above = min((c for c in measured if c >= concurrency), default=16)
     share = 0 if above == below else (concurrency - below) / (above - below)
@@ -51,7 +57,7 @@ def _run(
     """The caps the law picks, window after window, on a card with knee `knees[i]` in
     window i (ceiling 16, from slow start at 1 as a new backend starts), keeping what each
     cap delivered as the controller does."""
-    cap, best, pushed, since_down = 1, None, False, 0
+    cap, best, pushed, since_down, strikes = 1, None, False, 0, 0
     tps_at: dict[int, float] = {}
     caps = []
     for knee in knees:
@@ -65,11 +71,9 @@ def _run(
             slow_start=not pushed,
             since_down=since_down,
             tps_at=tps_at,
+            strikes=strikes,
         )
-        if decision.forget:
-            tps_at = {}
-        known = tps_at.get(cap)
-        tps_at[cap] = window.tokens_per_s if known is None else (known + window.tokens_per_s) / 2
+        strikes, tps_at = decision.strikes, dict(decision.tps_at)
         since_down = 0 if decision.cap < cap else since_down + 1
         pushed = pushed or decision.cap < cap
         cap, best = decision.cap, decision.best_tpot_ms
@@ -101,13 +105,17 @@ def test_the_law_follows_a_knee_that_moves_down() -> None:
     _assert_at_the_knee(caps[25:], 2)
 
 
-def test_on_an_engine_whose_tokens_per_second_keep_rising_the_cap_follows_them() -> None:
+@pytest.mark.parametrize("measured", ENGINE_RUNS)
+def test_on_an_engine_whose_tokens_per_second_keep_rising_the_cap_follows_them(
+    measured: dict[int, float],
+) -> None:
     """llama-server on one CPU thread: time per token grows from the second stream on,
     throughput up to 16. On TPOT alone the law held it at 1-2 (half its throughput); with
-    throughput it climbs, settling at >= 90 % of the best fixed cap's tokens/s."""
-    caps = _run([0] * 40, card=lambda _, n: _cpu_engine(n))
-    settled = [_cpu_engine(n).tokens_per_s for n in caps[10:]]
-    assert min(settled) >= 0.9 * 233.0, caps
+    throughput it climbs, past a plateau too, settling at >= 90 % of the best fixed cap's
+    tokens/s."""
+    caps = _run([0] * 40, card=lambda _, n: _cpu_engine(n, measured))
+    settled = [_cpu_engine(n, measured).tokens_per_s for n in caps[10:]]
+    assert min(settled) >= 0.9 * measured[16], caps
 
 
 def test_the_law_holds_when_the_backend_is_not_saturated() -> None:

@@ -8,14 +8,17 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
 - More concurrency still buys throughput, with the backend saturated (every slot busy or
   work waiting): its TPOT within LOW (x1.1) of the best TPOT seen, or its tokens/s at least
   GAIN (5 %) above the best measured at any lower cap — double while nothing has pushed
-  back yet (slow start), else one more, but not within PROBE_AFTER windows of a step down
+  back yet (slow start) or while TPOT has already grown, else one more, past any cap known
+  to deliver no more (a plateau), but not within PROBE_AFTER windows of a step down
   (each probe past the knee costs its window a slower TPOT);
 - TPOT beyond HIGH (x1.2) of the best without that gain: the card is past its knee —
   come down in one step to the lowest cap that measured nearly the same tokens/s (within
   GAIN), or, before any was measured, to where TPOT would be TARGET (x1.1) of the best,
   assuming TPOT grows with the concurrency past the knee (`cap x TARGET / ratio`); at
   least one lower;
-- otherwise: hold.
+- with TPOT above its best at the peak: probe one lower every PROBE_AFTER windows;
+- otherwise: hold. What was measured at each cap is forgotten when a cap delivers
+  CHANGED (30 %) less or more than it did (a bigger or a smaller model).
 
 Both signals matter: a GPU's TPOT is flat up to its knee, but an engine batching on a CPU
 (llama-server with one thread) slows every stream from the second one on while its
@@ -45,7 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -89,8 +92,12 @@ class Decision:
     best_tpot_ms: float
     reason: str
     forget: bool = False
-    """The backend changed (its cap now delivers far less than it did): the tokens/s
-    measured at each cap are forgotten."""
+    """The backend changed (its cap delivered far less or far more than it did, twice in a
+    row): the tokens/s measured at each cap are forgotten."""
+    strikes: int = 0
+    """Windows in a row that the cap delivered far from what it had."""
+    tps_at: Mapping[int, float] = field(default_factory=dict)
+    """The tokens/s measured at each cap, this window included (what the controller keeps)."""
 
 
 def decide(
@@ -103,49 +110,79 @@ def decide(
     slow_start: bool,
     since_down: int = PROBE_AFTER,
     tps_at: Mapping[int, float] | None = None,
+    strikes: int = 0,
 ) -> Decision:
     """The next effective cap of a backend at `cap` (ceiling `ceiling`) after `window`;
     `since_down`: windows since the cap last came down; `tps_at`: the tokens/s measured
-    at other caps while saturated."""
+    at other caps while saturated; `strikes`: the windows in a row before this one that
+    delivered far from what their cap had."""
     best = (
         window.tpot_ms if best_tpot_ms is None else min(best_tpot_ms * (1 + DRIFT), window.tpot_ms)
     )
     ratio = window.tpot_ms / best if best > 0 else 1.0
     tps = window.tokens_per_s
-    known = dict(tps_at or {})
-    # far less than this cap delivered before: the backend changed (a bigger model), what
-    # was measured at each cap no longer holds
-    forget = saturated and tps < (1 - CHANGED) * known.get(cap, 0.0)
-    if forget:
-        known = {}
-    if saturated:  # as the controller keeps it: a moving mean of this cap's windows
-        known[cap] = tps if cap not in known else (known[cap] + tps) / 2
-    below = {c: v for c, v in known.items() if c < cap}
-    gained = saturated and bool(below) and tps >= max(below.values()) * (1 + GAIN)
+    known, off, forget, strikes = _remember(dict(tps_at or {}), cap, tps, saturated, strikes)
     facts = (
         f"time per output token {window.tpot_ms:.1f} ms, {ratio:.2f}x its best; "
         f"{tps:.1f} tokens/s over {window.span_s:.1f}s, {window.jobs} jobs"
     )
+    if off and not forget:  # measure again before acting on it
+        return Decision(min(cap, ceiling), best, facts, strikes=strikes, tps_at=known)
+    below = {c: v for c, v in known.items() if c < cap}
+    gained = saturated and bool(below) and tps >= max(below.values()) * (1 + GAIN)
     if gained:
         facts += f" ({tps / max(below.values()):.2f}x the best below cap {cap})"
     peak = max(known.values(), default=0.0)
     near = [c for c, v in known.items() if v >= (1 - GAIN) * peak] if saturated else []
     if near and min(near) < cap and not gained:
-        return Decision(min(near), best, f"cap {min(near)} delivered as much: " + facts)
+        reason = f"cap {min(near)} delivered as much: "
+        return Decision(min(near), best, reason + facts, forget, strikes, known)
     if ratio > HIGH and not gained and not (saturated and below):
-        lower = max(1, min(cap - 1, math.floor(cap * TARGET / ratio)))
-        return Decision(lower, best, "past the knee: " + facts, forget)
+        # at most halved: on an engine whose TPOT grows from the second stream on, the
+        # formula would send it to 1 at once
+        lower = max(1, cap // 2, min(cap - 1, math.floor(cap * TARGET / ratio)))
+        return Decision(lower, best, "past the knee: " + facts, forget, strikes, known)
     may_probe = slow_start or since_down >= PROBE_AFTER
     if saturated and cap < ceiling and may_probe and (ratio <= LOW or gained):
         # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
-        # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
-        higher = min(ceiling, cap * 2 if slow_start or ratio > HIGH else cap + 1)
+        # slower TPOT (an engine batching on a CPU): double, as its gains come in steps.
+        # A cap known to deliver no more is a plateau, not the top: the probe goes past it
+        # (such an engine's tokens/s can stall from 1 to 2 and rise again from 4).
+        step = cap * 2 if slow_start or ratio > HIGH else cap + 1
+        higher = min(ceiling, step)
+        while higher < ceiling and known.get(higher, math.inf) < tps * (1 + GAIN):
+            higher = min(ceiling, higher * 2)
         if known.get(higher, math.inf) >= tps * (1 + GAIN):  # not known to be no better
             reason = "more concurrency still buys throughput: "
-            return Decision(higher, best, reason + facts, forget)
+            return Decision(higher, best, reason + facts, forget, strikes, known)
     if saturated and ratio > HIGH and may_probe and cap > 1:
-        return Decision(cap - 1, best, "TPOT above its best: probing one lower: " + facts, forget)
-    return Decision(min(cap, ceiling), best, facts, forget)
+        reason = "TPOT above its best: probing one lower: "
+        return Decision(cap - 1, best, reason + facts, forget, strikes, known)
+    return Decision(min(cap, ceiling), best, facts, forget, strikes, known)
+
+
+def _remember(
+    known: dict[int, float], cap: int, tps: float, saturated: bool, strikes: int
+) -> tuple[dict[int, float], bool, bool, int]:
+    """`known` with this window's tokens/s at `cap` (a mean with what it had), and whether
+    the window was far off what the cap had delivered, whether that has held long enough
+    (two windows) to forget everything measured, and the windows off in a row."""
+    before = known.get(cap)
+    off = (
+        saturated
+        and before is not None
+        and not ((1 - CHANGED) * before <= tps <= (1 + CHANGED) * before)
+    )
+    if off:
+        strikes += 1
+    elif before is not None:  # a cap that delivered what it had: the backend is the same
+        strikes = 0
+    forget = strikes >= 2  # one window far off is noise (a ramp after a change of cap)
+    if forget:
+        return {cap: tps}, off, True, 0
+    if saturated and not off:
+        known[cap] = tps if before is None else (before + tps) / 2
+    return known, off, False, strikes
 
 
 async def configure(ctx: WorkerContext) -> None:
@@ -193,6 +230,11 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     if not taken:
         return
     state_key = keys.ADAPTIVE + name
+    if await redis.hget(state_key, "settling") == b"1":  # type: ignore[misc]
+        # the first window after a change of cap mixes the two (runs started under the
+        # old one end in it): measured, not acted on
+        await redis.hset(state_key, mapping={"settling": 0, "window_at": time.time()})  # type: ignore[misc]
+        return
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(state_key)
         pipe.hget(keys.EFFECTIVE, name)
@@ -203,6 +245,7 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     state = {k.decode(): v.decode() for k, v in raw_state.items()}
     best_raw, at_raw = state.get("best_tpot_ms"), state.get("window_at")
     pushed, since_raw = state.get("pushed_back"), state.get("since_down")
+    strikes = int(state.get("strikes", "0"))
     tps_at = {int(k[4:]): float(v) for k, v in state.items() if k.startswith("tps:")}
     now = time.time()
     ceiling = int(live) if live else backend.gpu_concurrency
@@ -224,16 +267,16 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         slow_start=not pushed,
         since_down=int(since_raw) if since_raw else PROBE_AFTER,
         tps_at=tps_at,
+        strikes=strikes,
     )
     async with redis.pipeline(transaction=False) as pipe:
         fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms, "window_at": now}
+        fields["strikes"] = decision.strikes
+        fields["settling"] = int(decision.cap != cap)
         if decision.forget:
             pipe.hdel(state_key, *(f"tps:{c}" for c in tps_at))
-            tps_at = {}
-        if saturated:  # what this cap delivers, a moving mean of its saturated windows
-            known = tps_at.get(cap)
-            tps = window.tokens_per_s
-            fields[f"tps:{cap}"] = tps if known is None else (known + tps) / 2
+        for measured_cap, tps in decision.tps_at.items():
+            fields[f"tps:{measured_cap}"] = tps
         fields["since_down"] = 0 if decision.cap < cap else int(since_raw or PROBE_AFTER) + 1
         if decision.cap < cap:
             fields["pushed_back"] = 1
