@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from api.bodies import BODIES, parse
 from api.files import file_content
 from api.identity import Identity
+from api.listing import listing
 from api.state import Gate
 from shared import keys
 from shared.batches import MAX_LINES, batch_object
@@ -241,27 +242,11 @@ async def read_batch(gate: Gate, owner: str, batch_id: str) -> dict[str, Any]:
 
 async def list_batches(gate: Gate, owner: str, limit: int, after: str | None) -> dict[str, Any]:
     """The owner's batches, newest first (OpenAI's list object, `after` a batch id)."""
-    with redis_errors():
-        ids = [i.decode() for i in await gate.redis.zrevrange(keys.BATCHES_OF + owner, 0, -1)]
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1 :]
-    data: list[dict[str, Any]] = []
-    for batch_id in ids:
-        if len(data) > limit:
-            break
-        try:
-            data.append(await read_batch(gate, owner, batch_id))
-        except NotFound:  # expired with its files: forget it
-            with redis_errors():
-                await gate.redis.zrem(keys.BATCHES_OF + owner, batch_id)
-    page = data[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(data) > limit,
-    }
+
+    async def read(batch_id: str) -> dict[str, Any]:
+        return await read_batch(gate, owner, batch_id)
+
+    return await listing(gate, keys.BATCHES_OF + owner, limit, after, read)
 
 
 async def cancel_batch(gate: Gate, owner: str, batch_id: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from api.listing import listing
 from api.state import Gate
 from shared import keys
 from shared.errors import InvalidRequest, NotFound, RequestTooLarge
@@ -125,31 +126,11 @@ async def describe(gate: Gate, found: StoredFile) -> dict[str, Any]:
 
 async def list_files(gate: Gate, owner: str, limit: int, after: str | None) -> dict[str, Any]:
     """The owner's files, newest first (OpenAI's list object)."""
-    with redis_errors():
-        ids = [i.decode() for i in await gate.redis.zrevrange(keys.FILES_OF + owner, 0, -1)]
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1 :]
-    data: list[dict[str, Any]] = []
-    for file_id in ids:
-        if len(data) > limit:
-            break
-        try:
-            data.append(await describe(gate, await find_file(gate, owner, file_id)))
-        except NotFound:  # expired: forget it
-            with redis_errors():
-                await gate.redis.zrem(keys.FILES_OF + owner, file_id)
-    return _page(data, limit)
 
+    async def read(file_id: str) -> dict[str, Any]:
+        return await describe(gate, await find_file(gate, owner, file_id))
 
-def _page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    page = data[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(data) > limit,
-    }
+    return await listing(gate, keys.FILES_OF + owner, limit, after, read)
 
 
 async def delete_file(gate: Gate, owner: str, file_id: str) -> dict[str, Any]:
