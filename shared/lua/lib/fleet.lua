@@ -7,7 +7,7 @@ end
 
 -- The fleet as passed in ARGV from index `first` on: name, configured cap, kind, name, ...
 -- `cap` is what dispatch may fill: the operator's live cap (else the configured one), or
--- below it the effective cap that adaptive concurrency found (shared/adaptive.py).
+-- below it the effective cap that adaptive concurrency found (worker/adaptive.py).
 local function read_backends(first)
   local backends = {}
   local effective = {}
