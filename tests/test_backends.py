@@ -310,3 +310,26 @@ def test_three_models_on_two_backends_take_turns_without_thrashing(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_job_failed_by_one_backend_waits_for_the_other_rather_than_going_back(
+    make_stack: StackFactory,
+) -> None:
+    """gpu-a fails every call (500s, before any byte), gpu-b is busy: a job that failed on
+    gpu-a waits for gpu-b's slot instead of spending its attempts on gpu-a again (seen in
+    bench operating-point: a 502 for a job whose backend had just died)."""
+    broken = start_sim("--fail-mode", "error500", "--parallel", "8")
+    slow = start_sim("--tokens", "5", "--token-delay", "0.2", "--parallel", "8")
+    try:
+        stack = make_stack(
+            backends=fleet(("gpu-a", broken, 1, None), ("gpu-b", slow, 1, None)),
+            burst=100,
+            breaker_threshold=100,  # the breaker is not what saves the job here
+            ollama_retries=0,
+        )
+        answers = asyncio.run(_burst(stack.url, [GEN] * 3))
+        assert answers == [200] * 3, answers
+        assert sim_stats(broken)["requests"] >= 1  # some job did go there first
+    finally:
+        broken.stop()
+        slow.stop()

@@ -157,13 +157,20 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
     end
     return other
   end
-  local fresh = {}
-  for _, b in ipairs(open) do
-    if not string.find(' ' .. avoid .. ' ', ' ' .. b.name .. ' ', 1, true) then
-      table.insert(fresh, b)
-    end
+  -- not where this job already failed while another backend that serves it is up: it
+  -- waits for that one's slot (going back at once to the one that just failed it is how a
+  -- job whose backend died ran out of attempts there while the other one was busy)
+  local function avoided(b)
+    return string.find(' ' .. avoid .. ' ', ' ' .. b.name .. ' ', 1, true) ~= nil
   end
-  if #fresh > 0 then open = fresh end
+  local fresh, fresh_up = {}, false
+  for _, b in ipairs(serving) do
+    if b.up and not avoided(b) then fresh_up = true end
+  end
+  for _, b in ipairs(open) do
+    if not avoided(b) then table.insert(fresh, b) end
+  end
+  if #fresh > 0 or fresh_up then open = fresh end
   if #open == 0 then return nil end
   local hot, idle, empty = {}, {}, {}
   for _, b in ipairs(open) do
