@@ -8,9 +8,9 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
 - More concurrency still buys throughput, with the backend saturated (every slot busy or
   work waiting): its TPOT within LOW (x1.1) of the best TPOT seen, or its tokens/s at least
   GAIN (5 %) above the best measured at any lower cap — double while nothing has pushed
-  back yet (slow start) or while TPOT has already grown, else one more, past any cap known
-  to deliver no more (a plateau), but not within PROBE_AFTER windows of a step down
-  (each probe past the knee costs its window a slower TPOT);
+  back yet (slow start) or while TPOT has already grown, else one more, but not to a cap
+  known to deliver no more, nor within PROBE_AFTER windows of a step down (each probe
+  past the knee costs its window a slower TPOT);
 - TPOT beyond HIGH (x1.2) of the best without that gain: the card is past its knee —
   come down in one step to the lowest cap that measured nearly the same tokens/s (within
   GAIN), or, before any was measured, to where TPOT would be TARGET (x1.1) of the best,
@@ -145,13 +145,9 @@ def decide(
     may_probe = slow_start or since_down >= PROBE_AFTER
     if saturated and cap < ceiling and may_probe and (ratio <= LOW or gained):
         # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
-        # slower TPOT (an engine batching on a CPU): double, as its gains come in steps.
-        # A cap known to deliver no more is a plateau, not the top: the probe goes past it
-        # (such an engine's tokens/s can stall from 1 to 2 and rise again from 4).
+        # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
         step = cap * 2 if slow_start or ratio > HIGH else cap + 1
         higher = min(ceiling, step)
-        while higher < ceiling and known.get(higher, math.inf) < tps * (1 + GAIN):
-            higher = min(ceiling, higher * 2)
         if known.get(higher, math.inf) >= tps * (1 + GAIN):  # not known to be no better
             reason = "more concurrency still buys throughput: "
             return Decision(higher, best, reason + facts, forget, strikes, known)
@@ -230,11 +226,6 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     if not taken:
         return
     state_key = keys.ADAPTIVE + name
-    if await redis.hget(state_key, "settling") == b"1":  # type: ignore[misc]
-        # the first window after a change of cap mixes the two (runs started under the
-        # old one end in it): measured, not acted on
-        await redis.hset(state_key, mapping={"settling": 0, "window_at": time.time()})  # type: ignore[misc]
-        return
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(state_key)
         pipe.hget(keys.EFFECTIVE, name)
@@ -272,7 +263,6 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms, "window_at": now}
         fields["strikes"] = decision.strikes
-        fields["settling"] = int(decision.cap != cap)
         if decision.forget:
             pipe.hdel(state_key, *(f"tps:{c}" for c in tps_at))
         for measured_cap, tps in decision.tps_at.items():
