@@ -3,7 +3,8 @@ files of its batches, each visible to its owner only (404 for anyone else).
 
 An input file is a Redis HASH (`keys.FILE`) holding its metadata and its bytes, kept
 GPUGATE_FILES_TTL. An output or error file holds no bytes of its own: its content is the
-lines its batch wrote (lib/batch.lua), read when it is downloaded.
+lines its batch wrote (lib/batch.lua), read when it is downloaded; its size was counted
+as they were written.
 """
 
 from __future__ import annotations
@@ -38,24 +39,27 @@ class StoredFile:
     lines_key: str
     """An output or error file: the HASH of the lines it is made of."""
 
+    FIELDS = ("id", "owner", "filename", "purpose", "created_at", "bytes", "lines")
+    """What a file's HASH holds besides an input file's content (never read with them)."""
+
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> StoredFile:
-        f = {k.decode(): v for k, v in raw.items() if k != b"content"}
+    def from_fields(cls, values: list[bytes | None]) -> StoredFile:
+        f = {name: (v or b"").decode() for name, v in zip(cls.FIELDS, values, strict=True)}
         return cls(
-            id=f["id"].decode(),
-            owner=f["owner"].decode(),
-            filename=f["filename"].decode(),
-            purpose=f["purpose"].decode(),
+            id=f["id"],
+            owner=f["owner"],
+            filename=f["filename"],
+            purpose=f["purpose"],
             created_at=int(f["created_at"]),
-            size=int(f.get("bytes", b"0")),
-            lines_key=f.get("lines", b"").decode(),
+            size=int(f["bytes"] or 0),
+            lines_key=f["lines"],
         )
 
-    def public(self, size: int | None = None) -> dict[str, Any]:
+    def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "file",
-            "bytes": self.size if size is None else size,
+            "bytes": self.size,
             "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,
@@ -91,15 +95,18 @@ async def store_file(
             pipe.zadd(keys.FILES_OF + owner, {file_id: now * 1000})
             pipe.expire(keys.FILES_OF + owner, ttl_s)
             await pipe.execute()
-    return StoredFile.from_hash({k.encode(): str(v).encode() for k, v in fields.items()}).public()
+    return StoredFile(
+        file_id, owner, str(fields["filename"]), purpose, now, len(content), ""
+    ).public()
 
 
 async def find_file(gate: Gate, owner: str, file_id: str) -> StoredFile:
+    """The file's metadata (an input file's content is not read: it may be 64 MiB)."""
     with redis_errors():
-        raw = await gate.redis.hgetall(keys.FILE + file_id)  # type: ignore[misc]
-    if not raw or raw.get(b"owner", b"").decode() != owner:
+        values = await gate.redis.hmget(keys.FILE + file_id, list(StoredFile.FIELDS))  # type: ignore[misc]
+    if values[1] is None or values[1].decode() != owner:
         raise NotFound(_NOT_FOUND)
-    return StoredFile.from_hash(raw)
+    return StoredFile.from_fields(values)
 
 
 async def file_content(gate: Gate, owner: str, file_id: str) -> bytes:
@@ -115,20 +122,11 @@ async def file_content(gate: Gate, owner: str, file_id: str) -> bytes:
     return bytes(content)
 
 
-async def describe(gate: Gate, found: StoredFile) -> dict[str, Any]:
-    """The File object; an output or error file's size is that of its lines."""
-    if not found.lines_key:
-        return found.public()
-    with redis_errors():
-        lines = await gate.redis.hvals(found.lines_key)  # type: ignore[misc]
-    return found.public(sum(len(line) + 1 for line in lines))
-
-
 async def list_files(gate: Gate, owner: str, limit: int, after: str | None) -> dict[str, Any]:
     """The owner's files, newest first (OpenAI's list object)."""
 
     async def read(file_id: str) -> dict[str, Any]:
-        return await describe(gate, await find_file(gate, owner, file_id))
+        return (await find_file(gate, owner, file_id)).public()
 
     return await listing(gate, keys.FILES_OF + owner, limit, after, read)
 

@@ -91,6 +91,9 @@ def test_a_chat_batch_runs_to_completed_with_each_custom_id_once(make_stack: Sta
     assert done.completed_at is not None and done.error_file_id is None
     out = lines_of(client, done.output_file_id)
     assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(20))
+    assert done.output_file_id is not None  # its size is that of what it serves
+    output = client.files.retrieve(done.output_file_id)
+    assert output.bytes == len(client.files.content(done.output_file_id).content) > 0
     for line in out:
         assert line["id"].startswith("batch_req_") and line["error"] is None
         assert line["response"]["status_code"] == 200

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from api.batches import BatchBody, cancel_batch, create_batch, list_batches, read_batch
 from api.bodies import parse
 from api.dependencies import CurrentIdentity, GateDep
-from api.files import delete_file, describe, file_content, find_file, list_files, store_file
+from api.files import delete_file, file_content, find_file, list_files, store_file
 from api.routes.inference import body_schema
 
 router = APIRouter(tags=["batches"])
@@ -39,7 +39,7 @@ async def get_files(
 
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, gate: GateDep, who: CurrentIdentity) -> dict[str, Any]:
-    return await describe(gate, await find_file(gate, who.owner, file_id))
+    return (await find_file(gate, who.owner, file_id)).public()
 
 
 @router.get("/v1/files/{file_id}/content")

@@ -61,6 +61,7 @@ local function batch_write(batch_id, custom_id, ok, line, label)
   if redis.call('HSETNX', target, custom_id, line) == 0 then return false end
   local outcome = ok and 'completed' or 'failed'
   redis.call('HINCRBY', bk, outcome, 1)
+  redis.call('HINCRBY', bk, ok and 'output_bytes' or 'error_bytes', #line + 1)  -- the file's size
   redis.call('HINCRBY', K_STATS, 'batch_lines_' .. (label or outcome), 1)
   return true
 end
@@ -71,7 +72,7 @@ end
 local function batch_settle(batch_id, now)
   local bk = K_BATCH .. batch_id
   local b = redis.call('HMGET', bk, 'status', 'todo', 'running', 'ending', 'owner', 'hook',
-    'files_ttl_ms', 'completed', 'failed', 'finalizing_at')
+    'files_ttl_ms', 'completed', 'failed', 'finalizing_at', 'output_bytes', 'error_bytes')
   local status = b[1]
   if status ~= B_IN_PROGRESS and status ~= B_FINALIZING and status ~= B_CANCELLING then
     return false
@@ -84,15 +85,15 @@ local function batch_settle(batch_id, now)
   if not b[10] or b[10] == '' then
     table.insert(fields, 'finalizing_at'); table.insert(fields, now_s)
   end
-  for _, part in ipairs({{'output', K_BATCH_OUT, tonumber(b[8]) or 0},
-                         {'error', K_BATCH_ERR, tonumber(b[9]) or 0}}) do
+  for _, part in ipairs({{'output', K_BATCH_OUT, tonumber(b[8]) or 0, b[11] or 0},
+                         {'error', K_BATCH_ERR, tonumber(b[9]) or 0, b[12] or 0}}) do
     local kind, lines = part[1], part[2] .. batch_id
     redis.call('PEXPIRE', lines, ttl_ms)
     if part[3] > 0 then
       local file_id = 'file-' .. string.sub(redis.sha1hex(kind .. ' ' .. batch_id), 1, 24)
       redis.call('HSET', K_FILE .. file_id, 'id', file_id, 'owner', owner,
         'filename', batch_id .. '_' .. kind .. '.jsonl', 'purpose', 'batch_output',
-        'created_at', now_s, 'batch', batch_id, 'lines', lines)
+        'created_at', now_s, 'batch', batch_id, 'lines', lines, 'bytes', part[4])
       redis.call('PEXPIRE', K_FILE .. file_id, ttl_ms)
       redis.call('ZADD', K_FILES_OF .. owner, now, file_id)
       table.insert(fields, kind .. '_file_id'); table.insert(fields, file_id)
