@@ -29,7 +29,7 @@ from api.listing import listing
 from api.state import Gate
 from shared import keys
 from shared.batches import MAX_LINES, batch_object
-from shared.budget import KEEP_AFTER_S
+from shared.budget import open_period
 from shared.errors import GatewayError, InvalidRequest, NotFound, RateLimited
 from shared.store import redis_errors
 
@@ -164,12 +164,9 @@ async def create_batch(gate: Gate, who: Identity, body: BatchBody) -> dict[str, 
         await _write_lines(gate, batch_id, lines, ttl_ms)
     budget, budget_key = who.budget, ""
     if budget is not None:
-        start, end = budget.window(time.time())
-        budget_key = keys.budget(who.owner, start)
         with redis_errors():
             async with gate.redis.pipeline(transaction=True) as pipe:
-                pipe.set(budget_key, 0, nx=True)
-                pipe.expire(budget_key, int(end - time.time() + KEEP_AFTER_S))
+                budget_key = open_period(pipe, who.owner, budget, time.time())
                 await pipe.execute()
     with redis_errors():
         await gate.scripts.batch_create(

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from redis.asyncio.client import Pipeline
+
+from shared import keys
+
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[Period, ...] = ("day", "week", "month")
 _TEXT = re.compile(r"^\s*(\d+)\s*/\s*(day|week|month)\s*$")
@@ -66,3 +70,14 @@ def iso(ts_s: float | None) -> str | None:
     if ts_s is None:
         return None
     return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def open_period(pipe: Pipeline, owner: str, budget: Budget, now_s: float) -> str:
+    """Queue on `pipe` the creation of `owner`'s counter for the period holding `now_s` (0,
+    unless it exists; kept KEEP_AFTER_S past the period's end), and return its key: batch
+    lines are charged there by finish.lua, which charges only a counter that exists."""
+    start, end = budget.window(now_s)
+    key = keys.budget(owner, start)
+    pipe.set(key, 0, nx=True)
+    pipe.expire(key, int(end - now_s + KEEP_AFTER_S))
+    return key

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from shared import keys
-from shared.budget import KEEP_AFTER_S, Budget
+from shared.budget import Budget, open_period
 from shared.outage import supervised
 from shared.scripts import FinishStatus, Grant
 from shared.store import redis_errors
@@ -95,11 +95,9 @@ async def refresh_budgets(ctx: WorkerContext) -> None:
         owner, tokens, period, current = (f.decode() if f else "" for f in fields)
         if not tokens or int(tokens) <= 0 or not period:
             continue
-        start, end = Budget(int(tokens), period).window(now)  # type: ignore[arg-type]
-        key = keys.budget(owner, start)
-        if key != current:
+        budget = Budget(int(tokens), period)  # type: ignore[arg-type]
+        if keys.budget(owner, budget.window(now)[0]) != current:
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.set(key, 0, nx=True)
-                pipe.expire(key, int(end - now + KEEP_AFTER_S))
+                key = open_period(pipe, owner, budget, now)
                 pipe.hset(keys.BATCH + batch_id, "budget_key", key)
                 await pipe.execute()
