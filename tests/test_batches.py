@@ -57,6 +57,12 @@ def upload(client: OpenAI, lines: list[dict[str, Any]] | bytes) -> str:
     return client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch").id
 
 
+def chat_batch(client: OpenAI, lines: int, window: str = "24h") -> Any:
+    """A batch of `lines` chat lines (custom_id req-0, req-1, ...), created."""
+    file_id = upload(client, [chat_line(i) for i in range(lines)])
+    return client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window=window)
+
+
 def wait_batch(client: OpenAI, batch_id: str, statuses: set[str], timeout: float = 60) -> Any:
     found: dict[str, Any] = {}
 
@@ -212,11 +218,7 @@ def test_cancel_finishes_running_lines_and_errors_the_rest(
 ) -> None:
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=2)
     client = sdk(stack)
-    batch = client.batches.create(
-        input_file_id=upload(client, [chat_line(i) for i in range(40)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
+    batch = chat_batch(client, 40)
     wait_until(
         lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2,
         what="some lines done",
@@ -238,11 +240,7 @@ def test_a_batch_past_its_window_expires_with_what_finished(
 ) -> None:
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1)
     client = sdk(stack)
-    batch = client.batches.create(
-        input_file_id=upload(client, [chat_line(i) for i in range(30)]),
-        endpoint=CHAT,
-        completion_window="2s",
-    )
+    batch = chat_batch(client, 30, window="2s")
     done = wait_batch(client, batch.id, {"expired"}, timeout=30)
     out = lines_of(client, done.output_file_id)
     errors = lines_of(client, done.error_file_id)
@@ -261,11 +259,7 @@ def test_a_killed_worker_loses_no_line_and_writes_none_twice(
     stack.add_worker()
     stack.wait_for_workers(2)
     client = sdk(stack)
-    batch = client.batches.create(
-        input_file_id=upload(client, [chat_line(i) for i in range(30)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
+    batch = chat_batch(client, 30)
     wait_until(
         lambda: client.batches.retrieve(batch.id).request_counts.completed >= 3,
         what="some lines done",
@@ -284,11 +278,7 @@ def test_interactive_work_goes_before_batch_lines(
     batch lines are not in the interactive backlog."""
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1, max_queue_depth=1)
     client = sdk(stack)
-    batch = client.batches.create(
-        input_file_id=upload(client, [chat_line(i) for i in range(50)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
+    batch = chat_batch(client, 50)
     wait_until(
         lambda: httpx.get(stack.url + "/v1/queue").json()["batch_running"] == 1,
         what="a line running",
@@ -332,11 +322,7 @@ def test_a_redis_restart_mid_batch_loses_no_line(slow_sim: Process) -> None:
     stack = build_stack(redis_proc, slow_sim, gpu_concurrency=2, lease_ttl=2)
     try:
         client = sdk(stack)
-        batch = client.batches.create(
-            input_file_id=upload(client, [chat_line(i) for i in range(30)]),
-            endpoint=CHAT,
-            completion_window="24h",
-        )
+        batch = chat_batch(client, 30)
         wait_until(
             lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4,
             what="some lines done",
@@ -359,16 +345,8 @@ def test_batch_owners_share_the_idle_slots_and_pay_in_usage(
     owners), and every line counts in its key's usage."""
     stack = make_stack(ollama_url=slow_sim.url, gpu_concurrency=1)
     first, second = sdk(stack, "owner-a"), sdk(stack, "owner-b")
-    a = first.batches.create(
-        input_file_id=upload(first, [chat_line(i) for i in range(20)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
-    b = second.batches.create(
-        input_file_id=upload(second, [chat_line(i) for i in range(20)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
+    a = chat_batch(first, 20)
+    b = chat_batch(second, 20)
     wait_until(
         lambda: (
             first.batches.retrieve(a.id).request_counts.completed
@@ -402,11 +380,7 @@ def test_a_spent_budget_holds_batch_lines_back_until_it_is_raised(
         headers=admin,
     ).json()
     client = sdk(stack, made["key"])
-    batch = client.batches.create(
-        input_file_id=upload(client, [chat_line(i) for i in range(20)]),
-        endpoint=CHAT,
-        completion_window="24h",
-    )
+    batch = chat_batch(client, 20)
 
     def held_back() -> bool:
         budget = httpx.get(stack.url + "/v1/me", headers={"X-API-Key": made["key"]}).json()
