@@ -301,28 +301,33 @@ def test_a_batch_of_a_key_with_a_webhook_gets_batch_completed_and_nothing_per_li
 ) -> None:
     stack = make_stack(admin_key="admin-secret")
     made = create_key(stack.url, "nightly", webhook_url=receiver.url("/batches"))
-    client = OpenAI(base_url=stack.url + "/v1", api_key=made["key"], max_retries=0, timeout=30)
-    lines = [
-        {
-            "custom_id": f"req-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "llama3.2", "messages": [{"role": "user", "content": f"say {i}"}]},
-        }
-        for i in range(3)
-    ]
-    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-    file_id = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch").id
-    batch = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    with OpenAI(  # closed with the test: an unclosed socket fails the session at its end
+        base_url=stack.url + "/v1", api_key=made["key"], max_retries=0, timeout=30
+    ) as client:
+        lines = [
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "llama3.2",
+                    "messages": [{"role": "user", "content": f"say {i}"}],
+                },
+            }
+            for i in range(3)
+        ]
+        data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        file_id = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch").id
+        batch = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
 
-    (delivery,) = wait_until(
-        lambda: receiver.at("/batches"), timeout=60, what="the batch.completed webhook"
-    )
-    event = delivery.verify(made["webhook_secret"])
-    assert event["type"] == "batch.completed" and event["data"] == {"id": batch.id}
-    assert client.batches.retrieve(batch.id).status == "completed"
+        (delivery,) = wait_until(
+            lambda: receiver.at("/batches"), timeout=60, what="the batch.completed webhook"
+        )
+        event = delivery.verify(made["webhook_secret"])
+        assert event["type"] == "batch.completed" and event["data"] == {"id": batch.id}
+        assert client.batches.retrieve(batch.id).status == "completed"
     assert [r["type"] for r in records(stack)] == ["batch.completed"]  # none for its lines
 
 
