@@ -180,13 +180,17 @@ class KeyStore:
         with contextlib.suppress(RedisUnavailable, *REDIS_ERRORS):
             await self.refresh()
         self._task = asyncio.create_task(
-            supervised("API keys", self.refresh, self._outage, log, retry_s=POLL_S)
+            supervised("API keys", self._poll, self._outage, log, retry_s=POLL_S)
         )
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _poll(self) -> float:
+        await self.refresh()
+        return POLL_S
 
     async def refresh(self, *, force: bool = False) -> None:
         """Reload the records when their version moved (or `force`)."""

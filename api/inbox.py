@@ -75,28 +75,29 @@ class Inbox:
                 await self._reader
 
     async def _read(self) -> None:
-        await supervised("inbox", self._read_forever, self._outage, log, retry_s=RETRY_S)
+        await supervised("inbox", self._read_once, self._outage, log, retry_s=RETRY_S)
 
-    async def _read_forever(self) -> None:
-        while True:
-            try:
-                with redis_errors():
-                    reply = await self.redis.xread(
-                        {self.key: self._last_id}, block=BLOCK_MS, count=READ_COUNT
-                    )
-            except RedisUnavailable as exc:
-                self._fail_all(exc)  # the calls answer 503 with their job id at once
-                raise
-            self._outage.recovered()
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    self._last_id = entry_id
-                    self._read_ids.append(entry_id)
-                    future = self._waiting.pop(fields.pop(b"job").decode(), None)
-                    if future is not None and not future.done():
-                        future.set_result(Event("end", fields))
-            if len(self._read_ids) >= 2 * KEEP_READ:
-                await self._trim_read()
+    async def _read_once(self) -> float:
+        """One XREAD (blocking up to BLOCK_MS), its ends handed out; read again at once."""
+        try:
+            with redis_errors():
+                reply = await self.redis.xread(
+                    {self.key: self._last_id}, block=BLOCK_MS, count=READ_COUNT
+                )
+        except RedisUnavailable as exc:
+            self._fail_all(exc)  # the calls answer 503 with their job id at once
+            raise
+        self._outage.recovered()
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                self._last_id = entry_id
+                self._read_ids.append(entry_id)
+                future = self._waiting.pop(fields.pop(b"job").decode(), None)
+                if future is not None and not future.done():
+                    future.set_result(Event("end", fields))
+        if len(self._read_ids) >= 2 * KEEP_READ:
+            await self._trim_read()
+        return 0.0
 
     async def _trim_read(self) -> None:
         """Drop the entries read before the last KEEP_READ (never an unread one)."""

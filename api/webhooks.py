@@ -48,7 +48,7 @@ class FileKeyMirror:
         with contextlib.suppress(RedisUnavailable, *REDIS_ERRORS):
             await self.write()
         self._task = asyncio.create_task(
-            supervised("keys file webhooks", self._loop, self._outage, log, retry_s=MIRROR_S)
+            supervised("keys file webhooks", self._write_turn, self._outage, log, retry_s=MIRROR_S)
         )
 
     async def stop(self) -> None:
@@ -56,10 +56,9 @@ class FileKeyMirror:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(MIRROR_S)
-            await self.write()
+    async def _write_turn(self) -> float:
+        await self.write()
+        return MIRROR_S
 
     async def write(self) -> None:
         file_keys = self.keyring.keys or []

@@ -1,6 +1,6 @@
 """One warning when a dependency stops answering and one when it is back, however many
 requests or loop turns fail in between; and `supervised`, the one way a long-lived loop
-runs: it never ends but by cancellation."""
+runs: turn after turn, ending only by cancellation."""
 
 from __future__ import annotations
 
@@ -75,33 +75,41 @@ def _describe(exc: BaseException) -> str:
 
 async def supervised(
     name: str,
-    loop: Callable[[], Awaitable[None]],
+    turn: Callable[[], Awaitable[float]],
     outage: Outage,
     log: logging.Logger,
     *,
     retry_s: float,
 ) -> None:
-    """Run `loop` for ever. A Redis failure of any kind (no connection, a timeout, an
-    error reply such as OOM) is the outage's: logged once, retried every `retry_s`. Any
-    other exception is a bug: logged with its traceback once per kind in a row, and
-    retried too. Only cancellation ends it, even one a library turned into another error
-    (redis-py can answer a cancel in the middle of a read with a timeout or a lost
-    connection): then the loop would sleep and go on, and whoever cancelled it would wait
-    for ever."""
+    """Run `turn` for ever, pausing between two turns the seconds it returns (0: go on at
+    once). A Redis failure of any kind (no connection, a timeout, an error reply such as
+    OOM) is the outage's: logged once, the next turn `retry_s` later. Any other exception
+    is a bug: logged with its traceback once per kind in a row, and retried too.
+
+    Only cancellation ends it, even one a library lost. redis-py can answer a cancel in
+    the middle of a read with a timeout or a lost connection; and Python 3.11's
+    `asyncio.wait_for`, through which redis-py writes every command, returns the write's
+    result when the write ends as the cancel comes, and drops the cancel (CPython
+    gh-86296). Either way the task still counts the cancel (`cancelling()`): a turn that
+    ends while it is cancelling ends the loop, or whoever cancelled it would wait for
+    ever."""
     last_bug: type[BaseException] | None = None
     while True:
         try:
-            await loop()
+            pause = await turn()
             last_bug = None
         except (RedisUnavailable, *REDIS_ERRORS) as exc:
             _end_if_cancelled()
             outage.failed(unavailable(exc), "waiting for it")
+            pause = retry_s
         except Exception as exc:
             _end_if_cancelled()
             if type(exc) is not last_bug:
                 log.exception("the %s loop failed; it goes on", name)
             last_bug = type(exc)
-        await asyncio.sleep(retry_s)
+            pause = retry_s
+        _end_if_cancelled()
+        await asyncio.sleep(pause)
 
 
 def _end_if_cancelled() -> None:

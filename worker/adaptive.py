@@ -43,7 +43,6 @@ effective cap is one field of `gpugate:effective`, which dispatch.lua reads with
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -290,18 +289,17 @@ async def adaptive_loop(ctx: WorkerContext) -> None:
     configured = False
     last_control = 0.0
 
-    async def turns() -> None:
+    async def turn() -> float:
         nonlocal configured, last_control
-        while True:
-            if not configured:
-                await configure(ctx)
-                configured = True
-            with redis_errors():
-                await ctx.meter.flush(ctx.redis)
-                if adaptive and time.monotonic() - last_control >= CONTROL_S:
-                    last_control = time.monotonic()
-                    for backend in adaptive:
-                        await control_once(ctx, backend)
-            await asyncio.sleep(FLUSH_S)
+        if not configured:
+            await configure(ctx)
+            configured = True
+        with redis_errors():
+            await ctx.meter.flush(ctx.redis)
+            if adaptive and time.monotonic() - last_control >= CONTROL_S:
+                last_control = time.monotonic()
+                for backend in adaptive:
+                    await control_once(ctx, backend)
+        return FLUSH_S
 
-    await supervised("adaptive", turns, ctx.redis_outage, log, retry_s=FLUSH_S)
+    await supervised("adaptive", turn, ctx.redis_outage, log, retry_s=FLUSH_S)

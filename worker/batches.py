@@ -8,7 +8,6 @@ line's end once; this loop only moves what never started and ends what is done.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -67,18 +66,16 @@ async def batch_loop(ctx: WorkerContext) -> None:
     same line."""
     last_budget = 0.0
 
-    async def steps() -> None:
+    async def step() -> float:
         nonlocal last_budget
-        while True:
-            with redis_errors():
-                draining = await ctx.scripts.batch_step(chunk=DRAIN_CHUNK)
-                if time.monotonic() - last_budget >= BUDGET_REFRESH_S:
-                    last_budget = time.monotonic()
-                    await refresh_budgets(ctx)
-            if not draining:
-                await asyncio.sleep(STEP_S)
+        with redis_errors():
+            draining = await ctx.scripts.batch_step(chunk=DRAIN_CHUNK)
+            if time.monotonic() - last_budget >= BUDGET_REFRESH_S:
+                last_budget = time.monotonic()
+                await refresh_budgets(ctx)
+        return 0.0 if draining else STEP_S
 
-    await supervised("batches", steps, ctx.redis_outage, log, retry_s=STEP_S)
+    await supervised("batches", step, ctx.redis_outage, log, retry_s=STEP_S)
 
 
 async def refresh_budgets(ctx: WorkerContext) -> None:

@@ -110,11 +110,10 @@ async def heartbeat_loop(ctx: WorkerContext) -> None:
     started_at = time.time()
     interval = heartbeat_interval_s(ctx.settings)
 
-    async def beat() -> None:
-        while True:
-            await heartbeat_once(ctx, started_at)
-            ctx.redis_outage.recovered()
-            await asyncio.sleep(interval)
+    async def beat() -> float:
+        await heartbeat_once(ctx, started_at)
+        ctx.redis_outage.recovered()
+        return interval
 
     await supervised("heartbeat", beat, ctx.redis_outage, log, retry_s=interval)
 
@@ -122,15 +121,15 @@ async def heartbeat_loop(ctx: WorkerContext) -> None:
 async def waker_loop(ctx: WorkerContext) -> None:
     """Take one wake-up from the list while this worker could start a run."""
 
-    async def wait_for_wakes() -> None:
-        while True:
-            if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
-                await _room(ctx)
-                continue
-            with redis_errors():
-                popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
-            if popped is not None:
-                ctx.wake.set()
+    async def wait_for_wakes() -> float:
+        if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
+            await _room(ctx)
+            return 0.0
+        with redis_errors():
+            popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
+        if popped is not None:
+            ctx.wake.set()
+        return 0.0
 
     await supervised("waker", wait_for_wakes, ctx.redis_outage, log, retry_s=RETRY_S)
 
@@ -146,12 +145,13 @@ async def _room(ctx: WorkerContext) -> None:
 async def cancel_loop(ctx: WorkerContext) -> None:
     """Subscribe to cancelled job ids; subscribe again after any Redis failure."""
 
-    async def listen() -> None:
+    async def listen() -> float:
         with redis_errors():
             async with ctx.blocking_redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(keys.CANCEL_CHANNEL)
                 async for message in pubsub.listen():
                     ctx.cancel_job(message["data"].decode())
+        return RETRY_S  # the subscription ended: subscribe again
 
     await supervised("cancels", listen, ctx.redis_outage, log, retry_s=RETRY_S)
 
@@ -270,14 +270,13 @@ async def configure_models(ctx: WorkerContext) -> None:
 async def fleet_loop(ctx: WorkerContext) -> None:
     configured = False
 
-    async def refresh() -> None:
+    async def refresh() -> float:
         nonlocal configured
-        while True:
-            with redis_errors():
-                if not configured:
-                    await configure_models(ctx)
-                    configured = True
-                await asyncio.gather(*(refresh_backend(ctx, b) for b in ctx.settings.backends))
-            await asyncio.sleep(PROBE_S)
+        with redis_errors():
+            if not configured:
+                await configure_models(ctx)
+                configured = True
+            await asyncio.gather(*(refresh_backend(ctx, b) for b in ctx.settings.backends))
+        return PROBE_S
 
     await supervised("fleet", refresh, ctx.redis_outage, log, retry_s=PROBE_S)

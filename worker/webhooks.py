@@ -60,7 +60,7 @@ async def webhook_loop(ctx: WorkerContext) -> None:
     ) as http:
         deliveries = Deliveries(ctx, http)
         try:
-            await supervised("webhooks", deliveries.run, ctx.redis_outage, log, retry_s=POLL_S)
+            await supervised("webhooks", deliveries.turn, ctx.redis_outage, log, retry_s=POLL_S)
         finally:
             await deliveries.stop()
 
@@ -74,29 +74,28 @@ class Deliveries:
         self.sending: set[asyncio.Task[None]] = set()
         self.room = asyncio.Event()
 
-    async def run(self) -> None:
-        while True:
-            free = CONCURRENCY - len(self.sending)
-            claimed: list[ClaimedWebhook] = []
-            if free > 0:
-                claimed = await self.ctx.scripts.claim_webhooks(
-                    worker=self.ctx.worker_id,
-                    limit=free,
-                    lease_ms=CLAIM_MS,
-                    listing_keep_ms=LISTING_KEEP_MS,
-                )
-                self.ctx.redis_outage.recovered()
-                for delivery in claimed:
-                    task = asyncio.create_task(
-                        self.attempt(delivery), name=f"webhook {delivery.id}"
-                    )
-                    self.sending.add(task)
-                    task.add_done_callback(self._done)
-            if free > 0 and len(claimed) == free:
-                continue  # more may be due: look again at once, once there is room
-            self.room.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.room.wait(), POLL_S)
+    async def turn(self) -> float:
+        """Claim what is due while there is room; then wait for room or POLL_S."""
+        free = CONCURRENCY - len(self.sending)
+        claimed: list[ClaimedWebhook] = []
+        if free > 0:
+            claimed = await self.ctx.scripts.claim_webhooks(
+                worker=self.ctx.worker_id,
+                limit=free,
+                lease_ms=CLAIM_MS,
+                listing_keep_ms=LISTING_KEEP_MS,
+            )
+            self.ctx.redis_outage.recovered()
+            for delivery in claimed:
+                task = asyncio.create_task(self.attempt(delivery), name=f"webhook {delivery.id}")
+                self.sending.add(task)
+                task.add_done_callback(self._done)
+        if free > 0 and len(claimed) == free:
+            return 0.0  # more may be due: look again at once, once there is room
+        self.room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.room.wait(), POLL_S)
+        return 0.0
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.sending.discard(task)
