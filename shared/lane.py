@@ -16,13 +16,14 @@ commands still waiting on it; the next command connects again. The timeout is on
 per connection, armed for its oldest unanswered command, not one per command
 (`asyncio.timeout` per command was 5% of a rejection's CPU).
 
-With a `redis+sentinel://` URL, every (re)connection first asks the Sentinels, one after
-the other, where the master is (`SENTINEL get-master-addr-by-name`); the happy path costs
-nothing more. A lost connection (the master killed) fails the commands waiting on it and
-the next command connects to whatever master the Sentinels name then. A READONLY reply
-(the master was demoted) retires the connection: no new command goes on it, those in
-flight get their replies; the Sentinel that named it is asked last from then on, and the
-refused command, which Redis did not run, is sent once more to the master named now.
+With a `redis+sentinel://` URL, every (re)connection first asks the Sentinels where the
+master is, through the same discovery as the redis-py clients (`shared.store.Sentinels`);
+the happy path costs nothing more. A lost connection (the master killed) fails the
+commands waiting on it and the next command connects to whatever master the Sentinels
+name then. A READONLY reply (the master was demoted) retires the connection: no new
+command goes on it, those in flight get their replies; the Sentinel that named it is asked
+last from then on, and the refused command, which Redis did not run, is sent once more to
+the master named now.
 A promoted replica has no scripts cached: `script()` sends the whole script once.
 
 `wait_replicas()` is Redis WAIT for the calling task's writes. It runs on a second
@@ -41,13 +42,15 @@ from typing import Any, overload
 
 import hiredis
 from redis import exceptions as rx
+from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 
-from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
+from shared.redis_url import SentinelURL, parse_sentinel
 from shared.store import (
     SOCKET_TIMEOUT_S,
     WAIT_BARRIER_CHANNEL,
     MasterDemoted,
+    Sentinels,
     evalsha,
     tls_context,
 )
@@ -68,7 +71,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.address: Address = ""
-        self.named_by: tuple[str, int] | None = None  # the Sentinel that gave `address`
+        self.named_by: Redis | None = None  # the Sentinel that gave `address`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -167,7 +170,7 @@ class Lane:
                 "password": self.sentinel.password,
                 "db": self.sentinel.db,
             }
-            self._sentinels = list(self.sentinel.sentinels)  # the one that answered first
+            self._sentinels = Sentinels(self.sentinel)
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
@@ -233,14 +236,16 @@ class Lane:
             raise rx.TimeoutError(f"Redis did not answer WAIT within {bound_s:g}s") from exc
 
     async def aclose(self) -> None:
-        """Close, and wait until the WAIT runner has stopped (nothing left pending)."""
+        """Close the connections (the Sentinels' too), cancel the WAIT runner and wait
+        until it has stopped: nothing is left pending."""
         runner = self._round_runner
-        self.close()
+        self._close()
         if runner is not None:
             await asyncio.gather(runner, return_exceptions=True)
+        if self.sentinel is not None:
+            await self._sentinels.aclose()
 
-    def close(self) -> None:
-        """Close the connections and cancel the WAIT runner (`aclose` also awaits it)."""
+    def _close(self) -> None:
         self._drop()
         if self._waiter is not None:
             self._waiter.close()
@@ -267,9 +272,8 @@ class Lane:
         return reply
 
     def _demoted(self, protocol: _Protocol, reply: rx.ResponseError) -> None:
-        if protocol.lost is None and protocol.named_by in self._sentinels:
-            self._sentinels.remove(protocol.named_by)  # it is behind: ask it last
-            self._sentinels.append(protocol.named_by)
+        if protocol.lost is None and protocol.named_by is not None:
+            self._sentinels.passed_over(protocol.named_by)
         protocol.retire(MasterDemoted(f"{protocol.address} is a replica now: {reply}"))
 
     async def _connected(self) -> _Protocol:
@@ -295,8 +299,9 @@ class Lane:
                 opts.get("port", 6379),
             )
             return await self._open(address, self.timeout_s)
-        address, named_by = await self._find_master(self.sentinel)
-        protocol = await self._open(address, self.timeout_s)
+        host, port = await self._sentinels.discover_master(self.sentinel.master_name)
+        named_by = self._sentinels.sentinels[0]  # discovery puts the one that answered first
+        protocol = await self._open((host, int(port)), self.timeout_s)
         protocol.named_by = named_by
         return protocol
 
@@ -323,47 +328,6 @@ class Lane:
                 protocol.close()
                 raise rx.ConnectionError(f"Redis refused {command[0]}: {reply}")
         return protocol
-
-    async def _find_master(self, target: SentinelURL) -> tuple[tuple[str, int], tuple[str, int]]:
-        """The master's address as the first Sentinel that knows it names it, and that
-        Sentinel, which goes first next time."""
-        each_s = self.timeout_s / (len(self._sentinels) + 1)
-        errors: list[str] = []
-        for sentinel in list(self._sentinels):
-            try:
-                async with asyncio.timeout(each_s):
-                    reply = await self._ask_sentinel(sentinel, target)
-            except (OSError, TimeoutError, rx.RedisError) as exc:
-                errors.append(f"{sentinel[0]}:{sentinel[1]}: {exc.__class__.__name__} {exc}")
-                continue
-            if not isinstance(reply, list) or len(reply) != 2:
-                errors.append(f"{sentinel[0]}:{sentinel[1]}: does not know the master")
-                continue
-            self._sentinels.remove(sentinel)
-            self._sentinels.insert(0, sentinel)
-            return (reply[0].decode(), int(reply[1])), sentinel
-        raise rx.ConnectionError(
-            f"no Sentinel named the master {target.master_name!r}: {'; '.join(errors)}"
-        )
-
-    async def _ask_sentinel(self, sentinel: tuple[str, int], target: SentinelURL) -> Any:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(_Protocol, *sentinel)
-        commands: list[Sequence[Any]] = []
-        if target.password:
-            user = (target.username,) if target.username else ()
-            commands.append(("AUTH", *user, target.password))
-        commands.append(("SENTINEL", "get-master-addr-by-name", target.master_name))
-        try:
-            *auth, reply = await asyncio.gather(*(protocol.send(c) for c in commands))
-        finally:
-            protocol.close()
-        for refused in auth:  # a Sentinel without a password takes none
-            if isinstance(refused, rx.ResponseError) and not no_password_set(str(refused)):
-                raise rx.AuthenticationError(str(refused))
-        if isinstance(reply, rx.ResponseError):
-            raise reply
-        return reply
 
     # --- Redis WAIT, on a connection of its own ----------------------------------------
 

@@ -264,7 +264,7 @@ async def _sentinel_view(sentinel: Redis, master_name: str) -> SentinelView:
 
 
 def _master_for(target: SentinelURL, options: dict[str, Any]) -> Redis:
-    sentinels = _Sentinels(target)
+    sentinels = Sentinels(target)
     client: Redis = sentinels.master_for(
         target.master_name,
         connection_pool_class=_MasterPool,
@@ -280,10 +280,12 @@ def _master_for(target: SentinelURL, options: dict[str, Any]) -> Redis:
     return client
 
 
-class _Sentinels(Sentinel):
+class Sentinels(Sentinel):
     """redis-py's Sentinel, with our clients for the Sentinels: their own timeouts (a
     blocking master client still gives up on a silent Sentinel) and the URL's password,
-    dropped for a Sentinel that has none."""
+    dropped for a Sentinel that has none. The one Sentinel discovery of gpugate: the
+    redis-py clients' pools and the lane (shared/lane.py) ask through it
+    (`discover_master`, which puts the Sentinel that answered first)."""
 
     def __init__(self, target: SentinelURL) -> None:
         super().__init__([])  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
@@ -301,6 +303,12 @@ class _Sentinels(Sentinel):
             )
             for host, port in target.sentinels
         ]
+
+    def passed_over(self, sentinel: Redis) -> None:
+        """`sentinel` named a master that answered READONLY: it is behind, ask it last."""
+        if sentinel in self.sentinels:
+            self.sentinels.remove(sentinel)
+            self.sentinels.append(sentinel)
 
     async def aclose(self) -> None:
         for sentinel in self.sentinels:
@@ -327,8 +335,7 @@ class _MasterPool(SentinelConnectionPool):
         """The master at `address` answered READONLY. redis-py keeps the Sentinel that
         answered last in front: that one is behind, so ask it last from now on."""
         if self.master_address == address:
-            sentinels = self.sentinel_manager.sentinels
-            sentinels.append(sentinels.pop(0))
+            self.sentinel_manager.passed_over(self.sentinel_manager.sentinels[0])
             self.master_address = None
 
     async def disconnect(self, inuse_connections: bool = True) -> None:

@@ -31,7 +31,7 @@ async def test_concurrent_commands_get_their_own_replies(redis_proc: Process) ->
             assert rdb.get("lane-test-7") == b"lane-test-7"  # the URL's database
             rdb.flushdb()
     finally:
-        lane.close()
+        await lane.aclose()
 
 
 async def test_a_script_runs_again_after_redis_forgot_it(redis_proc: Process) -> None:
@@ -44,7 +44,7 @@ async def test_a_script_runs_again_after_redis_forgot_it(redis_proc: Process) ->
         with pytest.raises(rx.ResponseError):
             await lane.execute("NOT-A-COMMAND")
     finally:
-        lane.close()
+        await lane.aclose()
 
 
 async def test_a_redis_that_stops_answering_times_out_and_is_used_again_after() -> None:
@@ -63,7 +63,7 @@ async def test_a_redis_that_stops_answering_times_out_and_is_used_again_after() 
         with pytest.raises(rx.ConnectionError):
             await lane.execute("PING")
     finally:
-        lane.close()
+        await lane.aclose()
         proc.stop()
 
 

@@ -118,7 +118,7 @@ async def test_clients_reach_the_master_through_the_sentinels(cluster: SentinelC
         await client.aclose()
         await blocking.aclose()
         await arq.aclose(close_connection_pool=True)
-        lane.close()
+        await lane.aclose()
     with cluster.client(master, db=4) as direct:
         assert direct.mget("reach:redis", "reach:blocking", "reach:lane") == [b"1"] * 3
         assert direct.get("reach:script") == b"6"
@@ -182,7 +182,7 @@ async def test_wait_counts_the_replicas_that_acknowledged(cluster: SentinelClust
         for proc in stopped:
             os.kill(proc.pid, signal.SIGCONT)
         await client.aclose()
-        lane.close()
+        await lane.aclose()
     cluster.wait_healthy()
 
 
@@ -215,8 +215,8 @@ async def test_a_sentinel_that_names_a_replica_is_passed_over(cluster: SentinelC
             assert direct.mget("stale:redis", "stale:lane", "stale:script") == [b"2", b"2", b"1"]
     finally:
         await client.aclose()
-        lane.close()
-        script_lane.close()
+        await lane.aclose()
+        await script_lane.aclose()
         for proc in (stale, replica, upstream):
             proc.stop()
             cluster.extra.remove(proc)
@@ -268,7 +268,7 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         await client.aclose()
         await blocking.aclose()
         await arq.aclose(close_connection_pool=True)
-        lane.close()
+        await lane.aclose()
 
     lines = [
         f"failover timeline, seconds after kill -9 of the master :{master}",
@@ -334,7 +334,7 @@ async def test_the_killed_master_comes_back_as_a_replica_and_takes_no_writes(
         assert await lane.wait_replicas(2, 1000) == 2
     finally:
         await client.aclose()
-        lane.close()
+        await lane.aclose()
     with cluster.client(dead.port, db=6) as old:
         assert old.mget("rejoined:redis", "rejoined:lane") == [b"1", b"1"]  # replicated to it
 
