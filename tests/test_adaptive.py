@@ -33,11 +33,13 @@ def _gpu(knee: int, concurrency: int, base_ms: float = 20.0) -> Window:
     return _window(concurrency, base_ms * max(1.0, concurrency / knee))
 
 
-ENGINE_RUNS = ({1: 111.0, 2: 131.0, 4: 140.0, 8: 184.0, 16: 233.0},)
+ENGINE_RUNS = (
+    {1: 111.0, 2: 131.0, 4: 140.0, 8: 184.0, 16: 233.0},
+    {1: 140.0, 2: 141.0, 4: 163.0, 8: 197.0, 16: 248.0},
+)
 """llama-server on one CPU thread, tokens/s at caps 1-16 (bench operating-point,
 BENCHMARKS.md): every stream slows from the second one on, yet tokens/s rise up to 16.
-(Other runs measured a plateau from 1 to 2, 140 and 141 tokens/s: a local law stops
-there; the issue's note says so.)"""
+The second run is flat from 1 to 2: a law that only looks one step up stops there."""
 
 
 def _cpu_engine(concurrency: int, measured: dict[int, float] = ENGINE_RUNS[0]) -> Window:

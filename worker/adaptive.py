@@ -8,9 +8,10 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
 - More concurrency still buys throughput, with the backend saturated (every slot busy or
   work waiting): its TPOT within LOW (x1.1) of the best TPOT seen, or its tokens/s at least
   GAIN (5 %) above the best measured at any lower cap — double while nothing has pushed
-  back yet (slow start) or while TPOT has already grown, else one more, but not to a cap
-  known to deliver no more, nor within PROBE_AFTER windows of a step down (each probe
-  past the knee costs its window a slower TPOT);
+  back yet (slow start) or while TPOT has already grown, else one more; past a cap known
+  to deliver no more, twice that cap (so a plateau from 1 to 2 does not hide the rise
+  from 4), and never within PROBE_AFTER windows of a step down (each probe past the
+  knee costs its window a slower TPOT);
 - TPOT beyond HIGH (x1.2) of the best without that gain: the card is past its knee —
   come down in one step to the lowest cap that measured nearly the same tokens/s (within
   GAIN), or, before any was measured, to where TPOT would be TARGET (x1.1) of the best,
@@ -146,14 +147,25 @@ def decide(
         # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
         # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
         step = cap * 2 if slow_start or ratio > HIGH else cap + 1
-        higher = min(ceiling, step)
-        if known.get(higher, math.inf) >= tps * (1 + GAIN):  # not known to be no better
+        higher = _worth_probing(min(ceiling, step), ceiling, known, tps)
+        if higher is not None:
             reason = "more concurrency still buys throughput: "
             return Decision(higher, best, reason + facts, forget, strikes, known)
     if saturated and ratio > HIGH and may_probe and cap > 1:
         reason = "TPOT above its best: probing one lower: "
         return Decision(cap - 1, best, reason + facts, forget, strikes, known)
     return Decision(min(cap, ceiling), best, facts, forget, strikes, known)
+
+
+def _worth_probing(higher: int, ceiling: int, known: Mapping[int, float], tps: float) -> int | None:
+    """`higher`, or past it if it is known to deliver no more than `tps`: twice that cap,
+    and so on up to the ceiling (an engine's tokens/s can be flat from 1 to 2 and rise
+    again from 4); None when every one is known to be no better."""
+    while known.get(higher, math.inf) < tps * (1 + GAIN):
+        if higher >= ceiling:
+            return None
+        higher = min(ceiling, higher * 2)
+    return higher
 
 
 def _remember(
