@@ -99,21 +99,22 @@ async def supervised(
             pause = await turn()
             last_bug = None
         except (RedisUnavailable, *REDIS_ERRORS) as exc:
-            _end_if_cancelled()
+            end_if_cancelled()
             outage.failed(unavailable(exc), "waiting for it")
             pause = retry_s
         except Exception as exc:
-            _end_if_cancelled()
+            end_if_cancelled()
             if type(exc) is not last_bug:
                 log.exception("the %s loop failed; it goes on", name)
             last_bug = type(exc)
             pause = retry_s
-        _end_if_cancelled()
+        end_if_cancelled()
         await asyncio.sleep(pause)
 
 
-def _end_if_cancelled() -> None:
-    """Raise CancelledError if the running task is being cancelled."""
+def end_if_cancelled() -> None:
+    """Raise CancelledError if the running task is being cancelled: after an await in
+    which a library may have lost a cancel (a redis-py write, see `supervised`)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError

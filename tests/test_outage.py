@@ -7,6 +7,7 @@ lost (shared/outage.py, shared/store.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,10 +20,12 @@ import redis
 from redis import exceptions as redis_exceptions
 
 from api.app import create_app
+from shared import keys, store
 from shared.outage import Outage, supervised
 from shared.settings import Settings
 from tests.conftest import Stack, build_stack, slow_sim_fixture
 from tests.processes import Process, start_redis, wait_until
+from worker.ollama import EventWriter
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 JOB = {"endpoint": "/api/generate", "body": GENERATE}
@@ -235,3 +238,29 @@ async def test_an_api_stops_at_once_however_often_it_starts_and_stops(
         async with asyncio.timeout(10):
             async with app.router.lifespan_context(app):
                 await asyncio.sleep(0.01 * (turn % 5))
+
+
+async def test_a_backend_call_whose_cancel_a_write_lost_ends_at_its_next_flush(
+    own_redis: Process,
+) -> None:
+    """The same lost cancel in a backend call (a job cancelled, a worker stopping): the
+    call must end at its next write of the answer to Redis, not relay the rest of it."""
+    redis = store.connect(own_redis.url)
+    events = EventWriter(redis, "job-lost-cancel", 60_000)
+
+    async def call() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # lost, as wait_for loses it when the write had ended
+        await events.chunk(b'{"response": "more"}\n')
+        await events.flush()
+        return "relayed the rest"
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(call())
+        assert await redis.xlen(keys.events("job-lost-cancel")) == 1  # what came is written
+    finally:
+        await redis.aclose()

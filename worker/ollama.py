@@ -31,6 +31,7 @@ from redis.typing import EncodableT, FieldT
 from shared import keys
 from shared.endpoints import INFERENCE, Api
 from shared.jobs import ErrorCode
+from shared.outage import end_if_cancelled
 from shared.scripts import FinishStatus
 from worker.usage import TAIL_BYTES, Usage, model_load_ms, usage_of
 
@@ -181,11 +182,14 @@ class EventWriter:
             await pipe.execute()
 
     async def flush(self) -> None:
-        """Wait until every chunk so far is in Redis."""
+        """Wait until every chunk so far is in Redis. The one place a backend call awaits
+        Redis itself: a cancel (the job cancelled, the worker stopping) that a redis-py
+        write lost ends the call here, not after the backend's whole answer."""
         if self._writer is not None:
             await self._writer
         if self._pending or self._head is not None:
             await self._write()
+        end_if_cancelled()
 
     def abandon(self) -> None:
         if self._writer is not None:
