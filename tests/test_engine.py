@@ -114,14 +114,18 @@ def test_chat_completions_and_embeddings_through_the_gate(gate: Stack, engine: P
         assert reply["choices"][0]["finish_reason"] in ("length", "stop")
         assert 1 <= reply["usage"]["completion_tokens"] <= 8
 
-        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 6})
+        # Greedy (temperature 0) where the text itself is asserted: the random model's
+        # sampled tokens can all be pieces of a UTF-8 character, which llama-server
+        # withholds (1 of 200 sampled 6-token answers, streamed direct, had no content).
+        completion = {"model": MODEL, "prompt": "a b", "max_tokens": 6, "temperature": 0}
+        r = client.post("/v1/completions", json=completion)
         assert r.status_code == 200, r.text
         assert r.json()["object"] == "text_completion" and r.json()["choices"][0]["text"]
 
         # streamed, the client not asking for usage: the usage chunk gpugate asked for is gone
         for path, body in (
-            ("/v1/chat/completions", {**CHAT, "max_tokens": 6}),
-            ("/v1/completions", {"model": MODEL, "prompt": "a b", "max_tokens": 6}),
+            ("/v1/chat/completions", {**CHAT, "max_tokens": 6, "temperature": 0}),
+            ("/v1/completions", completion),
         ):
             r = client.post(path, json={**body, "stream": True})
             assert r.status_code == 200 and r.headers["content-type"].startswith(
@@ -199,6 +203,7 @@ def test_openai_sdk_and_litellm_as_clients(gate: Stack) -> None:
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=5,
+            temperature=0,  # the text is asserted: greedy (see the test above)
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -207,7 +212,9 @@ def test_openai_sdk_and_litellm_as_clients(gate: Stack) -> None:
         # deltas than tokens, but every token counted in the usage the client asked for
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
-        completion = client.completions.create(model=MODEL, prompt="x y", max_tokens=4)
+        completion = client.completions.create(
+            model=MODEL, prompt="x y", max_tokens=4, temperature=0
+        )
         assert completion.choices[0].text
         vectors = client.embeddings.create(model=MODEL, input="hello")
         assert len(vectors.data[0].embedding) == 128
@@ -217,6 +224,7 @@ def test_openai_sdk_and_litellm_as_clients(gate: Stack) -> None:
     try:
         messages = [{"role": "user", "content": "hi"}]
         args = {"api_base": gate.url + "/v1", "api_key": "k-litellm", "max_tokens": 5}
+        args["temperature"] = 0  # its streamed text is asserted: greedy
         reply = litellm.completion(model=f"openai/{MODEL}", messages=messages, **args)
         assert reply.choices[0].message.content is not None
         chunks = litellm.completion(model=f"openai/{MODEL}", messages=messages, stream=True, **args)
