@@ -36,10 +36,12 @@ def _gpu(knee: int, concurrency: int, base_ms: float = 20.0) -> Window:
 ENGINE_RUNS = (
     {1: 111.0, 2: 131.0, 4: 140.0, 8: 184.0, 16: 233.0},
     {1: 140.0, 2: 141.0, 4: 163.0, 8: 197.0, 16: 248.0},
+    {1: 248.0, 2: 233.0, 4: 249.0, 8: 287.0, 16: 383.0},
 )
 """llama-server on one CPU thread, tokens/s at caps 1-16 (bench operating-point,
 BENCHMARKS.md): every stream slows from the second one on, yet tokens/s rise up to 16.
-The second run is flat from 1 to 2: a law that only looks one step up stops there."""
+The second run is flat from 1 to 2, the third from 1 to 4: a law that only looks one
+step up stops there."""
 
 
 def _cpu_engine(concurrency: int, measured: dict[int, float] = ENGINE_RUNS[0]) -> Window:
@@ -111,9 +113,10 @@ def test_on_an_engine_whose_tokens_per_second_keep_rising_the_cap_follows_them(
 ) -> None:
     """llama-server on one CPU thread: time per token grows from the second stream on,
     throughput up to 16. On TPOT alone the law held it at 1-2 (half its throughput); with
-    throughput it climbs, settling at >= 90 % of the best fixed cap's tokens/s."""
+    throughput it climbs past the plateaus, settling within 15 windows (30 s; the issue
+    asks 60 s) at >= 90 % of the best fixed cap's tokens/s."""
     caps = _run([0] * 40, card=lambda _, n: _cpu_engine(n, measured))
-    settled = [_cpu_engine(n, measured).tokens_per_s for n in caps[10:]]
+    settled = [_cpu_engine(n, measured).tokens_per_s for n in caps[15:]]
     assert min(settled) >= 0.9 * measured[16], caps
 
 
