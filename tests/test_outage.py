@@ -25,6 +25,7 @@ from shared.outage import Outage, supervised
 from shared.settings import Settings
 from tests.conftest import Stack, build_stack, slow_sim_fixture
 from tests.processes import Process, start_redis, wait_until
+from worker.arq_adapter import create_worker, on_shutdown, on_startup
 from worker.ollama import EventWriter
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
@@ -264,3 +265,26 @@ async def test_a_backend_call_whose_cancel_a_write_lost_ends_at_its_next_flush(
         assert await redis.xlen(keys.events("job-lost-cancel")) == 1  # what came is written
     finally:
         await redis.aclose()
+
+
+async def test_a_worker_whose_stop_a_write_lost_still_stops(own_redis: Process) -> None:
+    """arq stops a worker by cancelling its loop's task; lost in a redis-py write (arq's
+    health key, say), the loop went on and the worker never stopped: a turn of it ends
+    when its task is being cancelled."""
+    worker = create_worker(Settings(redis_url=own_redis.url, ollama_url="http://127.0.0.1:9"))
+    await on_startup(worker.ctx)
+
+    async def loop() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # lost, as wait_for loses it when the write had ended
+        await worker._poll_iteration()
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.create_task(loop()), 10)
+    finally:
+        await on_shutdown(worker.ctx)
+        await worker.pool.aclose(close_connection_pool=True)

@@ -43,6 +43,7 @@ from arq.worker import Worker, func
 from shared import keys, store
 from shared.errors import RedisUnavailable
 from shared.lane import Lane
+from shared.outage import end_if_cancelled
 from shared.scripts import Grant, Scripts, fleet_argv
 from shared.settings import Settings
 from worker import jobs
@@ -100,9 +101,12 @@ class GateWorker(Worker):
     async def _poll_iteration(self) -> None:
         """One turn of arq's loop, which ends the worker on any exception: so nothing
         raises out of here. Redis failures (error replies included) wait for Redis; any
-        other failure is logged and the next turn tries again."""
+        other failure is logged and the next turn tries again. A stop (arq cancels this
+        loop's task) that a redis-py write lost ends it all the same (shared/outage.py
+        `supervised` says how a cancel gets lost)."""
         try:
             await self._poll_once()
+            end_if_cancelled()
         except (RedisUnavailable, *store.REDIS_ERRORS) as exc:
             self.context.redis_outage.failed(store.unavailable(exc), "waiting for it")
             await asyncio.sleep(REDIS_RETRY_S)
