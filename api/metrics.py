@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.jobs import JobStatus
-from shared.scripts import HISTOGRAMS, AdmitOutcome
+from shared.scripts import HISTOGRAMS, AdmitOutcome, histogram_field
 
 if TYPE_CHECKING:
     from api.snapshot import Snapshot
@@ -136,17 +136,12 @@ class _QueueCollector(Collector):
             raw = snap.histograms.get(name, {})
             buckets, total = [], 0.0
             for bound in HISTOGRAMS[name]:
-                total += raw.get(_lua_number(bound), 0.0)
+                total += raw.get(histogram_field(bound), 0.0)
                 buckets.append((str(bound), total))
             buckets.append(("+Inf", total + raw.get("+Inf", 0.0)))
             yield HistogramMetricFamily(
                 f"gpugate_{name}", doc, buckets=buckets, sum_value=raw.get("sum", 0.0)
             )
-
-
-def _lua_number(value: float) -> str:
-    """How Lua's tostring writes a bound (`1`, `0.005`): the field name in Redis."""
-    return f"{value:.14g}"
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

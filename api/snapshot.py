@@ -22,7 +22,7 @@ _FIXED = 3
 def queue_backlog(pipe: Pipeline, settings: Settings) -> None:
     """Add the backlog reads to `pipe`; `backlog_from` reads their replies."""
     pipe.zcard(keys.QUEUED)
-    pipe.hget(keys.STATS, "mean_job_ms")
+    pipe.hget(keys.MODEL_STATS, keys.MEAN_JOB_MS)
     pipe.hgetall(keys.EFFECTIVE)
     for b in settings.backends:
         pipe.get(keys.backend_cap(b.name))
@@ -164,6 +164,12 @@ def _floats(raw: dict[bytes, bytes]) -> dict[str, float]:
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
+def _fleet_means(means: list[bytes | None]) -> dict[str, float]:
+    """The fleet's moving means (kept with the models', finish.lua), as stats show them."""
+    names = ("mean_cost", "mean_job_ms")
+    return {name: float(v) for name, v in zip(names, means, strict=True) if v is not None}
+
+
 def usage_by_key(raw: dict[str, float]) -> dict[str, dict[str, float]]:
     """`name|kind -> count` as `{name: {kind: count}}`, every kind present."""
     out: dict[str, dict[str, float]] = {}
@@ -180,12 +186,13 @@ async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
             pipe.time()
             pipe.zrange(keys.WORKERS, 0, -1, withscores=True)
             pipe.hgetall(keys.STATS)
+            pipe.hmget(keys.MODEL_STATS, [keys.MEAN_COST, keys.MEAN_JOB_MS])
             pipe.zrange(keys.RUNNING, 0, -1, withscores=True)
             pipe.hgetall(keys.MODEL_LOADS)
             pipe.hgetall(keys.USAGE)
             for name in HISTOGRAMS:
                 pipe.hgetall(keys.histogram(name))
-            now, workers, stats, running, loads, usage, *hists = await pipe.execute()
+            now, workers, stats, means, running, loads, usage, *hists = await pipe.execute()
         now_ms = now[0] * 1000 + now[1] // 1000
         live = [(w.decode(), int(s)) for w, s in workers if now_ms - s <= settings.worker_stale_ms]
         runs = [(*keys.split_run(run), started) for run, started in running]
@@ -203,7 +210,7 @@ async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
             {"id": worker_id, "last_heartbeat": beat / 1000, **(json.loads(info) if info else {})}
             for (worker_id, beat), info in zip(live, worker_infos, strict=True)
         ],
-        stats=_floats(stats),
+        stats=_floats(stats) | _fleet_means(means),
         histograms={name: _floats(h) for name, h in zip(HISTOGRAMS, hists, strict=True)},
         running_jobs=[
             {

@@ -18,10 +18,13 @@ from redis.asyncio import Redis
 
 from bench.report import write_section
 from gpugate.testing.stack import start_redis
+from shared import keys
 from shared.jobs import new_job_id
-from shared.scripts import FinishStatus, Grant, Scripts
+from shared.scripts import FinishReply, FinishStatus, Grant, Scripts
+from worker.tally import FLUSH_S, Tally
 
 FLEET = ("gpu-a", 1, "ollama")
+USAGE = {"input_tokens": 3, "output_tokens": 5}
 JOBS = 30
 OWNERS = 3
 SCRIPTS = ("admit", "dispatch", "finish")
@@ -91,8 +94,8 @@ async def _dispatch(scripts: Scripts) -> Grant:
     return grant
 
 
-async def _finish(scripts: Scripts, grant: Grant) -> None:
-    await scripts.finish(
+async def _finish(scripts: Scripts, grant: Grant) -> FinishReply:
+    return await scripts.finish(
         job_id=grant.job_id,
         attempt=grant.attempt,
         backend=grant.backend,
@@ -103,8 +106,7 @@ async def _finish(scripts: Scripts, grant: Grant) -> None:
         error="",
         error_code="",
         duration_ms=12.0,
-        input_tokens=3,
-        output_tokens=5,
+        **USAGE,
         model_load_ms=0,
         max_attempts=3,
         breaker_threshold=5,
@@ -120,24 +122,31 @@ async def _counted(redis: Redis, step: Any) -> tuple[int, Any]:
     await redis.config_resetstat()
     result = await step
     stats = await redis.info("commandstats")
+    await redis.delete(keys.WAKE)  # what an idle worker's BLPOP takes (its own command)
     counted = (v["calls"] for k, v in stats.items() if not k.startswith(NOT_COUNTED))
     return sum(counted), result
 
 
 async def measure() -> dict[str, float]:
+    """Commands per job of each script, and of the worker's tally flush (worker/tally.py)
+    when one flush carries the JOBS jobs (as at JOBS / FLUSH_S jobs a second)."""
     proc = start_redis()
     redis = Redis(port=proc.port)
     try:
         scripts = Scripts(redis.execute_command)
         await _heartbeat(scripts)
-        totals = dict.fromkeys(SCRIPTS, 0)
+        totals = dict.fromkeys((*SCRIPTS, "tally flush"), 0)
+        tally = Tally()
         for i in range(JOBS):
             n, _ = await _counted(redis, _admit(scripts, f"key:{i % OWNERS}"))
             totals["admit"] += n
             n, grant = await _counted(redis, _dispatch(scripts))
             totals["dispatch"] += n
-            n, _ = await _counted(redis, _finish(scripts, grant))
+            tally.dispatched(grant)
+            n, reply = await _counted(redis, _finish(scripts, grant))
             totals["finish"] += n
+            tally.finished(grant, reply, error_code="", duration_ms=12.0, **USAGE)
+        totals["tally flush"], _ = await _counted(redis, tally.flush(redis))
         return {name: total / JOBS for name, total in totals.items()}
     finally:
         await redis.aclose()
@@ -148,11 +157,16 @@ def main() -> None:
     started = time.monotonic()
     per = asyncio.run(measure())
     total = sum(per.values())
-    rows = "\n".join(f"| {name} | {per[name]:.2f} |" for name in SCRIPTS)
+    rows = "\n".join(f"| {name} | {value:.2f} |" for name, value in per.items())
     body = (
-        f"Redis commands called by the scripts of one tiny synchronous job ({JOBS} jobs of "
-        f"{OWNERS} keys, one backend, each script alone; INFO commandstats):\n\n"
-        f"| script | commands |\n|---|---|\n{rows}\n| **per job** | **{total:.2f}** |\n"
+        f"Redis commands of one tiny synchronous job ({JOBS} jobs of {OWNERS} keys, one "
+        "backend, each script alone; INFO commandstats). The wake list is emptied after "
+        "each script, as an idle worker's BLPOP would (its own command, not the script's). "
+        "The worker's tally (worker/tally.py: usage, jobs by outcome, the histograms) is "
+        f"added every {FLUSH_S} s in one pipeline: counted here as one flush for the "
+        f"{JOBS} jobs, as at {JOBS / FLUSH_S:.0f} jobs a second; a lone job's flush is "
+        "one round trip of eight commands.\n\n"
+        f"| part | commands per job |\n|---|---|\n{rows}\n| **per job** | **{total:.2f}** |\n"
     )
     print(body)
     write_section("commands", "python -m bench commands", body)

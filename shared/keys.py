@@ -46,8 +46,8 @@ ADAPTIVE = PREFIX + "adaptive:"  # + backend: HASH the controller's state (worke
 BACKOFF = PREFIX + "backoff:"  # + backend: STRING, PX: its cap was just halved (503, OOM)
 BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
 SWITCHED = PREFIX + "switched"  # HASH backend -> "ms model" of its last grant that loaded a model
-MASTER = PREFIX + "master"  # STRING: run id of the Redis master the grants were made on
-FENCE = PREFIX + "fence"  # STRING while no slot is granted after a failover, PX
+MASTER = PREFIX + "granted-on"  # STRING "<run id> <ms>": the Redis master the grants were
+# made on, and until when no slot is granted after a failover (dispatch.lua)
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
 WAKE_MAX = 16  # entries the wake list holds at most (the scripts' wake_one, a cap change)
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it
@@ -56,7 +56,9 @@ CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it
 WORKERS = PREFIX + "workers"  # ZSET worker id -> last heartbeat ms
 WORKER = PREFIX + "worker:"  # + worker id: HASH info, heartbeat
 STATS = PREFIX + "stats"  # HASH: means, counters by outcome and rejection reason
-MODEL_STATS = PREFIX + "model-ms"  # HASH model -> mean job ms (EWMA)
+MODEL_STATS = PREFIX + "model-ms"  # HASH model -> mean job ms (EWMA); and the fleet's:
+MEAN_JOB_MS = "*"  # its field: the mean job ms of any model
+MEAN_COST = "*cost"  # its field: the mean job cost (fair-share units)
 MODEL_LOADS = PREFIX + "loads"  # HASH "backend|model" -> model loads seen
 LOAD_MS = PREFIX + "load-ms"  # HASH "backend|model" -> mean load time (EWMA), from load_duration
 HISTOGRAM = PREFIX + "hist:"  # + name: HASH bucket -> count, plus sum
@@ -64,8 +66,8 @@ READY_PROBE = PREFIX + "ready-probe"  # STRING, PX: /ready checks that Redis tak
 USAGE = PREFIX + "usage"  # HASH "name|requests|input_tokens|output_tokens|gpu_ms" -> count
 
 # limits
-BUCKET = PREFIX + "bucket:"  # + owner: HASH tokens, ts (requests)
-TOKEN_BUCKET = PREFIX + "tokens:"  # + owner: HASH tokens, ts (tier tpm; may go below zero)
+BUCKET = PREFIX + "rate:"  # + owner: STRING "<tokens> <ms>" (requests; lib/buckets.lua)
+TOKEN_BUCKET = PREFIX + "tpm:"  # + owner: STRING "<tokens> <ms>" (tier tpm; may go below 0)
 BUDGET = PREFIX + "budget:"  # + owner + ":" + period start (s): STRING tokens used and reserved
 OWNER_RUNNING = PREFIX + "owner-running:"  # + owner: ZSET run id -> start ms (named keys)
 

@@ -65,7 +65,6 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_METER", keys.METER),
     ("K_WAKE", keys.WAKE),
     ("K_MASTER", keys.MASTER),
-    ("K_FENCE", keys.FENCE),
     ("K_CANCEL_CHANNEL", keys.CANCEL_CHANNEL),
     ("K_WORKERS", keys.WORKERS),
     ("K_WORKER", keys.WORKER),
@@ -120,24 +119,29 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     ),
     "job_duration_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 }
-"""The bucket bounds of the histograms the scripts keep in Redis (one count per
-observation in its own bucket; api/metrics.py adds them up for Prometheus)."""
+"""The bucket bounds of the histograms kept in Redis (one count per observation in its
+own bucket, added by the workers' tally, worker/tally.py; api/metrics.py adds them up for
+Prometheus)."""
+
+
+def histogram_field(bound: float) -> str:
+    """The field of a histogram's bucket in Redis: the bound as Lua wrote it (`1`, `0.005`)."""
+    return f"{bound:.14g}"
+
 
 _OPENAI_PATHS = ", ".join(f"['{p}'] = true" for p, e in INFERENCE.items() if e.api is Api.OPENAI)
 _CONSTANTS = (
     lua_constants()
     + batch_constants()
     + f"local WAKE_MAX = {keys.WAKE_MAX}\n"
-    + "".join(
-        f"local {name.upper().removesuffix('_SECONDS')}_BOUNDS = {{{', '.join(map(str, b))}}}\n"
-        for name, b in HISTOGRAMS.items()
-    )
+    + f"local MEAN_JOB_MS, MEAN_COST = '{keys.MEAN_JOB_MS}', '{keys.MEAN_COST}'\n"
     + f"local OPENAI_PATHS = {{{_OPENAI_PATHS}}}\n"
 )
 """Lua constants: the job's statuses and error codes (shared/jobs.py), the wake list's
-bound, the histogram bounds, the paths an `openai` backend runs (the others need Ollama)."""
+bound, the fleet's mean fields, the paths an `openai` backend runs (the others need
+Ollama)."""
 
-_LIBRARY = ("clock", "buckets", "stats", "fleet", "fairshare", "webhook", "batch", "job")
+_LIBRARY = ("clock", "buckets", "fleet", "fairshare", "webhook", "batch", "job")
 """The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
 _USES = re.compile(r"^-- (uses|needs): (.*)$", re.MULTILINE)
 
@@ -244,6 +248,8 @@ class FinishStatus(StrEnum):
 class FinishReply:
     status: FinishStatus
     breaker_opened: bool
+    ended: bool = False
+    """The run ended its job (not a batch line's): the worker counts the end (its tally)."""
 
 
 class CancelVerdict(StrEnum):
@@ -287,6 +293,10 @@ class Grant:
     """A batch's line (lib/batch.lua): its end is a line of the batch's output or error
     file, which the worker writes (`batch_line`)."""
     custom_id: str = ""
+    usage_name: str = ""
+    """Whose usage the run is (shared/jobs.py `usage_name`), for the worker's tally."""
+    waited_ms: int | None = None
+    """How long the job waited in the queue (interactive jobs; a batch line has no wait)."""
 
 
 @dataclass(frozen=True)
@@ -479,7 +489,9 @@ class Scripts:
         args = dict(locals())
         del args["self"]
         raw = await self._run("finish", args)
-        return FinishReply(FinishStatus(raw["status"]), bool(raw["breaker_opened"]))
+        return FinishReply(
+            FinishStatus(raw["status"]), bool(raw["breaker_opened"]), bool(raw["ended"])
+        )
 
     async def cancel(
         self,

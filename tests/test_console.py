@@ -521,9 +521,15 @@ def test_keys_using_the_most_tokens_come_from_admin_usage(
             for _ in range(n):
                 r = client.post("/api/generate", json=GEN, headers={"X-API-Key": key})
                 assert r.status_code == 200, r.text
-        r = client.get("/admin/usage", headers=ADMIN)
-        assert r.status_code == 200, r.text
-        usage = r.json()["keys"]
+
+        def counted() -> dict[str, Any] | None:  # the workers add usage every 0.5 s
+            r = client.get("/admin/usage", headers=ADMIN)
+            assert r.status_code == 200, r.text
+            keys = r.json()["keys"]
+            served = {name: keys.get(name, {}).get("output_tokens") for name in keys}
+            return keys if served == {"team-big": 15, "team-small": 5} else None
+
+        usage = wait_until(counted, what="the usage of every job in /admin/usage")
         assert usage["team-big"]["requests"] == 3
         console = open_console(stack)
         console.sign_in()

@@ -397,9 +397,10 @@ def test_usage_is_charged_from_the_engines_counts(
     def counted() -> dict[str, float] | None:
         keys = httpx.get(stack.url + "/admin/usage", headers={"X-Admin-Key": "adm"}).json()
         usage = keys["keys"].get("team-a")
-        return usage if usage and usage["requests"] == 4 else None
+        done = usage and usage["requests"] == 4 and usage["output_tokens"] == outputs
+        return usage if done else None  # the workers add tokens every 0.5 s
 
-    usage = wait_until(counted, what="four requests in /admin/usage")
+    usage = wait_until(counted, what="four requests and their tokens in /admin/usage")
     assert (usage["input_tokens"], usage["output_tokens"]) == (inputs, outputs)
 
 

@@ -219,9 +219,10 @@ def test_admin_usage_is_what_ollama_reported(make_stack: StackFactory, tmp_path:
 
     def counted() -> dict[str, float] | None:
         usage = _usage(stack).get("team-a")
-        return usage if usage and usage["requests"] == 4 else None
+        done = usage and usage["requests"] == 4 and usage["output_tokens"] == outputs
+        return usage if done else None  # the workers add tokens every 0.5 s
 
-    usage = wait_until(counted, what="four requests in /admin/usage")
+    usage = wait_until(counted, what="four requests and their tokens in /admin/usage")
     assert isinstance(usage, dict)
     assert (usage["input_tokens"], usage["output_tokens"]) == (inputs, outputs)
     assert usage["gpu_seconds"] > 0

@@ -24,6 +24,7 @@ from shared.scripts import (
 )
 from shared.settings import Backend
 from tests.processes import Process
+from worker.tally import Tally
 
 FLEET = fleet_argv([Backend(name="gpu-a", url="http://127.0.0.1:1", gpu_concurrency=1)])
 _databases = itertools.count(200)
@@ -170,10 +171,18 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     assert await redis.hget(keys.job(first.job_id), "status") == b"running"
     assert await dispatch(scripts) == []
     done = await finish(scripts, grants[0])
-    assert done.status is FinishStatus.SUCCEEDED
+    assert done.status is FinishStatus.SUCCEEDED and done.ended
     assert await redis.zcard(keys.RUNNING) == 0
     assert await redis.keys("arq:*") == []
+    tally = Tally()  # the counters, as the worker adds them (worker/tally.py)
+    tally.dispatched(grants[0])
+    usage = {"input_tokens": 3, "output_tokens": 5}
+    tally.finished(grants[0], done, error_code="", duration_ms=12.0, **usage)
+    await tally.flush(redis)
     assert await redis.hget(keys.USAGE, "anonymous|output_tokens") == b"5"
+    assert await redis.hget(keys.STATS, "jobs_succeeded") == b"1"
+    assert await redis.hget(keys.histogram("job_duration_seconds"), "0.05") == b"1"
+    assert await redis.hget(keys.histogram("queue_wait_seconds"), "sum") is not None
     assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
 
 
@@ -213,7 +222,7 @@ async def test_finish_keeps_the_moving_means_of_cost_and_time(
         await admit(scripts)
         (grant,) = await dispatch(scripts)
         await finish(scripts, grant, **run)
-    stats = await redis.hmget(keys.STATS, "mean_cost", "mean_job_ms")
+    stats = await redis.hmget(keys.MODEL_STATS, keys.MEAN_COST, keys.MEAN_JOB_MS)
     # cost: 13, then 13 + 0.2 (5 - 13) = 11.4, then 11.4 + 0.2 (2 - 11.4) = 9.52
     assert [float(v) for v in stats] == pytest.approx([9.52, 14.0])
     assert float(await redis.hget(keys.MODEL_STATS, "llama3.2")) == pytest.approx(14.0)
@@ -287,8 +296,10 @@ async def test_no_slot_is_granted_on_a_new_master_until_workers_reasserted(
     await admit(scripts)
     await redis.set(keys.MASTER, "the-run-id-of-a-master-that-died")
     assert await dispatch(scripts) == []
-    assert 0 < await redis.pttl(keys.FENCE) <= 2_000
-    await redis.delete(keys.FENCE)  # the fence lapsed: the heartbeats came in
+    run_id, until_ms = (await redis.get(keys.MASTER)).decode().split()
+    seconds, micros = await redis.time()
+    assert 0 < int(until_ms) - (seconds * 1000 + micros // 1000) <= 2_000  # fenced for 2 s
+    await redis.set(keys.MASTER, f"{run_id} 0")  # the fence lapsed: the heartbeats came in
     assert len(await dispatch(scripts)) == 1
 
 

@@ -154,7 +154,7 @@ class GateWorker(Worker):
         at, cost = self._cost
         if time.monotonic() - at > 1.0:
             with contextlib.suppress(*store.REDIS_ERRORS):
-                raw = await self.context.redis.hget(keys.STATS, "mean_cost")  # type: ignore[misc]
+                raw = await self.context.redis.hget(keys.MODEL_STATS, keys.MEAN_COST)  # type: ignore[misc]
                 cost = float(raw) if raw else 1.0
             self._cost = (time.monotonic(), cost)
         return cost
@@ -163,6 +163,7 @@ class GateWorker(Worker):
         """What arq's `start_jobs` does once it has claimed a job: the claim itself was
         dispatch.lua's."""
         self.context.hold(grant)
+        self.context.tally.dispatched(grant)
         await self.sem.acquire()  # never waits: there was a free place
         self.job_counter += 1
         task = self.loop.create_task(self.run_job(grant.run_id, int(time.time() * 1000)))
@@ -232,6 +233,8 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext = ctx["gate"]
     await stop_loops(context)
+    with contextlib.suppress(*store.REDIS_ERRORS):
+        await context.tally.flush(context.redis)  # the counts of its last runs
     with contextlib.suppress(*store.REDIS_ERRORS):
         async with context.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys.WORKERS, context.worker_id)

@@ -146,6 +146,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     started = time.monotonic()
     warned = False
     error = outcome.error
+    error_code = "" if error is None else str(error.get("code", ""))
     # a batch's line: its end is a line of the batch's output or error file
     batch_line = output_line(grant, outcome) if grant.batch else ""
     result = "" if grant.batch else outcome.result
@@ -160,7 +161,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 content_type=outcome.content_type,
                 result=result,
                 error="" if error is None else json.dumps(error),
-                error_code="" if error is None else str(error.get("code", "")),
+                error_code=error_code,
                 duration_ms=held.duration_ms,
                 input_tokens=outcome.usage.input_tokens,
                 output_tokens=outcome.usage.output_tokens,
@@ -185,6 +186,14 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 )
             await asyncio.sleep(REDIS_RETRY_S)
             continue
+        ctx.tally.finished(
+            grant,
+            reply,
+            error_code=error_code,
+            duration_ms=held.duration_ms,
+            input_tokens=outcome.usage.input_tokens,
+            output_tokens=outcome.usage.output_tokens,
+        )
         if settings.redis_min_replicas > 0:  # the end survives a failover too
             with contextlib.suppress(*REDIS_ERRORS):
                 await ctx.lane.wait_replicas(settings.redis_min_replicas, settings.redis_wait_ms)

@@ -35,6 +35,7 @@ from shared.store import redis_errors
 from worker.adaptive import adaptive_loop
 from worker.batches import batch_loop
 from worker.state import WorkerContext
+from worker.tally import tally_loop
 from worker.webhooks import webhook_loop
 
 log = logging.getLogger("gpugate.worker")
@@ -57,6 +58,7 @@ def start_loops(ctx: WorkerContext) -> None:
         "cancels": cancel_loop,
         "fleet": fleet_loop,
         "adaptive": adaptive_loop,
+        "tally": tally_loop,
         "batches": batch_loop,
         "webhooks": webhook_loop,
     }

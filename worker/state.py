@@ -20,6 +20,7 @@ from shared.outage import Outage
 from shared.scripts import Grant, HeldRun, Scripts
 from shared.settings import Backend, Settings
 from worker.meter import Meter
+from worker.tally import Tally
 
 log = logging.getLogger("gpugate.worker")
 
@@ -71,6 +72,8 @@ class WorkerContext:
     """Shared by the worker's loops, so an outage is logged once per worker."""
     meter: Meter = field(default_factory=Meter)
     """What this worker's runs did per backend, until its next flush (worker/meter.py)."""
+    tally: Tally = field(default_factory=Tally)
+    """The fleet's counters this worker's runs add to, until its next flush (worker/tally.py)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     """The worker's background loops (worker/loops.py)."""
 

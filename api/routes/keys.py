@@ -81,14 +81,14 @@ async def me(request: Request, gate: GateDep) -> dict[str, Any]:
     window = who.budget.window(now) if who.budget else None
     with redis_errors():
         pipe = gate.redis.pipeline(transaction=False)
-        pipe.hmget(keys.bucket(who.owner), ["tokens", "ts"])
+        pipe.get(keys.bucket(who.owner))
         if window is not None:
             pipe.get(keys.budget(who.owner, window[0]))
         replies = await pipe.execute()
-    level, ts = replies[0]
     per_ms = tier.rate.per_second / 1000
     tokens = float(tier.burst)
-    if level is not None and ts is not None:
+    if replies[0] is not None:  # "<tokens> <ms>" (lua/lib/buckets.lua)
+        level, ts = replies[0].split()
         tokens = min(tier.burst, float(level) + max(0.0, now * 1000 - float(ts)) * per_ms)
     budget = None
     if who.budget is not None and window is not None:

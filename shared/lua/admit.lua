@@ -34,9 +34,9 @@ local function answer(outcome, job_id, rank, extra)
         serving_cap = serving_cap + b.cap
       end
     end
-    local mean = redis.call('HGET', K_MODEL_STATS, A.model) or redis.call('HGET', K_STATS, 'mean_job_ms')
+    local means = redis.call('HMGET', K_MODEL_STATS, A.model, MEAN_JOB_MS)
     out.depth, out.running, out.cap = redis.call('ZCARD', K_QUEUED), running, cap
-    out.serving_cap, out.mean_job_ms = serving_cap, tonumber(mean)
+    out.serving_cap, out.mean_job_ms = serving_cap, tonumber(means[1] or means[2])
   end
   if budget ~= nil then
     out.budget = budget

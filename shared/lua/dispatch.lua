@@ -1,4 +1,4 @@
--- uses: clock, stats, fleet, fairshare, batch, job
+-- uses: clock, fleet, fairshare, batch, job
 -- The scheduler: grant up to `want` GPU slots to a worker, over every waiting job of the
 -- fleet, in one decision (shared/scripts.py `dispatch`).
 --
@@ -31,13 +31,15 @@ local now = now_ms()
 -- After a failover (or a restart from the append-only file) this Redis may lack the
 -- newest grants: the workers re-assert the runs they hold with their next heartbeat
 -- (heartbeat.lua), and until they had the time to, no slot is granted.
+-- K_MASTER: the run id of the Redis that last dispatched, and until when it is fenced.
 local master = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-local known = redis.call('GET', K_MASTER)
+local known, fenced_until = string.match(redis.call('GET', K_MASTER) or '', '^(%S+) ?(%d*)$')
+fenced_until = tonumber(fenced_until) or 0
 if known ~= master then
-  redis.call('SET', K_MASTER, master)
-  if known then redis.call('SET', K_FENCE, 1, 'PX', A.fence_ms) end
+  if known then fenced_until = now + A.fence_ms end
+  redis.call('SET', K_MASTER, master .. ' ' .. fenced_until)
 end
-if redis.call('EXISTS', K_FENCE) == 1 then return '[]' end
+if now < fenced_until then return '[]' end
 
 local backends = read_backends(2)
 local free_total = 0
@@ -129,8 +131,8 @@ end
 -- any backend, else the prior).
 local function expected_wait_ms(model, loaded_cap)
   local waiting = math.max(1, tonumber(redis.call('HGET', K_WAITING_MODELS, model)) or 1)
-  local mean = tonumber(redis.call('HGET', K_MODEL_STATS, model))
-    or tonumber(redis.call('HGET', K_STATS, 'mean_job_ms')) or A.job_prior_ms
+  local means = redis.call('HMGET', K_MODEL_STATS, model, MEAN_JOB_MS)
+  local mean = tonumber(means[1] or means[2]) or A.job_prior_ms
   return waiting * mean / math.max(1, loaded_cap)
 end
 
@@ -256,7 +258,8 @@ local function place(job)
 end
 
 -- Job `job_id` takes a slot of backend `b` (either band): its run enters the running
--- sets, the job `running`, the grant made for the worker.
+-- sets, the job `running`, the grant made for the worker (`job`: read with its `body`,
+-- `owner_name` and `traceparent`).
 local function occupy(job_id, job, b, cost, fields)
   local run_id = run_of(job_id, job.attempt)
   redis.call('ZADD', K_RUNNING, now, run_id)
@@ -276,29 +279,29 @@ local function occupy(job_id, job, b, cost, fields)
   b.free = b.free - 1
   b.running = b.running + 1
   free_total = free_total - 1
-  local more = redis.call('HMGET', K_JOB .. job_id, 'body', 'owner_name', 'traceparent')
   local out = {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
-    endpoint = job.endpoint, body = more[1], stream = job.stream == '1', backend = b.name,
-    model = job.model, owner_name = more[2], cold = cold}
-  if more[3] then  -- traced (shared/telemetry.py): the worker's spans join the trace
-    out.traceparent, out.queued_at_ms, out.started_at_ms = more[3], tonumber(job.created_at), now
+    endpoint = job.endpoint, body = job.body, stream = job.stream == '1', backend = b.name,
+    model = job.model, owner_name = job.owner_name, usage_name = job.usage_name, cold = cold}
+  if job.traceparent then  -- traced (shared/telemetry.py): the worker's spans join the trace
+    out.traceparent, out.queued_at_ms, out.started_at_ms = job.traceparent, tonumber(job.created_at), now
   end
   return out
 end
 
 local function grant(c, job_id, job, b)
-  leave_waiting(job_id, c.owner, job.model, now)
   local weight = tonumber(job.weight) or 1
   local cost = A.provisional_cost / weight
   if c.counter > vtc_floor then
     vtc_floor = c.counter
     redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
   end
-  charge(c.owner, cost, now)
+  charge(c.owner, cost, now)  -- while it waits: an owner that stops waiting is marked idle once
   c.counter = c.counter + cost
-  observe('queue_wait_seconds', (now - tonumber(job.created_at)) / 1000, QUEUE_WAIT_BOUNDS)
+  leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '')
   waiting_models[job.model] = nil
-  return occupy(job_id, job, b, cost)
+  local out = occupy(job_id, job, b, cost)
+  out.waited_ms = now - tonumber(job.created_at)  -- the worker's queue-wait histogram
+  return out
 end
 
 -- max_running (api/apikeys.py): a known key's runs now (entries of runs that ended are
@@ -335,7 +338,7 @@ local function grant_for(c)
   for _, job_id in ipairs(ids) do
     local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
       'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
-      'key_record', 'usage_name', 'session')
+      'key_record', 'usage_name', 'session', 'body', 'owner_name', 'traceparent')
     local deadline = tonumber(job.deadline_at)
     if job.held then  -- admitted, but not yet on the replicas (release.lua)
     elseif job.status ~= S_QUEUED then
@@ -405,11 +408,11 @@ local function start_line(c, batch_id, batch, model, b)
   local limits = {usage_name = batch.usage_name, max_running = batch.max_running}
   local job_id = line_job_id(batch_id, n)
   local job = read_job(job_id, 'status', 'attempt', 'runs', 'model', 'endpoint', 'created_at',
-    'custom_id')
+    'custom_id', 'body', 'owner_name')
   if not job.status then  -- its first start: the line becomes a job
     local line = cjson.decode(redis.call('HGET', K_BATCH_LINES .. batch_id, n))
     job = {attempt = 1, runs = 0, model = model, endpoint = batch.endpoint, created_at = now,
-      custom_id = line.custom_id}
+      custom_id = line.custom_id, body = line.body, owner_name = batch.owner_name}
     set_status(job_id, S_QUEUED, 'id', job_id, 'owner', c.owner,
       'owner_name', batch.owner_name, 'usage_name', batch.usage_name,
       'endpoint', batch.endpoint, 'model', model, 'body', line.body, 'stream', 0, 'sync', 0,
@@ -421,6 +424,7 @@ local function start_line(c, batch_id, batch, model, b)
     redis.call('PEXPIRE', K_JOB .. job_id, tonumber(batch.files_ttl_ms))
     redis.call('HINCRBY', K_USAGE, batch.usage_name .. '|requests', 1)
   end
+  job.usage_name = batch.usage_name
   batch_move(batch_id, -1, 1)
   local cost = A.provisional_cost / (tonumber(batch.weight) or 1)
   charge_batch(c.owner, cost)

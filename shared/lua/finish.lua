@@ -1,6 +1,7 @@
--- uses: clock, buckets, stats, fairshare, job
+-- uses: clock, buckets, fairshare, job
 -- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
--- Ollama served (fair-share counter, tpm bucket, usage), and record the outcome.
+-- Ollama served (fair-share counter, tpm bucket, budget), and record the outcome. (Usage,
+-- the end's count and the histograms are the worker's tally: worker/tally.py.)
 -- `retry`: the backend failed before any byte reached the client: the job is queued
 -- again avoiding that backend (failed instead once it ran max_attempts times).
 -- A job cancelled while running stays `cancelled`; a run that is no longer the job's
@@ -19,31 +20,32 @@ local job = read_job(job_id, 'status', 'attempt', 'backend', 'owner', 'usage_nam
 local backend = A.backend
 free_run(run_id, backend, A.wake)
 
+local ended = false  -- this run ended its job (not a batch line's): the worker counts it
 local function reply(status, opened)
-  return cjson.encode({status = status, breaker_opened = opened})
+  return cjson.encode({status = status, breaker_opened = opened, ended = ended})
 end
 if tonumber(job.attempt) ~= A.attempt then return reply(RUN_STALE, false) end
 
--- what was served: charged whether the job succeeded or not
+-- what was served: charged whether the job succeeded or not. `record`: the job's fields
+-- this run sets, written with its status below (one HSET).
 local served = A.input_tokens + A.output_tokens
+local record = {}
+local function note(...)
+  for _, v in ipairs({...}) do table.insert(record, v) end
+end
 if served > 0 or A.duration_ms > 0 then
   local weight = tonumber(job.weight) or 1
   local cost = (A.input_tokens + 2 * A.output_tokens) / weight
   local settled = cost - (tonumber(job.vtc_charged) or 0)
   if job.batch then charge_batch(job.owner, settled) else charge(job.owner, settled, now) end
-  redis.call('HSET', K_JOB .. job_id, 'vtc_charged', 0, 'input_tokens', A.input_tokens,
-    'output_tokens', A.output_tokens)
-  local name = job.usage_name
-  redis.call('HINCRBY', K_USAGE, name .. '|input_tokens', A.input_tokens)
-  redis.call('HINCRBY', K_USAGE, name .. '|output_tokens', A.output_tokens)
-  redis.call('HINCRBYFLOAT', K_USAGE, name .. '|gpu_ms', A.duration_ms)
+  note('vtc_charged', 0, 'input_tokens', A.input_tokens, 'output_tokens', A.output_tokens)
   local rate = tonumber(job.tpm_rate) or 0
   if rate > 0 then
     local burst, key = tonumber(job.tpm_burst), K_TOKEN_BUCKET .. job.owner
     local level = bucket_level(key, rate, burst, now)
     level = level + (tonumber(job.reserved_tokens) or 0) - served
     bucket_store(key, level, rate, burst, now)
-    redis.call('HSET', K_JOB .. job_id, 'reserved_tokens', 0)
+    note('reserved_tokens', 0)
   end
 end
 -- The key's budget (admit.lua reserved what the request named): what was served is
@@ -54,7 +56,7 @@ local function settle_budget(final)
   if delta ~= 0 and redis.call('EXISTS', job.budget_key) == 1 then
     redis.call('INCRBY', job.budget_key, delta)
   end
-  if final then redis.call('HSET', K_JOB .. job_id, 'budget_reserved', 0) end
+  if final then note('budget_reserved', 0) end
 end
 settle_budget(not (job.status == S_RUNNING and A.status == RUN_RETRY
   and tonumber(job.runs) < A.max_attempts))
@@ -76,17 +78,23 @@ local status = A.status
 if job.status == S_RUNNING then
   if status == RUN_RETRY and tonumber(job.runs) < A.max_attempts then
     local avoid = ((job.avoid or '') .. ' ' .. backend):gsub('^ ', '')
-    requeue(job_id, job, A.record_ttl_ms, {'avoid', avoid})
+    note('avoid', avoid)
+    requeue(job_id, job, A.record_ttl_ms, record)
   else
     if status == RUN_RETRY then status = S_FAILED end
     local fields = {'http_status', A.http_status, 'content_type', A.content_type,
       'result', A.result}
     if A.error ~= '' then table.insert(fields, 'error'); table.insert(fields, A.error) end
-    finalize(job_id, status, fields, now, A.result_ttl_ms, job, A.batch_line)
+    finalize(job_id, status, fields, now, A.result_ttl_ms,
+      {waiter = job, line = A.batch_line, record = record, counted = true})
+    ended = not job.batch
   end
-elseif job.status == S_CANCELLED then
-  end_cancelled_run(job_id, A.result_ttl_ms)
-  status = S_CANCELLED
+else
+  if #record > 0 then redis.call('HSET', K_JOB .. job_id, unpack(record)) end
+  if job.status == S_CANCELLED then
+    end_cancelled_run(job_id, A.result_ttl_ms)
+    status = S_CANCELLED
+  end
 end
 
 local opened = false
@@ -103,9 +111,9 @@ do
     redis.call('HSET', K_BACKEND_FAILURES, backend, 0)
   end
 end
-if A.error_code ~= '' then redis.call('HINCRBY', K_STATS, 'errors_' .. A.error_code, 1) end
--- The fleet's moving means: a job's cost (the provisional charge of dispatch.lua) for
--- whatever was served, and a success's time, the fleet's and its model's (wait estimates).
+-- The fleet's moving means (K_MODEL_STATS): a job's cost (the provisional charge of
+-- dispatch.lua) for whatever was served, and a success's time, the fleet's and its
+-- model's (wait estimates).
 local function ewma(mean, value)
   mean = tonumber(mean)
   return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
@@ -114,22 +122,19 @@ local costed, timed = served > 0 or A.duration_ms > 0, status == S_SUCCEEDED
 -- a job's service time, without a model load (a load is weighed apart: dispatch.lua)
 local service_ms = math.max(0, A.duration_ms - A.model_load_ms)
 if costed or timed then
-  local means = redis.call('HMGET', K_STATS, 'mean_cost', 'mean_job_ms')
+  local model = job.model or ''
+  local means = redis.call('HMGET', K_MODEL_STATS, MEAN_COST, MEAN_JOB_MS, model)
   local update = {}
   if costed then
-    table.insert(update, 'mean_cost')
+    table.insert(update, MEAN_COST)
     table.insert(update, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
   end
   if timed then
-    table.insert(update, 'mean_job_ms')
+    table.insert(update, MEAN_JOB_MS)
     table.insert(update, ewma(means[2], service_ms))
+    table.insert(update, model)
+    table.insert(update, ewma(means[3], service_ms))
   end
-  redis.call('HSET', K_STATS, unpack(update))
+  redis.call('HSET', K_MODEL_STATS, unpack(update))
 end
-if timed then
-  local model = job.model or ''
-  local mean = redis.call('HGET', K_MODEL_STATS, model)
-  redis.call('HSET', K_MODEL_STATS, model, ewma(mean, service_ms))
-end
-observe('job_duration_seconds', A.duration_ms / 1000, JOB_DURATION_BOUNDS)
 return reply(status, opened)

@@ -76,10 +76,15 @@ end
 local floor = math.min(fair_share_floor(),
   tonumber(redis.call('HGET', K_STATS, 'vtc_floor')) or 0)
 redis.call('ZREMRANGEBYSCORE', K_VTC, '-inf', '(' .. floor)
-local forgotten = redis.call('ZRANGEBYSCORE', K_VTC_IDLE, '-inf', now - A.fair_share_memory_ms,
+-- (an owner that waits again keeps its idle mark, lib/fairshare.lua: not forgotten)
+local idle = redis.call('ZRANGEBYSCORE', K_VTC_IDLE, '-inf', now - A.fair_share_memory_ms,
   'LIMIT', 0, 1000)
-if #forgotten > 0 then
-  redis.call('ZREM', K_VTC, unpack(forgotten))
-  redis.call('ZREM', K_VTC_IDLE, unpack(forgotten))
+if #idle > 0 then
+  redis.call('ZREM', K_VTC_IDLE, unpack(idle))
+  local forgotten = {}
+  for _, owner in ipairs(idle) do
+    if not redis.call('ZSCORE', K_BACKLOG, owner) then table.insert(forgotten, owner) end
+  end
+  if #forgotten > 0 then redis.call('ZREM', K_VTC, unpack(forgotten)) end
 end
 return cjson.encode({lost = lost, cancelled = cancelled, reaped = #reaped})

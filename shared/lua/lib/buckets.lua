@@ -2,17 +2,17 @@
 
 -- Token bucket: its level after refill at `now` (a missing bucket is full). A bucket may
 -- be below zero (the tpm bucket, charged after the fact).
+-- A bucket is a string "<tokens> <ms>" (its level, and when it was stored): one GET, one SET.
 local function bucket_level(key, rate_per_ms, burst, now)
-  local v = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens = tonumber(v[1])
+  local tokens, ts = string.match(redis.call('GET', key) or '', '^(%S+) (%d+)$')
   if tokens == nil then return burst end
-  return math.min(burst, tokens + math.max(0, now - tonumber(v[2])) * rate_per_ms)
+  return math.min(burst, tonumber(tokens) + math.max(0, now - tonumber(ts)) * rate_per_ms)
 end
 
 local function bucket_store(key, tokens, rate_per_ms, burst, now)
-  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', now)
   -- an idle bucket is full again after this long; then it is the same as no bucket
-  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate_per_ms) + 1000)
+  redis.call('SET', key, string.format('%.17g %d', tokens, now),
+    'PX', math.ceil((burst - tokens) / rate_per_ms) + 1000)
 end
 
 local function full_in_ms(tokens, rate_per_ms, burst)

@@ -13,13 +13,17 @@ end
 -- Add a queued job to the waiting sets: the fleet's backlog, its owner's queue, and the
 -- owner to the fair-share backlog (lifted, if it had nothing waiting). `owner_queued`: how
 -- many jobs the owner has waiting, when the caller read it already.
+-- (Its idle mark, K_VTC_IDLE, stays: heartbeat.lua forgets no counter of an owner that
+-- waits, and leave_waiting marks it again when it stops waiting.)
 local function enqueue_waiting(job_id, owner, score, model, priority, owner_queued)
   local oq = K_OWNER_QUEUE .. owner
   if (owner_queued or redis.call('ZCARD', oq)) == 0 then
     local counter = tonumber(redis.call('ZSCORE', K_VTC, owner)) or 0
-    counter = math.max(counter, fair_share_floor())
-    redis.call('ZADD', K_VTC, counter, owner)
-    redis.call('ZREM', K_VTC_IDLE, owner)
+    local floor = fair_share_floor()
+    if floor > counter then
+      counter = floor
+      redis.call('ZADD', K_VTC, counter, owner)
+    end
     redis.call('ZADD', K_BACKLOG, counter, owner)
     redis.call('HSET', K_OWNER_PRIORITY, owner, priority)
   end
@@ -30,8 +34,9 @@ end
 
 -- Take a job out of the waiting sets (it starts, is cancelled, or expires). An owner left
 -- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
--- for the fair-share memory (heartbeat.lua), unless it waits again first.
-local function leave_waiting(job_id, owner, model, now)
+-- for the fair-share memory (heartbeat.lua), unless it waits again first. `untimed`: the
+-- caller knows the job has no deadline (admit.lua's K_DEADLINES entry).
+local function leave_waiting(job_id, owner, model, now, untimed)
   local oq = K_OWNER_QUEUE .. owner
   if redis.call('ZREM', oq, job_id) == 1 then
     if redis.call('HINCRBY', K_WAITING_MODELS, model, -1) <= 0 then
@@ -39,7 +44,7 @@ local function leave_waiting(job_id, owner, model, now)
     end
   end
   redis.call('ZREM', K_QUEUED, job_id)
-  redis.call('ZREM', K_DEADLINES, job_id)
+  if not untimed then redis.call('ZREM', K_DEADLINES, job_id) end
   if redis.call('ZCARD', oq) == 0 then
     redis.call('ZREM', K_BACKLOG, owner)
     redis.call('HDEL', K_OWNER_PRIORITY, owner)

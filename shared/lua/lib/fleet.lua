@@ -38,5 +38,5 @@ end
 
 -- Wake one idle worker (BLPOP on K_WAKE); the list stays short when no worker is idle.
 local function wake_one()
-  if redis.call('LLEN', K_WAKE) < WAKE_MAX then redis.call('LPUSH', K_WAKE, 1) end
+  if redis.call('LPUSH', K_WAKE, 1) > WAKE_MAX then redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1) end
 end

@@ -44,27 +44,33 @@ end
 
 -- End a job: final fields, the `end` event for waiters (with the outcome itself for a
 -- synchronous caller, so it needs no second read), the record kept for result_ttl, its
--- key's webhook told. `waiter`: the job's `sync`, `inbox`, `hook` and `batch` fields (and a
--- batch line's `custom_id`), when the caller read them already. A batch line's end goes
--- to its batch instead (lib/batch.lua): `line` is what the worker made of its answer.
-local function finalize(job_id, status, fields, now, result_ttl_ms, waiter, line)
-  waiter = waiter or read_job(job_id, 'sync', 'inbox', 'hook', 'batch', 'custom_id')
+-- key's webhook told, the end counted. `opts` (each optional): `waiter`, the job's `sync`,
+-- `inbox`, `hook` and `batch` fields (and a batch line's `custom_id`) when the caller read
+-- them already; `record`, more fields of the job set with the status (not told to the
+-- waiter); `counted`, the caller counts the end itself (finish.lua: its worker's tally).
+-- A batch line's end goes to its batch instead (lib/batch.lua): `opts.line` is what the
+-- worker made of its answer.
+local function finalize(job_id, status, fields, now, result_ttl_ms, opts)
+  opts = opts or {}
+  local waiter = opts.waiter or read_job(job_id, 'sync', 'inbox', 'hook', 'batch', 'custom_id')
   if waiter.batch then
     local error_text = nil
     for i = 1, #fields, 2 do
       if fields[i] == 'error' then error_text = fields[i + 1] end
     end
-    batch_line_end(job_id, waiter, status, error_text, line, now)
+    batch_line_end(job_id, waiter, status, error_text, opts.line, now)
     return
   end
-  set_status(job_id, status, 'finished_at', now, unpack(fields))
+  local set = {'finished_at', now, unpack(fields)}
+  for _, v in ipairs(opts.record or {}) do table.insert(set, v) end
+  set_status(job_id, status, unpack(set))
   redis.call('PEXPIRE', K_JOB .. job_id, result_ttl_ms)
   local event = {'type', 'end', 'status', status}
   if waiter.sync == '1' then
     for i = 1, #fields do table.insert(event, fields[i]) end
   end
   post_end(job_id, event, waiter.inbox, result_ttl_ms)
-  redis.call('HINCRBY', K_STATS, 'jobs_' .. status, 1)
+  if not opts.counted then redis.call('HINCRBY', K_STATS, 'jobs_' .. status, 1) end
   emit_webhook(waiter.hook, 'job.' .. status, job_id, now)
 end
 
