@@ -297,6 +297,9 @@ class Grant:
     """Whose usage the run is (shared/jobs.py `usage_name`), for the worker's tally."""
     waited_ms: int | None = None
     """How long the job waited in the queue (interactive jobs; a batch line has no wait)."""
+    cap: int = 0
+    """The backend's cap when the run was granted (its effective cap when adaptive): the
+    adaptive controller learns a cap's pace only from the runs that started under it."""
 
 
 @dataclass(frozen=True)

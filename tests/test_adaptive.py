@@ -10,11 +10,15 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from shared import keys
+from shared.scripts import Scripts
 from shared.settings import Backend, Settings
 from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
 from tests.processes import Process, start_sim, wait_until
 from worker.adaptive import Window, decide
+from worker.meter import Meter, Pace
 
 JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"}}
 
@@ -22,10 +26,11 @@ slow_sim = slow_sim_fixture(0.05)
 
 
 def _window(concurrency: int, tpot_ms: float) -> Window:
-    """Two seconds of a saturated backend: `concurrency` streams at `tpot_ms` each deliver
+    """A window of a saturated backend: `concurrency` streams at `tpot_ms` each deliver
     concurrency / tpot tokens a second (Little's law)."""
-    tokens = concurrency * 2000 / tpot_ms
-    return Window(jobs=max(4, concurrency), tokens=tokens, tpot_ms=tpot_ms, span_s=2.0)
+    return Window(
+        jobs=max(4, concurrency), tpot_ms=tpot_ms, tokens_per_s=concurrency * 1000 / tpot_ms
+    )
 
 
 def _gpu(knee: int, concurrency: int, base_ms: float = 20.0) -> Window:
@@ -118,6 +123,60 @@ def test_on_an_engine_whose_tokens_per_second_keep_rising_the_cap_follows_them(
     caps = _run([0] * 40, card=lambda _, n: _cpu_engine(n, measured))
     settled = [_cpu_engine(n, measured).tokens_per_s for n in caps[15:]]
     assert min(settled) >= 0.9 * measured[16], caps
+
+
+async def test_a_cap_is_measured_by_the_runs_that_started_under_it(redis_proc: Process) -> None:
+    """Right after a step up from 4 to 8, runs granted under 4 still end (faster: fewer ran
+    beside them); the window at 8 is its own runs only, by Little's law: 8 slots x 128
+    tokens / 2.8 s of runs. Counting the tokens that ended in the window instead would read
+    the step up as a loss for the first window (what held llama-server at 1)."""
+    redis = Redis.from_url(f"redis://127.0.0.1:{redis_proc.port}/0")
+    try:
+        await redis.flushdb()
+        meter = Meter()
+        for _ in range(4):
+            meter.record("gpu", 4, 32, 400.0)
+            meter.record("gpu", 8, 32, 700.0)
+        meter.record("gpu", 8, 0, 50.0)  # an embedding: no pace
+        await meter.flush(redis)
+        taken = await Scripts(redis.execute_command).meter_take(backend="gpu", min_jobs=4)
+        window = Window.of_runs(8, *(taken[f"{part}:8"] for part in Pace.FIELDS))
+        assert window.jobs == 4
+        assert window.tpot_ms == pytest.approx(700 / 32)
+        assert window.tokens_per_s == pytest.approx(8 * 128 * 1000 / 2800)
+        assert await redis.exists(keys.METER + "gpu") == 0  # taken: the next window is new
+    finally:
+        await redis.aclose()
+
+
+def test_the_cap_stays_or_goes_back_where_it_delivered_the_most() -> None:
+    """llama-server, every cap measured: a burst's last window (not saturated, every
+    stream slow) leaves the cap at 16, where it delivered the most (it was halved there,
+    and each burst began at half its throughput); brought down to 8 (a 503's halving, a
+    probe below), the first saturated window takes it back to 16."""
+    measured = ENGINE_RUNS[2]
+    best_tpot = 1000 / measured[1]
+    idle = decide(
+        16,
+        16,
+        _cpu_engine(16, measured),
+        best_tpot,
+        saturated=False,
+        tps_at=measured,
+        slow_start=False,
+    )
+    assert idle.cap == 16, idle
+    back = decide(
+        8,
+        16,
+        _cpu_engine(8, measured),
+        best_tpot,
+        saturated=True,
+        tps_at=measured,
+        slow_start=False,
+        since_down=0,
+    )
+    assert back.cap == 16, back
 
 
 def test_the_law_holds_when_the_backend_is_not_saturated() -> None:

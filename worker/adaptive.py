@@ -12,11 +12,15 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
   to deliver no more, twice that cap (so a plateau from 1 to 2 does not hide the rise
   from 4), and never within PROBE_AFTER windows of a step down (each probe past the
   knee costs its window a slower TPOT);
-- TPOT beyond HIGH (x1.2) of the best without that gain: the card is past its knee —
-  come down in one step to the lowest cap that measured nearly the same tokens/s (within
-  GAIN), or, before any was measured, to where TPOT would be TARGET (x1.1) of the best,
-  assuming TPOT grows with the concurrency past the knee (`cap x TARGET / ratio`); at
-  least one lower;
+- a cap measured to deliver nearly the peak tokens/s (within GAIN) below the cap: down to
+  the lowest such cap; none at or below it: up to that cap (after a halving or a probe
+  below, the cap goes back where it delivered, in one window);
+- TPOT beyond HIGH (x1.2) of the best without that gain, and no lower cap measured yet:
+  the card is past its knee — come down in one step to where TPOT would be TARGET (x1.1)
+  of the best, assuming TPOT grows with the concurrency past the knee (`cap x TARGET /
+  ratio`); at least one lower, at most halved. (Once lower caps are measured, the rule
+  above decides, saturated or not: a burst's last window, every slot no longer busy,
+  does not throw away where the cap was);
 - with TPOT above its best at the peak: probe one lower every PROBE_AFTER windows;
 - otherwise: hold. What was measured at each cap is forgotten when a cap delivers
   CHANGED (30 %) less or more than it did (a bigger or a smaller model).
@@ -25,9 +29,10 @@ Both signals matter: a GPU's TPOT is flat up to its knee, but an engine batching
 (llama-server with one thread) slows every stream from the second one on while its
 tokens/s keep rising to 16; on TPOT alone the law held such a backend at 1-2, half of its
 throughput (BENCHMARKS.md, operating point). The tokens/s of each cap are a moving mean
-of the saturated windows measured there (`tps:<cap>` in the controller's state).
+of the saturated windows measured there (`tps:<cap>` in the controller's state), each by
+Little's law over the runs that started under that cap (`Window.of_runs`).
 - A 503, a 429 or an out-of-memory failure from the backend halves the cap at once (at
-  most once a second: BACKOFF_MS).
+  most once a second: BACKOFF_MS), and forgets what the caps above delivered.
 
 The best TPOT drifts up by DRIFT a window, so a backend that changes (a bigger model)
 is measured again. Why this law and not AIMD or a gradient (Netflix's concurrency-limits):
@@ -35,9 +40,10 @@ AIMD saw-tooths around the knee by design (it must exceed it to see loss), and t
 gradient's queue allowance (√limit) sits past the knee on a card whose TPOT grows past
 it; a TPOT band settles at the knee, within a step.
 
-Fleet-wide: every worker adds what its runs did to the backend's meter in Redis (a flush
-every FLUSH_S); the worker whose turn it is (a short SET NX lease per backend) takes a
-window of at least MIN_JOBS jobs (meter_take.lua) every CONTROL_S and decides; the
+Fleet-wide: every worker adds what its runs did to the backend's meter in Redis, per the
+cap each run was granted under (a flush every FLUSH_S); the worker whose turn it is (a
+short SET NX lease per backend) takes a window of at least MIN_JOBS jobs (meter_take.lua)
+every CONTROL_S and decides once MIN_JOBS of them started under today's cap; the
 effective cap is one field of `gpugate:effective`, which dispatch.lua reads with the caps
 (lib/fleet.lua `read_backends`): several workers and API processes agree on one cap.
 """
@@ -56,6 +62,7 @@ from shared import keys
 from shared.outage import supervised
 from shared.settings import Backend
 from shared.store import redis_errors
+from worker.meter import Pace
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker.adaptive")
@@ -73,17 +80,30 @@ BACKOFF_MS = 1_000
 
 @dataclass(frozen=True)
 class Window:
-    """What a backend's jobs did over one measurement window."""
+    """What the runs that started under a backend's cap and ended in one measurement
+    window did."""
 
     jobs: int
-    tokens: float
     tpot_ms: float
     """Mean time per output token of the window's jobs."""
-    span_s: float
+    tokens_per_s: float
+    """The backend's output tokens a second at that cap, by Little's law (`of_runs`)."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.span_s if self.span_s > 0 else 0.0
+    @classmethod
+    def of_runs(
+        cls, cap: int, jobs: float, tokens: float, tpot_sum: float, busy_ms: float
+    ) -> Window:
+        """A saturated backend runs `cap` jobs at all times, so it serves `cap` x tokens /
+        run time a second. Only runs that started under `cap` count: one that started
+        under a lower cap ran partly at that cap's pace, and counting the jobs that ended
+        in the window instead undercounts a step up by a job's length (a third of a 2-s
+        window for llama-server's 0.7-s jobs), which hid real gains."""
+        jobs_n = int(jobs)
+        return cls(
+            jobs=jobs_n,
+            tpot_ms=tpot_sum / jobs_n if jobs_n else 0.0,
+            tokens_per_s=cap * tokens * 1000 / busy_ms if busy_ms > 0 else 0.0,
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +144,7 @@ def decide(
     known, off, forget, strikes = _remember(dict(tps_at or {}), cap, tps, saturated, strikes)
     facts = (
         f"time per output token {window.tpot_ms:.1f} ms, {ratio:.2f}x its best; "
-        f"{tps:.1f} tokens/s over {window.span_s:.1f}s, {window.jobs} jobs"
+        f"{tps:.1f} tokens/s, {window.jobs} jobs"
     )
     if off and not forget:  # measure again before acting on it
         return Decision(min(cap, ceiling), best, facts, strikes=strikes, tps_at=known)
@@ -133,11 +153,15 @@ def decide(
     if gained:
         facts += f" ({tps / max(below.values()):.2f}x the best below cap {cap})"
     peak = max(known.values(), default=0.0)
-    near = [c for c, v in known.items() if v >= (1 - GAIN) * peak] if saturated else []
-    if near and min(near) < cap and not gained:
-        reason = f"cap {min(near)} delivered as much: "
+    # (what saturated windows measured: known also when this window is not saturated)
+    near = [c for c, v in known.items() if v >= (1 - GAIN) * peak]
+    if near and (min(near) > cap or (min(near) < cap and not gained)):
+        # down to the lowest cap that delivered as much, or back up to one that delivered
+        # more (after a halving, or a probe below)
+        better = "as much" if min(near) < cap else "more"
+        reason = f"cap {min(near)} delivered {better}: "
         return Decision(min(near), best, reason + facts, forget, strikes, known)
-    if ratio > HIGH and not gained and not (saturated and below):
+    if ratio > HIGH and not gained and not below:
         # at most halved: on an engine whose TPOT grows from the second stream on, the
         # formula would send it to 1 at once
         lower = max(1, cap // 2, min(cap - 1, math.floor(cap * TARGET / ratio)))
@@ -215,7 +239,13 @@ async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
         cap = int(raw) if raw else await _ceiling(redis, backend)
         halved = max(1, cap // 2)
         await redis.hset(keys.EFFECTIVE, backend.name, str(halved))  # type: ignore[misc]
-        await redis.hset(keys.ADAPTIVE + backend.name, "pushed_back", "1")  # type: ignore[misc]
+        state_key = keys.ADAPTIVE + backend.name
+        await redis.hset(state_key, "pushed_back", "1")  # type: ignore[misc]
+        # what the caps above delivered no longer draws the cap back up to them
+        measured = await redis.hkeys(state_key)  # type: ignore[misc]
+        above = [f for f in measured if f.startswith(b"tps:") and int(f[4:]) > halved]
+        if above:
+            await redis.hdel(state_key, *above)  # type: ignore[misc]
     if halved != cap:
         log.warning(
             "backend %s: effective concurrency %d -> %d (%s)", backend.name, cap, halved, why
@@ -245,20 +275,15 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         pipe.zcard(keys.QUEUED)
         raw_state, cap_raw, live, running, queued = await pipe.execute()
     state = {k.decode(): v.decode() for k, v in raw_state.items()}
-    best_raw, at_raw = state.get("best_tpot_ms"), state.get("window_at")
+    best_raw = state.get("best_tpot_ms")
     pushed, since_raw = state.get("pushed_back"), state.get("since_down")
     strikes = int(state.get("strikes", "0"))
     tps_at = {int(k[4:]): float(v) for k, v in state.items() if k.startswith("tps:")}
-    now = time.time()
     ceiling = int(live) if live else backend.gpu_concurrency
     cap = min(int(cap_raw) if cap_raw else 1, ceiling)
-    jobs = int(taken.get("jobs", 0))
-    window = Window(
-        jobs=jobs,
-        tokens=taken.get("tokens", 0.0),
-        tpot_ms=taken.get("tpot_sum", 0.0) / max(jobs, 1),
-        span_s=now - float(at_raw) if at_raw else CONTROL_S,
-    )
+    window = Window.of_runs(cap, *(taken.get(f"{part}:{cap}", 0.0) for part in Pace.FIELDS))
+    if window.jobs < MIN_JOBS:
+        return  # the cap changed within the window: its runs are measured in the next
     saturated = int(running) >= cap or int(queued) > 0
     decision = decide(
         cap,
@@ -272,7 +297,7 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         strikes=strikes,
     )
     async with redis.pipeline(transaction=False) as pipe:
-        fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms, "window_at": now}
+        fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms}
         fields["strikes"] = decision.strikes
         if decision.forget:
             pipe.hdel(state_key, *(f"tps:{c}" for c in tps_at))

@@ -25,7 +25,6 @@ from shared.scripts import FinishStatus, Grant
 from shared.store import REDIS_ERRORS
 from worker.adaptive import backoff
 from worker.batches import output_line
-from worker.meter import tpot_ms
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk
 from worker.state import Held, WorkerContext
 
@@ -77,7 +76,8 @@ async def measure(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     if not ctx.settings.adaptive_on(backend):
         return
     tokens = outcome.usage.output_tokens
-    ctx.meter.record(backend.name, tokens, tpot_ms(held.duration_ms, outcome.model_load_ms, tokens))
+    run_ms = max(0.0, held.duration_ms - outcome.model_load_ms)
+    ctx.meter.record(backend.name, held.grant.cap, tokens, run_ms)
     message = str((outcome.error or {}).get("message", ""))
     if outcome.http_status in PUSHBACK_STATUSES or _PUSHBACK.search(message):
         why = f"it answered {outcome.http_status}" if outcome.http_status else message[:120]

@@ -5,6 +5,7 @@ the backend's meter in Redis at every flush, where the adaptive controller reads
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
@@ -14,39 +15,52 @@ METER_TTL_MS = 60_000
 """A meter nobody takes (adaptive turned off) is gone after this."""
 
 
-def tpot_ms(duration_ms: float, model_load_ms: float, output_tokens: int) -> float:
-    """A job's time per output token, as its caller lives it: the run's wall time less a
-    model load, per token. Not Ollama's eval_duration alone: a backend given more than its
-    own parallelism queues requests inside (Ollama past OLLAMA_NUM_PARALLEL, llama.cpp
-    past its slots) and the eval time of each hides that wait."""
-    if output_tokens <= 0:
-        return 0.0
-    return max(0.0, duration_ms - model_load_ms) / output_tokens
+@dataclass
+class Pace:
+    """What a backend's runs that started under one cap did: how many, their output
+    tokens, the sum of their times per output token and of their run times (ms)."""
+
+    jobs: float = 0.0
+    tokens: float = 0.0
+    tpot_sum: float = 0.0
+    busy_ms: float = 0.0
+
+    FIELDS = ("jobs", "tokens", "tpot_sum", "busy_ms")
+
+    def values(self) -> tuple[float, float, float, float]:
+        return self.jobs, self.tokens, self.tpot_sum, self.busy_ms
 
 
 class Meter:
-    """What this worker's runs did per backend, until the next flush to Redis."""
+    """What this worker's runs did per backend and per the cap they started under, until
+    the next flush to Redis (the backend's meter: `jobs`, and `<field>:<cap>` of Pace)."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        self._paces: dict[tuple[str, int], Pace] = defaultdict(Pace)
 
-    def record(self, backend: str, output_tokens: int, tpot_ms: float) -> None:
-        if output_tokens <= 0 or tpot_ms <= 0:
+    def record(self, backend: str, cap: int, output_tokens: int, run_ms: float) -> None:
+        """A run of `backend` granted under `cap` served `output_tokens` in `run_ms`: its
+        wall time less a model load, as its caller lives it. Not Ollama's eval_duration
+        alone: a backend given more than its own parallelism queues requests inside
+        (Ollama past OLLAMA_NUM_PARALLEL, llama.cpp past its slots) and the eval time of
+        each hides that wait."""
+        if output_tokens <= 0 or run_ms <= 0:
             return  # an embedding, an error: no pace to learn from
-        sums = self._sums[backend]
-        sums[0] += 1
-        sums[1] += output_tokens
-        sums[2] += tpot_ms
+        pace = self._paces[backend, cap]
+        pace.jobs += 1
+        pace.tokens += output_tokens
+        pace.tpot_sum += run_ms / output_tokens
+        pace.busy_ms += run_ms
 
     async def flush(self, redis: Redis) -> None:
-        sums, self._sums = self._sums, defaultdict(lambda: [0.0, 0.0, 0.0])
-        if not sums:
+        paces, self._paces = self._paces, defaultdict(Pace)
+        if not paces:
             return
         async with redis.pipeline(transaction=False) as pipe:
-            for backend, (jobs, tokens, tpot_sum) in sums.items():
+            for (backend, cap), pace in paces.items():
                 key = keys.METER + backend
-                pipe.hincrbyfloat(key, "jobs", jobs)
-                pipe.hincrbyfloat(key, "tokens", tokens)
-                pipe.hincrbyfloat(key, "tpot_sum", tpot_sum)
+                pipe.hincrbyfloat(key, "jobs", pace.jobs)
+                for name, value in zip(Pace.FIELDS, pace.values(), strict=True):
+                    pipe.hincrbyfloat(key, f"{name}:{cap}", value)
                 pipe.pexpire(key, METER_TTL_MS)
             await pipe.execute()

@@ -281,7 +281,8 @@ local function occupy(job_id, job, b, cost, fields)
   free_total = free_total - 1
   local out = {run_id = run_id, job_id = job_id, attempt = tonumber(job.attempt),
     endpoint = job.endpoint, body = job.body, stream = job.stream == '1', backend = b.name,
-    model = job.model, owner_name = job.owner_name, usage_name = job.usage_name, cold = cold}
+    model = job.model, owner_name = job.owner_name, usage_name = job.usage_name, cold = cold,
+    cap = b.cap}
   if job.traceparent then  -- traced (shared/telemetry.py): the worker's spans join the trace
     out.traceparent, out.queued_at_ms, out.started_at_ms = job.traceparent, tonumber(job.created_at), now
   end
