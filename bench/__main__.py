@@ -3,7 +3,7 @@
 python -m bench            all benchmarks
 python -m bench latency    one of them (latency, admission, overload, soak, throughput,
                            fairness, fleet, replication, engine, commands,
-                           operating-point, batch)
+                           operating-point, batch, before-after)
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from bench import (
     admission,
     batch,
+    before_after,
     commands,
     engine,
     engine_curve,
@@ -40,6 +41,7 @@ BENCHES = {
     "commands": commands.main,
     "operating-point": operating_point.main,
     "batch": batch.main,
+    "before-after": before_after.main,
 }
 
 

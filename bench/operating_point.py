@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -32,16 +31,13 @@ from bench.operating_point_engine import CapRuns
 from bench.report import ROOT, arguments, is_quick, publish, verdict
 from gpugate.testing.llama import llama_server_binary
 from gpugate.testing.processes import Process, wait_until
+from gpugate.testing.revision import tree_at
 from gpugate.testing.stack import (
     Stack,
     queue,
-    settings_env,
     sim_stats,
-    start_api,
-    start_redis,
     start_sim,
     start_stack,
-    start_worker,
 )
 from gpugate.testing.stats import percentile
 
@@ -308,39 +304,6 @@ BEFORE = "f3616b7"
 """The commit of "Waiting against loading": its parent is gpugate as it was before."""
 
 
-def _tree_before() -> Path | None:
-    """gpugate as it was before `BEFORE` (`git archive`, read only), or None outside a
-    git checkout."""
-    folder = Path(tempfile.mkdtemp(prefix="gpugate-before-"))
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", f"{BEFORE}^"], capture_output=True, check=False
-    )
-    if archive.returncode:
-        return None
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    return folder
-
-
-def _stack_at(tree: Path | None, **settings: object) -> Stack:
-    """`start_stack(None, **settings)`, its workers and API run from `tree` (another
-    revision's code) when given."""
-    if tree is None:
-        return start_stack(None, **settings)
-    redis_server = start_redis()
-    env = {"GPUGATE_REDIS_URL": redis_server.url}
-    env.update(settings_env({"log_level": "warning", **settings}))
-    stack = Stack(redis_server.url, "", env, redis_server=redis_server)
-    try:
-        for _ in range(int(str(settings.get("workers", 1)))):
-            stack.workers.append(start_worker(env, cwd=tree))
-        stack.apis.append(start_api(env, cwd=tree))
-        stack.wait_for_workers(timeout=30)
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
-
-
 async def _three_models(url: str, seconds: float) -> list[tuple[str, float, float]]:
     """4 closed-loop clients per model (3 per slot of the fleet), one API key per model,
     for `seconds`: each request's (model, sent, answered) in seconds from the start."""
@@ -366,8 +329,8 @@ def _third_run(tree: Path | None, seconds: float) -> dict[str, Any]:
     args += ("--parallel", "2", "--tokens", "10", "--token-delay", "0.05")
     sims = [start_sim(*args), start_sim(*args)]
     fleet = [{"name": f"gpu-{i}", "url": s.url, "gpu_concurrency": 2} for i, s in enumerate(sims)]
-    stack = _stack_at(
-        tree, backends=json.dumps(fleet), workers=2, worker_concurrency=4, **NO_LIMITS
+    stack = start_stack(
+        None, tree=tree, backends=json.dumps(fleet), workers=2, worker_concurrency=4, **NO_LIMITS
     )
     try:
 
@@ -400,7 +363,7 @@ def part_b_third(seconds: float) -> tuple[str, dict[str, float]]:
     """The fleet bench's 2-backend run, on today's dispatch and on the one before
     `BEFORE`: each model's longest wait."""
     runs = {"today": _third_run(None, seconds)}
-    tree = _tree_before()
+    tree = tree_at(f"{BEFORE}^")
     if tree is not None:
         runs[f"before ({BEFORE}^)"] = _third_run(tree, seconds)
     lines = [

@@ -453,10 +453,13 @@ def start_model_sim(tokens: int) -> Process:
     return start_sim(*args, "--parallel", str(SIM_PARALLEL))
 
 
-def start_gateway(sim: Process, apis: int, workers: int, **settings: object) -> Stack:
-    """One gpugate: its own redis-server, `apis` API processes and `workers` workers."""
+def start_gateway(
+    sim: Process, apis: int, workers: int, tree: Path | None = None, **settings: object
+) -> Stack:
+    """One gpugate: its own redis-server, `apis` API processes and `workers` workers (run
+    from another revision's files: `tree`)."""
     return start_stack(
-        sim.url, apis=apis, workers=workers, ready_timeout=30, **{**GATEWAY, **settings}
+        sim.url, apis=apis, workers=workers, ready_timeout=30, tree=tree, **{**GATEWAY, **settings}
     )
 
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Unpack
 
 import httpx
@@ -175,11 +176,14 @@ class Stack:
         env: dict[str, str],
         *,
         redis_server: Process | None = None,
+        tree: Path | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.ollama_url = ollama_url
         self.env = env
         self.redis_server = redis_server
+        self.tree = tree
+        """Where its processes run from: another revision's files, or None for these."""
         self.apis: list[Process] = []
         self.workers: list[Process] = []
 
@@ -209,14 +213,17 @@ class Stack:
         return redis.Redis.from_url(self.redis_url)
 
     def add_worker(self) -> Process:
-        proc = start_worker(self.env)
+        proc = start_worker(self.env, **self._where())
         self.workers.append(proc)
         return proc
 
     def add_api(self) -> Process:
-        proc = start_api(self.env)
+        proc = start_api(self.env, **self._where())
         self.apis.append(proc)
         return proc
+
+    def _where(self) -> Spawn:
+        return {"cwd": self.tree} if self.tree is not None else {}
 
     def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -249,12 +256,14 @@ def start_stack(
     workers: int = 1,
     apis: int = 1,
     ready_timeout: float = 20,
+    tree: Path | None = None,
     **settings: object,
 ) -> Stack:
     """Start `workers` workers and `apis` API processes with GPUGATE_* `settings` (log
     level warning unless given) on `redis_url`, or on a private redis-server started for
     the stack; return once every API sees the workers alive. `ollama_url` None: none set
-    (GPUGATE_BACKENDS names them)."""
+    (GPUGATE_BACKENDS names them). `tree`: run them from another revision's files
+    (revision.py `tree_at`)."""
     redis_server = None
     if redis_url is None:
         redis_server = start_redis()
@@ -263,7 +272,7 @@ def start_stack(
     if ollama_url is not None:
         env["GPUGATE_OLLAMA_URL"] = ollama_url
     env.update(settings_env({"log_level": "warning", **settings}))
-    stack = Stack(redis_url, ollama_url or "", env, redis_server=redis_server)
+    stack = Stack(redis_url, ollama_url or "", env, redis_server=redis_server, tree=tree)
     try:
         for _ in range(workers):
             stack.add_worker()
