@@ -7,6 +7,7 @@ management only for those allowed, bad bodies refused before anything is created
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -215,6 +216,46 @@ def test_every_readme_curl_example_works_as_printed(make_stack: StackFactory) ->
             )
         else:
             assert '"error"' not in done.stdout, f"{block}\n-> {done.stdout[-800:]}"
+
+
+def readme_key_session() -> list[str]:
+    """The commands of the README's console session that manages keys: its `$ ` lines,
+    with the lines that continue a quote they opened (the others are what they print)."""
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```console\n(.*?)```", text, re.S) if "team-a-app" in b]
+    commands: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            commands.append(line[2:])
+        elif commands and commands[-1].count("'") % 2 == 1:
+            commands[-1] += "\n" + line
+    return commands
+
+
+def test_the_readme_key_session_works_as_printed(make_stack: StackFactory) -> None:
+    """Each command as printed, in order; its two assignments set what they say (the admin
+    key for `...`, the key the create showed for `gg_...`). No answer is an error."""
+    stack = make_stack(admin_key=ADMIN_KEY)
+    commands = readme_key_session()
+    assert len(commands) >= 8, commands
+    env = {**os.environ, "GPUGATE_ADMIN_KEY": ADMIN_KEY, "A": f"X-Admin-Key: {ADMIN_KEY}"}
+    answers = []
+    for command in commands:
+        if command.startswith(("export ", "KEY=")):
+            continue  # the variables are set here as the lines say
+        script = "set -euo pipefail\n" + command.replace("localhost:8000", stack.url)
+        done = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert done.returncode == 0, f"{command}\n-> {done.stderr[-500:]}"
+        assert '"error"' not in done.stdout, f"{command}\n-> {done.stdout[-800:]}"
+        answers.append(json.loads(done.stdout))
+        if "KEY" not in env:
+            env["KEY"] = answers[0]["key"]  # shown this once
+    created, me = answers[0], answers[1]
+    assert created["name"] == "team-a-app" and created["key"].startswith("gg_"), created
+    assert me["name"] == "team-a-app" and me["max_running"] == 2, me
+    assert answers[-1]["events"], answers[-1]  # the audit names the changes
 
 
 def test_embeddings_at_three_times_the_cap_never_exceed_it(make_stack: StackFactory) -> None:
