@@ -21,12 +21,15 @@ from redis import exceptions as redis_exceptions
 
 from api.app import create_app
 from shared import keys, store
+from shared.errors import RedisUnavailable
 from shared.outage import Outage, supervised
+from shared.scripts import FinishReply, FinishStatus, Grant
 from shared.settings import Settings
 from tests.conftest import Stack, build_stack, slow_sim_fixture
-from tests.processes import Process, start_redis, wait_until
+from tests.processes import Process, free_port, start_redis, wait_until
 from worker.arq_adapter import create_worker, on_shutdown, on_startup
 from worker.ollama import EventWriter
+from worker.tally import Tally
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 JOB = {"endpoint": "/api/generate", "body": GENERATE}
@@ -290,3 +293,41 @@ async def test_a_worker_whose_stop_a_write_lost_still_stops(own_redis: Process) 
     finally:
         await on_shutdown(worker.ctx)
         await worker.pool.aclose(close_connection_pool=True)
+
+
+async def test_the_tally_keeps_its_counts_through_a_redis_outage(own_redis: Process) -> None:
+    """A worker's counts (worker/tally.py) that Redis could not take are added at the next
+    flush that it can: an outage delays usage, it loses none of it."""
+    grant = Grant(
+        run_id="j.1",
+        job_id="j",
+        attempt=1,
+        endpoint="/api/generate",
+        body="{}",
+        stream=False,
+        backend="default",
+        model="m",
+        usage_name="team-a",
+        waited_ms=3,
+    )
+    reply = FinishReply(FinishStatus.SUCCEEDED, breaker_opened=False, ended=True)
+    tally = Tally()
+    tally.dispatched(grant)
+    tally.finished(grant, reply, error_code="", duration_ms=40.0, input_tokens=3, output_tokens=5)
+    gone = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.5)
+    with pytest.raises(RedisUnavailable):
+        await tally.flush(gone)
+    await gone.aclose()
+    tally.finished(grant, reply, error_code="", duration_ms=60.0, input_tokens=1, output_tokens=2)
+    up = redis.asyncio.Redis.from_url(own_redis.url)
+    try:
+        await tally.flush(up)
+        usage = await up.hgetall(keys.USAGE)
+        assert usage[b"team-a|output_tokens"] == b"7" and usage[b"team-a|input_tokens"] == b"4"
+        assert float(usage[b"team-a|gpu_ms"]) == pytest.approx(100.0)
+        assert await up.hget(keys.STATS, "jobs_succeeded") == b"2"
+        await tally.flush(up)  # nothing new: nothing added twice
+        assert await up.hget(keys.USAGE, "team-a|output_tokens") == b"7"
+    finally:
+        await up.flushdb()
+        await up.aclose()
