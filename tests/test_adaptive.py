@@ -18,7 +18,7 @@ from shared.settings import Backend, Settings
 from tests.conftest import StackFactory, sim_configure, sim_stats, slow_sim_fixture
 from tests.processes import Process, start_sim, wait_until
 from worker.adaptive import Window, decide
-from worker.meter import Meter, Pace
+from worker.meter import PACE_FIELDS, Meter
 
 JOB = {"endpoint": "/api/generate", "body": {"model": "llama3.2", "prompt": "hi"}}
 
@@ -140,7 +140,7 @@ async def test_a_cap_is_measured_by_the_runs_that_started_under_it(redis_proc: P
         meter.record("gpu", 8, 0, 50.0)  # an embedding: no pace
         await meter.flush(redis)
         taken = await Scripts(redis.execute_command).meter_take(backend="gpu", min_jobs=4)
-        window = Window.of_runs(8, *(taken[f"{part}:8"] for part in Pace.FIELDS))
+        window = Window.of_runs(8, *(taken[f"{part}:8"] for part in PACE_FIELDS))
         assert window.jobs == 4
         assert window.tpot_ms == pytest.approx(700 / 32)
         assert window.tokens_per_s == pytest.approx(8 * 128 * 1000 / 2800)

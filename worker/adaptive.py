@@ -62,7 +62,7 @@ from shared import keys
 from shared.outage import supervised
 from shared.settings import Backend
 from shared.store import redis_errors
-from worker.meter import Pace
+from worker.meter import PACE_FIELDS
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker.adaptive")
@@ -281,7 +281,7 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     tps_at = {int(k[4:]): float(v) for k, v in state.items() if k.startswith("tps:")}
     ceiling = int(live) if live else backend.gpu_concurrency
     cap = min(int(cap_raw) if cap_raw else 1, ceiling)
-    window = Window.of_runs(cap, *(taken.get(f"{part}:{cap}", 0.0) for part in Pace.FIELDS))
+    window = Window.of_runs(cap, *(taken.get(f"{part}:{cap}", 0.0) for part in PACE_FIELDS))
     if window.jobs < MIN_JOBS:
         return  # the cap changed within the window: its runs are measured in the next
     saturated = int(running) >= cap or int(queued) > 0

@@ -5,7 +5,7 @@ the backend's meter in Redis at every flush, where the adaptive controller reads
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
 from redis.asyncio import Redis
 
@@ -25,10 +25,9 @@ class Pace:
     tpot_sum: float = 0.0
     busy_ms: float = 0.0
 
-    FIELDS = ("jobs", "tokens", "tpot_sum", "busy_ms")
 
-    def values(self) -> tuple[float, float, float, float]:
-        return self.jobs, self.tokens, self.tpot_sum, self.busy_ms
+PACE_FIELDS = tuple(f.name for f in fields(Pace))
+"""Pace's fields, in order: the meter's `<field>:<cap>` and `Window.of_runs`'s arguments."""
 
 
 class Meter:
@@ -60,7 +59,7 @@ class Meter:
             for (backend, cap), pace in paces.items():
                 key = keys.METER + backend
                 pipe.hincrbyfloat(key, "jobs", pace.jobs)
-                for name, value in zip(Pace.FIELDS, pace.values(), strict=True):
+                for name, value in zip(PACE_FIELDS, astuple(pace), strict=True):
                     pipe.hincrbyfloat(key, f"{name}:{cap}", value)
                 pipe.pexpire(key, METER_TTL_MS)
             await pipe.execute()
