@@ -295,6 +295,14 @@ def test_on_a_card_with_a_knee_the_cap_settles_there(make_stack: StackFactory) -
                 interval=0.2,
                 what="the effective cap to settle at the knee (4)",
             )
+            # runs granted just before, under a higher cap, may still be running: the
+            # count starts once they ended
+            wait_until(
+                lambda: sim_stats(sim)["in_flight"] <= 5,
+                timeout=10,
+                interval=0.02,
+                what="the runs granted above the knee to end",
+            )
             sim_configure(sim, reset=True)  # max_in_flight from here on
             seen, watched_until = [], time.monotonic() + 4  # four seconds of its decisions
             while time.monotonic() < watched_until:
