@@ -58,9 +58,9 @@ class LineError(StrEnum):
     CANCELLED = "batch_cancelled"
 
 
-def lua_constants() -> str:
-    """The batch statuses as Lua locals (`B_IN_PROGRESS`…), for every script."""
-    return "".join(f"local B_{s.name} = '{s.value}'\n" for s in BatchStatus)
+def lua_constants() -> dict[str, str]:
+    """The batch statuses by their names in Lua (`B_IN_PROGRESS`…), for every script."""
+    return {f"B_{s.name}": s.value for s in BatchStatus}
 
 
 _TIMES = (

@@ -2,7 +2,7 @@
 
 A job is a Redis HASH at `gpugate:job:<id>` of plain strings (the request and the result
 as JSON text, never pickle). This module is the one definition of its statuses, the ways
-a run ends and its error codes; `lua_constants()` emits them into every script (`S_QUEUED`,
+a run ends and its error codes; `lua_constants()` writes them into every script (`S_QUEUED`,
 `RUN_RETRY`, `E_WORKER_LOST`…), and `set_status` in `shared/lua/lib/job.lua` is the only
 code that writes `status`. Its lifecycle, every move made inside one Lua script:
 
@@ -81,16 +81,15 @@ class RunEnd(StrEnum):
     """No longer the job's current attempt: nothing was recorded."""
 
 
-def lua_constants() -> str:
-    """The statuses, run ends and error codes as Lua locals (`S_QUEUED`, `RUN_RETRY`,
-    `E_WORKER_LOST`…), emitted into every script (shared/scripts.py): the scripts name
-    them, never spell them."""
-    names = [
-        *((f"S_{s.name}", s.value) for s in JobStatus),
-        *((f"RUN_{r.name}", r.value) for r in RunEnd),
-        *((f"E_{e.name}", e.value) for e in ErrorCode),
-    ]
-    return "".join(f"local {name} = '{value}'\n" for name, value in names)
+def lua_constants() -> dict[str, str]:
+    """The statuses, run ends and error codes by their names in Lua (`S_QUEUED`,
+    `RUN_RETRY`, `E_WORKER_LOST`…), written into every script (shared/scripts.py): the
+    scripts name them, never spell them."""
+    return {
+        **{f"S_{s.name}": s.value for s in JobStatus},
+        **{f"RUN_{r.name}": r.value for r in RunEnd},
+        **{f"E_{e.name}": e.value for e in ErrorCode},
+    }
 
 
 def record_ttl_ms(result_ttl_s: int) -> int:

@@ -1,16 +1,18 @@
 """The Lua scripts, each one atomic decision in one round trip, each called through one
 typed function here: keyword arguments in, a frozen dataclass out, outcomes as a StrEnum.
 
-A script is its own file, after the binding of the key names, the constants of
-shared/jobs.py (statuses, error codes) and the modules of `lua/lib/` it names on its
-`-- uses:` line (and what they need; `lib/job.lua` holds `set_status`, the one writer of a
-job's status). The key names: every script gets the same KEYS, the names of `shared/keys.py` in the
-order of `_KEYS` (fixed keys, and the prefixes of per-job, per-owner and per-backend
-keys), bound to `K_*` locals. Its arguments travel as one JSON object in ARGV[1] (the
-names below are the names in Lua); admit's request body as it came, in ARGV[2] (up to
-16 MiB is not worth escaping into JSON and decoding again); then, for the scripts that
-look at the fleet, the backends as name, configured cap, kind triples. Replies are JSON
-objects.
+A script is its own file, after the modules of `lua/lib/` it names on its `-- uses:` line
+(and what they need; `lib/job.lua` holds `set_status`, the one writer of a job's status).
+The scripts name the keys of `shared/keys.py` (`K_JOB`: the fixed keys, and the prefixes
+of per-job, per-owner and per-backend keys) and the constants of shared/jobs.py and
+shared/batches.py (`S_QUEUED`, `E_WORKER_LOST`, `B_IN_PROGRESS`…); `source` writes each
+name's value into the text as a Lua string. Not as locals bound at the top: every helper
+that names one would capture it as an upvalue on every call, and that binding, with the
+key names sent as KEYS, cost about 100k of a script's 600-900k instructions in
+redis-server (callgrind). Its arguments travel as one JSON object in ARGV[1] (the names
+below are the names in Lua); admit's request body as it came, in ARGV[2] (up to 16 MiB
+is not worth escaping into JSON and decoding again); then, for the scripts that look at
+the fleet, the backends as name, configured cap, kind triples. Replies are JSON objects.
 
 Scripts run by SHA; after a Redis restart or a failover (an empty script cache) the
 script is sent whole once (`store.evalsha`, the one NOSCRIPT path). Redis failures,
@@ -97,7 +99,6 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_WEBHOOK_DUE", keys.WEBHOOK_DUE),
     ("K_WEBHOOKS_OF", keys.WEBHOOKS_OF),
 )
-KEY_NAMES: tuple[str, ...] = tuple(name for _, name in _KEYS)
 
 HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": (
@@ -130,16 +131,32 @@ def histogram_field(bound: float) -> str:
 
 
 _OPENAI_PATHS = ", ".join(f"['{p}'] = true" for p, e in INFERENCE.items() if e.api is Api.OPENAI)
-_CONSTANTS = (
-    lua_constants()
-    + batch_constants()
-    + f"local WAKE_MAX = {keys.WAKE_MAX}\n"
-    + f"local MEAN_JOB_MS, MEAN_COST = '{keys.MEAN_JOB_MS}', '{keys.MEAN_COST}'\n"
-    + f"local OPENAI_PATHS = {{{_OPENAI_PATHS}}}\n"
-)
-"""Lua constants: the job's statuses and error codes (shared/jobs.py), the wake list's
-bound, the fleet's mean fields, the paths an `openai` backend runs (the others need
+_PRELUDE = f"local OPENAI_PATHS = {{{_OPENAI_PATHS}}}\n"
+"""The one local every script gets: the paths an `openai` backend runs (the others need
 Ollama)."""
+
+
+def _literal(value: str | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if not re.fullmatch(r"[\w:|*.-]*", value):
+        raise ValueError(f"not a plain Lua string: {value!r}")
+    return f"'{value}'"
+
+
+_NAMED: tuple[tuple[str, str | int], ...] = (
+    *_KEYS,
+    *lua_constants().items(),
+    *batch_constants().items(),
+    ("WAKE_MAX", keys.WAKE_MAX),
+    ("MEAN_JOB_MS", keys.MEAN_JOB_MS),
+    ("MEAN_COST", keys.MEAN_COST),
+)
+_LITERALS: dict[str, str] = {name: _literal(value) for name, value in _NAMED}
+"""What each name stands for in the scripts: the keys, the job's statuses, run ends and
+error codes (shared/jobs.py), the batches' statuses, the wake list's bound, the fleet's
+mean fields."""
+_NAMES = re.compile(r"\b(" + "|".join(sorted(_LITERALS, key=len, reverse=True)) + r")\b")
 
 _LIBRARY = ("clock", "buckets", "fleet", "fairshare", "webhook", "batch", "job")
 """The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
@@ -167,11 +184,10 @@ def _closure(names: frozenset[str]) -> list[str]:
 
 @cache
 def source(name: str) -> str:
-    """The full text of script `name` (without `.lua`): key bindings, constants, the
-    library modules it uses (and what they need), the script. A script whose file starts
-    with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
+    """The full text of script `name` (without `.lua`): the library modules it uses (and
+    what they need), then the script, with the names of `_LITERALS` written as values. A
+    script whose file starts with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
     path = _LUA_DIR / f"{name}.lua"
-    bind = "".join(f"local {lua} = KEYS[{i}]\n" for i, (lua, _) in enumerate(_KEYS, 1))
     library = "".join(
         (_LUA_DIR / "lib" / f"{module}.lua").read_text() for module in _closure(_needs(path))
     )
@@ -180,7 +196,7 @@ def source(name: str) -> str:
     if body.startswith("#!"):
         shebang, body = body.split("\n", 1)
         shebang += "\n"
-    return shebang + bind + _CONSTANTS + library + body
+    return shebang + _PRELUDE + _NAMES.sub(lambda m: _LITERALS[m[1]], library + body)
 
 
 def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
@@ -376,7 +392,7 @@ class Scripts:
 
     async def _run(self, name: str, args: dict[str, Any], *tail: str | int) -> Any:
         with redis_errors():
-            reply = await evalsha(self._execute, source(name), KEY_NAMES, (_encode(args), *tail))
+            reply = await evalsha(self._execute, source(name), (), (_encode(args), *tail))
         return orjson.loads(reply)
 
     async def admit(

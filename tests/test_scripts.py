@@ -5,12 +5,15 @@ tests run the same scripts through the API and the workers."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+import shared
 from shared import keys
 from shared.jobs import new_job_id
 from shared.scripts import (
@@ -21,6 +24,7 @@ from shared.scripts import (
     HeldRun,
     Scripts,
     fleet_argv,
+    source,
 )
 from shared.settings import Backend
 from tests.processes import Process
@@ -131,6 +135,17 @@ async def finish(scripts: Scripts, grant: Grant, **overrides: Any) -> Any:
     }
     args.update(overrides)
     return await scripts.finish(**args)
+
+
+async def test_every_script_loads_with_its_names_written_as_values(redis: Redis) -> None:
+    names = re.compile(r"\b(K|S|E|B|RUN)_[A-Z_]+\b|\bKEYS\b|\bWAKE_MAX\b|\bMEAN_(JOB_MS|COST)\b")
+    scripts = sorted(p.stem for p in (Path(shared.__file__).parent / "lua").glob("*.lua"))
+    assert len(scripts) >= 13
+    for name in scripts:
+        text = source(name)
+        assert names.search(text) is None, (name, names.search(text))
+        assert "'gpugate:" in text, name  # its keys, by name
+        await redis.script_load(text)  # compiles: every name was a plain Lua string
 
 
 async def test_admit_records_the_job_and_spends_one_token(scripts: Scripts, redis: Redis) -> None:
