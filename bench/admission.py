@@ -37,7 +37,6 @@ from gpugate.testing.processes import Process, stop_all, wait_until
 from gpugate.testing.stack import queue, start_redis, start_sim, start_stack, start_uvicorn
 from gpugate.testing.stats import cpu_s
 from shared import keys
-from shared.scripts import source
 
 THREADS, CONNECTIONS = 1, 32
 DURATION_S, ROUNDS, WARMUP_S = 5, 3, 1
@@ -50,7 +49,6 @@ ADMIN_KEY = "bench-admin-key"
 API_KEYS = 3000
 """Keys created through /admin/keys on the gpugate stack before the load."""
 
-GPUGATE_SCRIPTS = ("admit", "bucket", "dispatch", "finish", "cancel", "heartbeat", "release")
 LIMITS_LUA = Path(limits.__file__).parent / "resources" / "redis" / "lua_scripts"
 
 
@@ -181,11 +179,12 @@ def prepare(servers: dict[str, Process]) -> None:
 
 
 def script_names() -> dict[str, str]:
-    """SHA-1 -> name of every Lua script gpugate or `limits` (slowapi's storage) may run."""
-    names = {hashlib.sha1(source(n).encode()).hexdigest(): n for n in GPUGATE_SCRIPTS}
-    for path in LIMITS_LUA.glob("*.lua"):
-        names[hashlib.sha1(path.read_bytes()).hexdigest()] = f"limits {path.stem}"
-    return names
+    """SHA-1 -> name of every Lua script `limits` (slowapi's storage) may run (gpugate's
+    are functions, named in the FCALL: shared/scripts.py)."""
+    return {
+        hashlib.sha1(path.read_bytes()).hexdigest(): f"limits {path.stem}"
+        for path in LIMITS_LUA.glob("*.lua")
+    }
 
 
 def local_ports(pid: int) -> set[int]:
@@ -232,6 +231,8 @@ def commands_sent(redis_url: str, server: Process, send: Callable[[], None]) -> 
                     continue  # its inbox reader's blocking read (api/inbox.py), off the path
                 if name == "EVALSHA" and len(parts) > 1:
                     name += f" ({names.get(parts[1], 'unknown script')})"
+                if name == "FCALL" and len(parts) > 1:
+                    name += f" ({parts[1].strip(chr(34)).rsplit('_', 1)[0]})"
                 seen[name] += 1
     finally:
         client.close()

@@ -96,14 +96,15 @@ def report(cases: list[Case], plan: Plan) -> str:
 def script_table(cases: list[Case], stats: dict[str, dict[str, Any]]) -> str:
     """Where redis-server's time per job went (INFO commandstats over the rounds)."""
     rows = []
+    calls = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall")  # scripts, then functions
     for name, raw in stats.items():
         jobs = sum(s.units for c in cases if c.target.name == name for s in c.samples)
-        evalsha = raw.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
-        other = sum(v["usec"] for k, v in raw.items() if k != "cmdstat_evalsha")
+        n = sum(raw.get(k, {}).get("calls", 0) for k in calls)
+        usec = sum(raw.get(k, {}).get("usec", 0) for k in calls)
+        other = sum(v["usec"] for k, v in raw.items() if k not in calls)
         rows.append(
-            f"| {name} | {evalsha['calls'] / jobs:.2f} | "
-            f"{evalsha['usec'] / max(evalsha['calls'], 1):.1f} | "
-            f"{evalsha['usec'] / jobs:.0f} | {other / jobs:.0f} |"
+            f"| {name} | {n / jobs:.2f} | {usec / max(n, 1):.1f} | {usec / jobs:.0f} | "
+            f"{other / jobs:.0f} |"
         )
     return (
         "Inside redis-server, over the rounds (INFO commandstats: Redis's own accounting of "

@@ -1,17 +1,25 @@
-"""Redis commands per tiny job, script by script: `python -m bench commands`.
+"""Redis commands and instructions per tiny job, script by script: `python -m bench commands`.
 
 One synchronous tiny job's three scripts (admit, dispatch, finish), each run alone against
 a private redis-server, counted with INFO commandstats (the commands a script calls are
-counted there one by one). Deterministic: the same code gives the same count on any
-machine, so this is the figure to compare before and after a change to the scripts.
-Measured alone, each dispatch grants one run; under load one dispatch grants several and
-its fixed part (the failover fence, the fleet's state, the backlog) is shared.
+counted there one by one); then the same jobs against a redis-server under valgrind's
+callgrind, which counts the instructions redis-server runs inside each script call (its
+work for the call, without the network's or its timers'). Both are deterministic: the
+same code gives the same figures whatever else the machine does, so these are the
+figures to compare before and after a change to the scripts. Measured alone, each
+dispatch grants one run; under load one dispatch grants several and its fixed part (the
+failover fence, the fleet's state, the backlog) is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -26,9 +34,10 @@ from worker.tally import FLUSH_S, Tally
 FLEET = ("gpu-a", 1, "ollama")
 USAGE = {"input_tokens": 3, "output_tokens": 5}
 JOBS = 30
+WARM = 3
 OWNERS = 3
 SCRIPTS = ("admit", "dispatch", "finish")
-NOT_COUNTED = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_config", "cmdstat_info")
+NOT_COUNTED = ("cmdstat_fcall", "cmdstat_function", "cmdstat_config", "cmdstat_info")
 """The call of the script itself and the measurement's own commands (Redis 7 counts a
 subcommand apart, `cmdstat_config|resetstat`: prefixes)."""
 
@@ -118,13 +127,40 @@ async def _finish(scripts: Scripts, grant: Grant) -> FinishReply:
     )
 
 
-async def _counted(redis: Redis, step: Any) -> tuple[int, Any]:
+async def _counted(redis: Redis, step: Awaitable[Any]) -> tuple[int, Any]:
     await redis.config_resetstat()
     result = await step
     stats = await redis.info("commandstats")
-    await redis.delete(keys.WAKE)  # what an idle worker's BLPOP takes (its own command)
     counted = (v["calls"] for k, v in stats.items() if not k.startswith(NOT_COUNTED))
     return sum(counted), result
+
+
+Count = Callable[[Redis, Awaitable[Any]], Awaitable[tuple[int, Any]]]
+
+
+async def _jobs(redis: Redis, count: Count) -> dict[str, float]:
+    """Each part's `count` per job over JOBS jobs (and the tally's flush for them)."""
+    scripts = Scripts(redis.execute_command)
+    await _heartbeat(scripts)
+    for _ in range(WARM):  # the scripts loaded (compiled) before anything is counted
+        await _admit(scripts, "warm")
+        await _finish(scripts, await _dispatch(scripts))
+        await redis.delete(keys.WAKE)
+    totals = dict.fromkeys((*SCRIPTS, "tally flush"), 0)
+    tally = Tally()
+    for i in range(JOBS):
+        await _heartbeat(scripts)  # a live worker, however slow the count (callgrind)
+        n, _ = await count(redis, _admit(scripts, f"key:{i % OWNERS}"))
+        totals["admit"] += n
+        n, grant = await count(redis, _dispatch(scripts))
+        totals["dispatch"] += n
+        tally.dispatched(grant)
+        n, reply = await count(redis, _finish(scripts, grant))
+        totals["finish"] += n
+        tally.finished(grant, reply, error_code="", duration_ms=12.0, **USAGE)
+        await redis.delete(keys.WAKE)  # what an idle worker's BLPOP takes (its own command)
+    totals["tally flush"], _ = await count(redis, tally.flush(redis))
+    return {name: total / JOBS for name, total in totals.items()}
 
 
 async def measure() -> dict[str, float]:
@@ -133,40 +169,72 @@ async def measure() -> dict[str, float]:
     proc = start_redis()
     redis = Redis(port=proc.port)
     try:
-        scripts = Scripts(redis.execute_command)
-        await _heartbeat(scripts)
-        totals = dict.fromkeys((*SCRIPTS, "tally flush"), 0)
-        tally = Tally()
-        for i in range(JOBS):
-            n, _ = await _counted(redis, _admit(scripts, f"key:{i % OWNERS}"))
-            totals["admit"] += n
-            n, grant = await _counted(redis, _dispatch(scripts))
-            totals["dispatch"] += n
-            tally.dispatched(grant)
-            n, reply = await _counted(redis, _finish(scripts, grant))
-            totals["finish"] += n
-            tally.finished(grant, reply, error_code="", duration_ms=12.0, **USAGE)
-        totals["tally flush"], _ = await _counted(redis, tally.flush(redis))
-        return {name: total / JOBS for name, total in totals.items()}
+        return await _jobs(redis, _counted)
     finally:
         await redis.aclose()
         proc.stop()
 
 
+async def instructions() -> dict[str, float]:
+    """Instructions redis-server runs inside the script calls of each part, per job
+    (callgrind, collecting only within FCALL; `callgrind_control` zeroes the counts before
+    a part and dumps them after)."""
+    out = Path(tempfile.mkdtemp(prefix="gpugate-callgrind-")) / "callgrind.out"
+    under = ("valgrind", "--tool=callgrind", "--toggle-collect=fcallCommand",
+             f"--callgrind-out-file={out}")  # fmt: skip
+    proc = start_redis(under=under)
+    redis = Redis(port=proc.port)
+
+    def control(option: str) -> None:
+        subprocess.run(["callgrind_control", option, str(proc.pid)], check=True,
+                       capture_output=True)  # fmt: skip
+
+    async def counted(redis: Redis, step: Awaitable[Any]) -> tuple[int, Any]:
+        control("-z")
+        result = await step
+        control("-d")
+        dumps = [p for p in out.parent.iterdir() if p.name != out.name]
+        total = sum(_totals(p) for p in dumps)
+        for p in dumps:
+            p.unlink()
+        return total, result
+
+    try:
+        return await _jobs(redis, counted)
+    finally:
+        await redis.aclose()
+        proc.stop()
+
+
+def _totals(dump: Path) -> int:
+    """The instructions a callgrind dump counted (its `totals:` line)."""
+    for line in dump.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise ValueError(f"{dump}: no totals")
+
+
 def main() -> None:
     started = time.monotonic()
     per = asyncio.run(measure())
-    total = sum(per.values())
-    rows = "\n".join(f"| {name} | {value:.2f} |" for name, value in per.items())
+    cost = asyncio.run(instructions()) if shutil.which("valgrind") else None
+    rows = "\n".join(
+        f"| {name} | {value:.2f} | {f'{cost[name]:,.0f}' if cost else 'no valgrind'} |"
+        for name, value in per.items()
+    )
+    total = f"{sum(cost.values()):,.0f}" if cost else ""
     body = (
         f"Redis commands of one tiny synchronous job ({JOBS} jobs of {OWNERS} keys, one "
-        "backend, each script alone; INFO commandstats). The wake list is emptied after "
-        "each script, as an idle worker's BLPOP would (its own command, not the script's). "
+        "backend, each script alone; INFO commandstats), and the instructions redis-server "
+        "ran inside each script call (callgrind, counting only within FCALL: the script's "
+        "work, without the network's). The wake list is emptied after each job, as an idle "
+        "worker's BLPOP would (its own command, not the script's). "
         "The worker's tally (worker/tally.py: usage, jobs by outcome, the histograms) is "
         f"added every {FLUSH_S} s in one pipeline: counted here as one flush for the "
         f"{JOBS} jobs, as at {JOBS / FLUSH_S:.0f} jobs a second; a lone job's flush is "
-        "one round trip of eight commands.\n\n"
-        f"| part | commands per job |\n|---|---|\n{rows}\n| **per job** | **{total:.2f}** |\n"
+        "one round trip of eight commands (not a script: no instructions counted).\n\n"
+        "| part | commands per job | redis-server instructions per job |\n|---|---|---|\n"
+        f"{rows}\n| **per job** | **{sum(per.values()):.2f}** | **{total}** |\n"
     )
     print(body)
     write_section("commands", "python -m bench commands", body)

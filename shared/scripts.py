@@ -1,26 +1,33 @@
 """The Lua scripts, each one atomic decision in one round trip, each called through one
 typed function here: keyword arguments in, a frozen dataclass out, outcomes as a StrEnum.
 
-A script is its own file, after the modules of `lua/lib/` it names on its `-- uses:` line
-(and what they need; `lib/job.lua` holds `set_status`, the one writer of a job's status).
+A script is its own file in `lua/`; `lua/lib/` holds the helpers they share (`-- uses:`
+names those a script calls; `lib/job.lua` holds `set_status`, the one writer of a job's
+status). All of them are one Redis function library (`library()`, Redis 7 Functions):
+each script a function, the helpers defined once when the library loads instead of on
+every call, and the library kept by Redis with the data (replicated to the replicas,
+persisted), so a failover finds it there.
+
 The scripts name the keys of `shared/keys.py` (`K_JOB`: the fixed keys, and the prefixes
 of per-job, per-owner and per-backend keys) and the constants of shared/jobs.py and
-shared/batches.py (`S_QUEUED`, `E_WORKER_LOST`, `B_IN_PROGRESS`…); `source` writes each
-name's value into the text as a Lua string. Not as locals bound at the top: every helper
-that names one would capture it as an upvalue on every call, and that binding, with the
-key names sent as KEYS, cost about 100k of a script's 600-900k instructions in
-redis-server (callgrind). Its arguments travel as one JSON object in ARGV[1] (the names
-below are the names in Lua); admit's request body as it came, in ARGV[2] (up to 16 MiB
-is not worth escaping into JSON and decoding again); then, for the scripts that look at
-the fleet, the backends as name, configured cap, kind triples. Replies are JSON objects.
+shared/batches.py (`S_QUEUED`, `E_WORKER_LOST`, `B_IN_PROGRESS`…); `library()` writes
+each name's value into the text as a Lua string. Not as locals bound at the top: every
+helper that names one would capture it as an upvalue on every call, and that binding,
+with the key names sent as KEYS, cost about 100k of a script's 600-900k instructions in
+redis-server (callgrind; `python -m bench commands` counts them per job). A script's
+arguments travel as one JSON object in ARGV[1] (the names below are the names in Lua);
+admit's request body as it came, in ARGV[2] (up to 16 MiB is not worth escaping into
+JSON and decoding again); then, for the scripts that look at the fleet, the backends as
+name, configured cap, kind triples. Replies are JSON objects.
 
-Scripts run by SHA; after a Redis restart or a failover (an empty script cache) the
-script is sent whole once (`store.evalsha`, the one NOSCRIPT path). Redis failures,
-error replies included, become `RedisUnavailable` (`store.redis_errors`).
+A Redis that lacks the library (new, or restarted without persistence) gets it loaded
+once (`store.fcall`). Redis failures, error replies included, become `RedisUnavailable`
+(`store.redis_errors`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +45,7 @@ from shared.endpoints import INFERENCE, Api
 from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S, SWITCH_HOLD_LOADS
 from shared.jobs import JobStatus, RunEnd, lua_constants
 from shared.settings import Backend
-from shared.store import Execute, evalsha, redis_errors
+from shared.store import Execute, fcall, redis_errors
 from shared.webhooks import State
 
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -160,43 +167,60 @@ _NAMES = re.compile(r"\b(" + "|".join(sorted(_LITERALS, key=len, reverse=True)) 
 
 _LIBRARY = ("clock", "buckets", "fleet", "fairshare", "webhook", "batch", "job")
 """The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
-_USES = re.compile(r"^-- (uses|needs): (.*)$", re.MULTILINE)
 
 
-@cache
-def _needs(path: Path) -> frozenset[str]:
-    """The library modules a file names on its `-- uses:` (script) or `-- needs:` line."""
-    match = _USES.search(path.read_text())
-    return frozenset(n.strip() for n in match.group(2).split(",")) if match else frozenset()
+@dataclass(frozen=True)
+class Library:
+    """Every script as one Redis function library (Redis 7 Functions), loaded once into
+    each Redis (`store.fcall`) and kept there with the data: replicated, persisted, and
+    not lost by a failover. Its name and its functions' carry `version`, a digest of the
+    text, so processes of two releases side by side each call their own."""
+
+    text: str
+    version: str
+
+    def function(self, script: str) -> str:
+        return f"{script}_{self.version}"
 
 
-def _closure(names: frozenset[str]) -> list[str]:
-    wanted, todo = set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name not in wanted:
-            if name not in _LIBRARY:
-                raise ValueError(f"no Lua module {name!r} in lua/lib/")
-            wanted.add(name)
-            todo.extend(_needs(_LUA_DIR / "lib" / f"{name}.lua"))
-    return [name for name in _LIBRARY if name in wanted]
+_SHEBANG_FLAGS = re.compile(r"^#!lua flags=(.*)$")
 
 
-@cache
-def source(name: str) -> str:
-    """The full text of script `name` (without `.lua`): the library modules it uses (and
-    what they need), then the script, with the names of `_LITERALS` written as values. A
-    script whose file starts with a shebang (`#!lua flags=…`, Redis 7) keeps it first."""
-    path = _LUA_DIR / f"{name}.lua"
-    library = "".join(
-        (_LUA_DIR / "lib" / f"{module}.lua").read_text() for module in _closure(_needs(path))
-    )
-    body = path.read_text()
-    shebang = ""
+def _function(name: str, version: str) -> str:
+    """Script `name` as the registration of a function: its body becomes the callback (its
+    `ARGV`, the function's arguments), its shebang's flags the function's."""
+    body = (_LUA_DIR / f"{name}.lua").read_text()
+    flags = ""
     if body.startswith("#!"):
-        shebang, body = body.split("\n", 1)
-        shebang += "\n"
-    return shebang + _PRELUDE + _NAMES.sub(lambda m: _LITERALS[m[1]], library + body)
+        first, body = body.split("\n", 1)
+        match = _SHEBANG_FLAGS.match(first)
+        if match is None:
+            raise ValueError(f"{name}.lua: a shebang other than `#!lua flags=…`")
+        flags = ", ".join(f"'{flag}'" for flag in match[1].split(","))
+    return (
+        f"redis.register_function{{function_name = '{name}_{version}', flags = {{{flags}}},\n"
+        f"callback = function(_, ARGV)\n{body}end}}\n"
+    )
+
+
+SCRIPTS: tuple[str, ...] = tuple(sorted(p.stem for p in _LUA_DIR.glob("*.lua")))
+"""The scripts of `lua/`, each a function of the library."""
+
+
+@cache
+def library() -> Library:
+    """The library: the modules of `lua/lib/`, then each script as a function, with the
+    names of `_LITERALS` written as values."""
+    modules = "".join((_LUA_DIR / "lib" / f"{m}.lua").read_text() for m in _LIBRARY)
+    version = hashlib.sha1(
+        "".join((_LUA_DIR / f"{n}.lua").read_text() for n in SCRIPTS).encode()
+        + modules.encode()
+        + repr(sorted(_LITERALS.items())).encode()
+        + _PRELUDE.encode()
+    ).hexdigest()[:12]
+    functions = "".join(_function(name, version) for name in SCRIPTS)
+    code = _NAMES.sub(lambda m: _LITERALS[m[1]], modules + functions)
+    return Library(f"#!lua name=gpugate_{version}\n{_PRELUDE}{code}", version)
 
 
 def fleet_argv(backends: Sequence[Backend]) -> tuple[str | int, ...]:
@@ -392,7 +416,7 @@ class Scripts:
 
     async def _run(self, name: str, args: dict[str, Any], *tail: str | int) -> Any:
         with redis_errors():
-            reply = await evalsha(self._execute, source(name), (), (_encode(args), *tail))
+            reply = await fcall(self._execute, library(), name, (_encode(args), *tail))
         return orjson.loads(reply)
 
     async def admit(

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
@@ -125,6 +125,38 @@ async def evalsha(
         ):
             raise
         return await execute("EVAL", source, len(keys), *keys, *args)
+
+
+class FunctionLibrary(Protocol):
+    """A Redis function library (shared/scripts.py `Library`): its text, and the name of
+    the function of each script."""
+
+    @property
+    def text(self) -> str: ...
+
+    def function(self, script: str) -> str: ...
+
+
+async def fcall(
+    execute: Execute, library: FunctionLibrary, script: str, args: Sequence[Any]
+) -> Any:
+    """Call function `script` of `library` (shared/scripts.py) through `execute`; when
+    Redis does not have the library (a new Redis, or one restarted without persistence),
+    load it, once, and call again. Loaded by another process meanwhile is as good. The one
+    such path of gpugate, for the lane and redis-py clients alike; failures are raised as
+    the driver raised them (`redis_errors()` maps them)."""
+    name = library.function(script)
+    try:
+        return await execute("FCALL", name, 0, *args)
+    except redis_exceptions.ResponseError as exc:
+        if "function not found" not in str(exc).lower():
+            raise
+    try:
+        await execute("FUNCTION", "LOAD", library.text)
+    except redis_exceptions.ResponseError as exc:
+        if "already exists" not in str(exc):
+            raise
+    return await execute("FCALL", name, 0, *args)
 
 
 @cache

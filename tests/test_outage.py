@@ -180,13 +180,13 @@ def test_error_replies_to_every_loop_do_not_end_them(own_redis: Process, slow_si
     with _stack(own_redis, slow_sim, workers=1) as (stack, rdb):
         with stack.client("denied") as client:
             assert client.post("/api/generate", json=GENERATE).status_code == 200
-            rdb.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval", "-blpop")
+            rdb.execute_command("ACL", "SETUSER", "default", "-fcall", "-blpop")
             try:
                 began = time.monotonic()
                 while time.monotonic() - began < 3:
                     _assert_503(client.post("/api/generate", json=GENERATE))
             finally:
-                rdb.execute_command("ACL", "SETUSER", "default", "+evalsha", "+eval", "+blpop")
+                rdb.execute_command("ACL", "SETUSER", "default", "+fcall", "+blpop")
             wait_until(
                 lambda: client.post("/api/generate", json=GENERATE).status_code == 200,
                 timeout=10,

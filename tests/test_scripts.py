@@ -17,6 +17,7 @@ import shared
 from shared import keys
 from shared.jobs import new_job_id
 from shared.scripts import (
+    SCRIPTS,
     AdmitOutcome,
     CancelVerdict,
     FinishStatus,
@@ -24,7 +25,7 @@ from shared.scripts import (
     HeldRun,
     Scripts,
     fleet_argv,
-    source,
+    library,
 )
 from shared.settings import Backend
 from tests.processes import Process
@@ -137,15 +138,21 @@ async def finish(scripts: Scripts, grant: Grant, **overrides: Any) -> Any:
     return await scripts.finish(**args)
 
 
-async def test_every_script_loads_with_its_names_written_as_values(redis: Redis) -> None:
+async def test_the_library_loads_with_every_script_and_its_names_written_as_values(
+    redis: Redis,
+) -> None:
     names = re.compile(r"\b(K|S|E|B|RUN)_[A-Z_]+\b|\bKEYS\b|\bWAKE_MAX\b|\bMEAN_(JOB_MS|COST)\b")
-    scripts = sorted(p.stem for p in (Path(shared.__file__).parent / "lua").glob("*.lua"))
-    assert len(scripts) >= 13
-    for name in scripts:
-        text = source(name)
-        assert names.search(text) is None, (name, names.search(text))
-        assert "'gpugate:" in text, name  # its keys, by name
-        await redis.script_load(text)  # compiles: every name was a plain Lua string
+    lib = library()
+    assert names.search(lib.text) is None, names.search(lib.text)
+    files = sorted(p.stem for p in (Path(shared.__file__).parent / "lua").glob("*.lua"))
+    assert SCRIPTS == tuple(files) and len(files) >= 13
+    await redis.execute_command("FUNCTION", "LOAD", "REPLACE", lib.text)
+    (listed,) = await redis.execute_command(
+        "FUNCTION", "LIST", "LIBRARYNAME", f"gpugate_{lib.version}"
+    )
+    listed = dict(zip(listed[::2], listed[1::2], strict=True))
+    functions = {dict(zip(f[::2], f[1::2], strict=True))[b"name"] for f in listed[b"functions"]}
+    assert functions == {lib.function(name).encode() for name in files}
 
 
 async def test_admit_records_the_job_and_spends_one_token(scripts: Scripts, redis: Redis) -> None:

@@ -22,9 +22,11 @@ import redis
 from arq.connections import ArqRedis
 from redis.asyncio.connection import ConnectionPool
 
-from shared import store
+from shared import keys, store
+from shared.errors import RedisUnavailable
 from shared.lane import Lane
 from shared.redis_url import SentinelURL, parse_sentinel
+from shared.scripts import Scripts
 from tests.processes import Process
 from tests.sentinel import (
     MASTER_NAME,
@@ -234,9 +236,11 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         _arq(url),
     )
     py_script = client.register_script(INCR)
+    scripts = Scripts(lane.execute)  # gpugate's own: a function library (FCALL)
     try:
         # Written, scripts cached on the master, acknowledged by a replica (WAIT 1).
         await client.set("before:redis", "1")
+        assert (await scripts.take_token(name="before", rate_per_ms=1e-6, burst=5)).allowed
         await blocking.set("before:blocking", "1")
         await lane.execute("SET", "before:lane", "1")
         assert await lane.script(INCR, ["before:lane-script"], [1]) == 1
@@ -244,9 +248,12 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         assert await arq.enqueue_job("noop", _job_id="before") is not None
         assert await lane.wait_replicas(1, 1000) >= 1
         for proc in cluster.servers:
-            if proc.port != master:  # a promoted replica has no script cached
+            if proc.port != master:  # a promoted replica has no script cached...
                 with cluster.client(proc.port) as replica:
                     assert replica.script_exists(py_script.sha) == [False]
+                    # ...but has gpugate's functions: a library replicates like the data
+                    listed = replica.execute_command("FUNCTION", "LIST", "LIBRARYNAME", "gpugate_*")
+                    assert len(listed) == 1
 
         ops: dict[str, Callable[[], Awaitable[Any]]] = {
             "store.connect": lambda: client.set("after:redis", "1"),
@@ -254,6 +261,7 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
             "Lane.execute": lambda: lane.execute("SET", "after:lane", "1"),
             "Lane.script (EVALSHA)": lambda: lane.script(INCR, ["after:lane-script"], [1]),
             "register_script": lambda: py_script(keys=["after:py-script"], args=[1]),
+            "Scripts (FCALL)": lambda: scripts.take_token(name="after", rate_per_ms=1e-6, burst=5),
             "arq enqueue_job": lambda: arq.enqueue_job("noop", _job_id="after"),
         }
         killed_at = time.monotonic()
@@ -292,18 +300,20 @@ async def test_a_killed_master_is_replaced_and_every_client_follows(
         assert direct.exists("arq:job:before", "arq:job:after") == 2
         assert direct.mget("after:redis", "after:blocking", "after:lane") == [b"1"] * 3
         assert direct.mget("after:lane-script", "after:py-script") == [b"1", b"1"]
+        assert direct.exists(keys.BUCKET + "before", keys.BUCKET + "after") == 2
 
 
 async def _first_success(
     name: str, op: Callable[[], Awaitable[Any]], deadline: float
 ) -> tuple[float, int]:
     """When `op` first succeeded (monotonic), and how many tries failed before, retrying
-    every 50 ms; a driver error is the only failure expected."""
+    every 50 ms; a driver error (gpugate's scripts: mapped, `RedisUnavailable`) is the only
+    failure expected."""
     failures, last_error = 0, None
     while time.monotonic() < deadline:
         try:
             await op()
-        except store.DRIVER_ERRORS as exc:
+        except (*store.DRIVER_ERRORS, RedisUnavailable) as exc:
             failures, last_error = failures + 1, exc
         else:
             return time.monotonic(), failures

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -44,16 +44,21 @@ def redis_server_binary() -> str:
 
 
 def start_redis(
-    port: int | None = None, *, data_dir: str | None = None, **options: Unpack[Spawn]
+    port: int | None = None,
+    *,
+    data_dir: str | None = None,
+    under: Sequence[str] = (),
+    **options: Unpack[Spawn],
 ) -> Process:
     """A private redis-server on a free port; persisting nothing unless given `data_dir`,
     then with an append-only file synced on every write (restart it on the same port and
-    `data_dir` and it has everything back)."""
+    `data_dir` and it has everything back). `under`: a command it runs under (valgrind's)."""
     binary = redis_server_binary()
     port = port or free_port()
     persist = data_dir is not None
     data_dir = data_dir or tempfile.mkdtemp(prefix="gpugate-redis-data-")
     argv = [
+        *under,
         binary,
         "--port",
         str(port),
@@ -92,7 +97,7 @@ def wait_redis(proc: Process, password: str | None = None, what: str = "redis-se
             return bool(client.ping())
 
     try:
-        wait_until(answers, timeout=10, what=f"{what} on port {proc.port}")
+        wait_until(answers, timeout=30, what=f"{what} on port {proc.port}")
     except BaseException:
         proc.stop()
         raise

@@ -27,7 +27,7 @@ local function answer(outcome, job_id, rank, extra)
   }
   if ESTIMATED[outcome] then
     local cap, running, serving_cap = 0, 0, 0
-    for _, b in ipairs(read_backends(3)) do
+    for _, b in ipairs(read_backends(ARGV, 3)) do
       cap = cap + b.cap
       running = running + b.running
       if b.up and serves(b, A.model) and runs_endpoint(b, A.endpoint) then

@@ -41,7 +41,7 @@ if known ~= master then
 end
 if now < fenced_until then return '[]' end
 
-local backends = read_backends(2)
+local backends = read_backends(ARGV, 2)
 local free_total = 0
 for _, b in ipairs(backends) do
   if b.up then free_total = free_total + b.free end

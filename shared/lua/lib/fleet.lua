@@ -1,22 +1,23 @@
--- The fleet: live workers, the backends of ARGV with their caps and state, waking an
--- idle worker.
+-- The fleet: live workers, the backends a script is passed with their caps and state,
+-- waking an idle worker.
 
 local function live_workers(now, stale_ms)
   return redis.call('ZCOUNT', K_WORKERS, now - stale_ms, '+inf')
 end
 
--- The fleet as passed in ARGV from index `first` on: name, configured cap, kind, name, ...
+-- The fleet as passed in the script's arguments `argv` from index `first` on: name,
+-- configured cap, kind, name, ...
 -- `cap` is what dispatch may fill: the operator's live cap (else the configured one), or
 -- below it the effective cap that adaptive concurrency found (worker/adaptive.py).
-local function read_backends(first)
+local function read_backends(argv, first)
   local backends = {}
   local effective = {}
   local pairs_ = redis.call('HGETALL', K_EFFECTIVE)
   for i = 1, #pairs_, 2 do effective[pairs_[i]] = tonumber(pairs_[i + 1]) end
-  for i = first, #ARGV, 3 do
-    local name = ARGV[i]
-    local b = {name = name, kind = ARGV[i + 2]}
-    b.cap = tonumber(redis.call('GET', K_BACKEND_CAP .. name)) or tonumber(ARGV[i + 1])
+  for i = first, #argv, 3 do
+    local name = argv[i]
+    local b = {name = name, kind = argv[i + 2]}
+    b.cap = tonumber(redis.call('GET', K_BACKEND_CAP .. name)) or tonumber(argv[i + 1])
     if effective[name] then b.cap = math.min(b.cap, effective[name]) end
     b.running = redis.call('ZCARD', K_BACKEND_RUNNING .. name)
     b.up = redis.call('EXISTS', K_BACKEND_DOWN .. name) == 0
