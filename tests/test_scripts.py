@@ -4,6 +4,7 @@ tests run the same scripts through the API and the workers."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from shared.scripts import (
     library,
 )
 from shared.settings import Backend
-from tests.processes import Process
+from tests.processes import Process, start_redis
 from worker.tally import Tally
 
 FLEET = fleet_argv([Backend(name="gpu-a", url="http://127.0.0.1:1", gpu_concurrency=1)])
@@ -323,6 +324,46 @@ async def test_no_slot_is_granted_on_a_new_master_until_workers_reasserted(
     assert 0 < int(until_ms) - (seconds * 1000 + micros // 1000) <= 2_000  # fenced for 2 s
     await redis.set(keys.MASTER, f"{run_id} 0")  # the fence lapsed: the heartbeats came in
     assert len(await dispatch(scripts)) == 1
+
+
+async def test_each_redis_knows_its_own_run_id_through_a_promotion_and_back() -> None:
+    """dispatch.lua asks INFO for the run id once per Redis process (lib/clock.lua
+    `run_id_here`): a promoted replica still fences, and so does the first master when it
+    is promoted again after the other one granted."""
+    first, second = start_redis(), start_redis()
+    a, b = Redis(port=first.port), Redis(port=second.port)
+    try:
+        on_a, on_b = Scripts(a.execute_command), Scripts(b.execute_command)
+        await heartbeat(on_a)
+        await admit(on_a)
+        (grant,) = await dispatch(on_a)  # A's first grant: A's run id recorded
+        await finish(on_a, grant)  # its slot free again (the fleet's cap is 1)
+        await admit(on_a)
+
+        async def promote(new: Redis, master: Process) -> None:
+            """`new` takes a copy of `master`'s data, then is a master itself."""
+            await new.execute_command("REPLICAOF", "127.0.0.1", str(master.port))
+            for _ in range(1000):
+                if (await new.info("replication")).get("master_link_status") == "up":
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the replica never synced")
+            await new.execute_command("REPLICAOF", "NO", "ONE")
+
+        await promote(b, first)  # B has A's data, then is the master
+        assert await dispatch(on_b) == []  # fenced: A's newest grants may be missing here
+        await b.set(keys.MASTER, (await b.get(keys.MASTER)).split()[0] + b" 0")  # lapsed
+        (grant,) = await dispatch(on_b)
+        await finish(on_b, grant)
+        await admit(on_b)
+        await promote(a, second)  # A again, with B's data: B granted last
+        assert await dispatch(on_a) == []
+    finally:
+        await a.aclose()
+        await b.aclose()
+        first.stop()
+        second.stop()
 
 
 async def test_take_token_empties_and_refuses(scripts: Scripts) -> None:

@@ -32,7 +32,7 @@ local now = now_ms()
 -- newest grants: the workers re-assert the runs they hold with their next heartbeat
 -- (heartbeat.lua), and until they had the time to, no slot is granted.
 -- K_MASTER: the run id of the Redis that last dispatched, and until when it is fenced.
-local master = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local master = run_id_here()
 local known, fenced_until = string.match(redis.call('GET', K_MASTER) or '', '^(%S+) ?(%d*)$')
 fenced_until = tonumber(fenced_until) or 0
 if known ~= master then

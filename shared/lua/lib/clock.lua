@@ -25,3 +25,15 @@ end
 local function error_json(code, message)
   return cjson.encode({code = code, message = message})
 end
+
+-- The run id of the Redis process running the library (INFO server: 65k instructions, as
+-- much as the rest of a dispatch's fixed part), asked once: it never changes while the
+-- process lives, and a library's locals live no longer than its process (a restart, a
+-- resync from a master or a FUNCTION LOAD starts them afresh).
+local this_run_id = nil
+local function run_id_here()
+  if this_run_id == nil then
+    this_run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  end
+  return this_run_id
+end
