@@ -31,8 +31,8 @@ from shared.errors import (
 )
 from shared.estimates import Backlog
 from shared.jobs import ErrorCode, JobStatus, job_object, record_ttl_ms
+from shared.redis.store import REDIS_ERRORS
 from shared.scripts import AdmitOutcome, AdmitReply
-from shared.store import REDIS_ERRORS
 
 BREAKER_RETRY_AFTER_S = 5
 """Workers probe a backend every second while its breaker is open; it closes on an answer."""

@@ -35,7 +35,7 @@ from shared import keys
 from shared.budget import Budget, iso
 from shared.errors import Conflict, InvalidRequest, NotFound, RedisUnavailable
 from shared.outage import Outage, supervised
-from shared.store import REDIS_ERRORS, redis_errors
+from shared.redis.store import REDIS_ERRORS, redis_errors
 
 log = logging.getLogger("gpugate.keys")
 

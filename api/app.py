@@ -37,8 +37,9 @@ from api.routes import (
 from api.state import Gate
 from api.tiers import Keyring
 from api.webhooks import FileKeyMirror
-from shared import store, telemetry
-from shared.lane import Lane
+from shared import telemetry
+from shared.redis import store
+from shared.redis.lane import Lane
 from shared.scripts import Scripts
 from shared.settings import Settings
 

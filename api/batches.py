@@ -31,7 +31,7 @@ from shared import keys
 from shared.batches import MAX_LINES, batch_object
 from shared.budget import open_period
 from shared.errors import GatewayError, InvalidRequest, NotFound, RateLimited
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 ENDPOINTS = tuple(path for path in BODIES if path != "/v1/messages")
 """What a batch may run: every inference path but Anthropic's Messages."""

@@ -5,7 +5,7 @@ or refused before FastAPI routes it.
 Admission is what every inference request costs, and a refusal is all that many of them
 get under load, so it takes the fewest steps: the body is validated once, straight from
 its bytes, by its endpoint's model (api/bodies.py), whatever its Content-Type; the key is
-identified; `admit.lua` runs on the pipelined lane (shared/lane.py). Every refusal of
+identified; `admit.lua` runs on the pipelined lane (shared/redis/lane.py). Every refusal of
 gpugate's own (400/422, 401, 409, 429, 503) is answered right here, so a refused request
 never created a job. An admitted request goes on to its route, which declares the
 decision as a dependency (`AdmittedJob`, api/dependencies.py) and only relays.

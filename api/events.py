@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 BLOCK_SLICE_MS = 5_000
 """Longest single XREAD BLOCK; a waiter re-issues it until its own deadline."""

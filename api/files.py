@@ -18,7 +18,7 @@ from api.listing import listing
 from api.state import Gate
 from shared import keys
 from shared.errors import InvalidRequest, NotFound, RequestTooLarge
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 PURPOSE = "batch"
 _NOT_FOUND = "No such file."

@@ -31,7 +31,7 @@ from api.events import Event
 from shared import keys
 from shared.errors import RedisUnavailable
 from shared.outage import Outage, supervised
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 log = logging.getLogger("gpugate.api")
 

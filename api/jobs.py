@@ -12,8 +12,8 @@ from shared import keys
 from shared.errors import Conflict, NotFound
 from shared.estimates import Backlog
 from shared.jobs import ErrorCode, Job
+from shared.redis.store import redis_errors
 from shared.scripts import CancelVerdict
-from shared.store import redis_errors
 
 _NOT_FOUND = "No such job."
 

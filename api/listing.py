@@ -9,7 +9,7 @@ from typing import Any
 
 from api.state import Gate
 from shared.errors import NotFound
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 
 async def listing(

@@ -12,8 +12,8 @@ from redis.asyncio.client import Pipeline
 
 from shared import keys, scripts
 from shared.estimates import Backlog
+from shared.redis.store import redis_errors
 from shared.settings import Settings
-from shared.store import redis_errors
 
 _PER_BACKEND = 3
 _FIXED = 3

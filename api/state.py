@@ -19,8 +19,8 @@ from api.inbox import Inbox
 from api.metrics import Metrics
 from api.tiers import Keyring
 from shared.errors import RedisUnavailable
-from shared.lane import Lane
 from shared.outage import Outage
+from shared.redis.lane import Lane
 from shared.scripts import Scripts, fleet_argv
 from shared.settings import Settings
 

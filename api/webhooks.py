@@ -16,7 +16,7 @@ from api.tiers import Keyring
 from shared import keys
 from shared.errors import NotFound, RedisUnavailable
 from shared.outage import Outage, supervised
-from shared.store import REDIS_ERRORS, redis_errors
+from shared.redis.store import REDIS_ERRORS, redis_errors
 from shared.webhooks import State
 
 log = logging.getLogger("gpugate.webhooks")

@@ -23,10 +23,11 @@ import httpx
 from redis.exceptions import RedisError
 
 from api.snapshot import read_queue
-from shared import keys, store
+from shared import keys
 from shared.errors import InvalidRequest, RedisUnavailable
 from shared.fleet import backend_named, set_cap
-from shared.redis_url import parse_sentinel
+from shared.redis import store
+from shared.redis.url import parse_sentinel
 from shared.settings import Backend, Settings
 
 PACKAGES = (

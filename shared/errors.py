@@ -15,7 +15,7 @@ GatewayError                      code, status, message, headers, extra body fie
  ├── Unavailable                  503 unavailable (Retry-After)
  │    └── RedisUnavailable        Redis could not be reached, or refused the command with an
  │                                error reply (out of memory, read-only, loading, busy, ACL…):
- │                                `reason` says which (shared/store.py maps every driver error)
+ │                                `reason` says which (shared/redis/store.py maps every error)
  └── GatewayTimeout               504 timeout (job_id, status)
 """
 

@@ -7,8 +7,8 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.errors import InvalidRequest
+from shared.redis.store import redis_errors
 from shared.settings import Settings
-from shared.store import redis_errors
 
 
 def backend_named(settings: Settings, name: str | None) -> str:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from shared.errors import RedisUnavailable
-from shared.store import REDIS_ERRORS, unavailable
+from shared.redis.store import REDIS_ERRORS, unavailable
 
 RETRY_S = 1.0
 """While down, one caller this often may find out whether it is back (`should_try`)."""

@@ -44,8 +44,8 @@ from shared.batches import lua_constants as batch_constants
 from shared.endpoints import INFERENCE, Api
 from shared.estimates import PRIOR_JOB_S, PRIOR_LOAD_S, SWITCH_HOLD_LOADS
 from shared.jobs import JobStatus, RunEnd, lua_constants
+from shared.redis.store import Execute, fcall, redis_errors
 from shared.settings import Backend
-from shared.store import Execute, fcall, redis_errors
 from shared.webhooks import State
 
 _LUA_DIR = Path(__file__).with_name("lua")

@@ -47,7 +47,7 @@ from api.app import create_app
 from api.tiers import DEFAULT_TIER, Tier, load_keys_file
 from gpugate.doctor import doctor
 from shared import keys
-from shared.redis_url import parse_sentinel
+from shared.redis.url import parse_sentinel
 from shared.settings import Rate, Settings
 from tests.processes import ROOT, Process, _spawn, free_port, start_redis, start_sim, wait_until
 from tests.sentinel import MASTER_NAME, PASSWORD, SentinelCluster

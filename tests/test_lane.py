@@ -1,4 +1,4 @@
-"""The pipelined Redis connection of the admission path (`shared/lane.py`), against a
+"""The pipelined Redis connection of the admission path (`shared/redis/lane.py`), against a
 real redis-server: replies in order, scripts after a flush, the database of the URL, and
 a Redis that stops answering."""
 
@@ -16,7 +16,7 @@ import redis
 from redis import exceptions as rx
 
 from gpugate.testing.processes import spawn
-from shared.lane import Lane, _error
+from shared.redis.lane import Lane, _error
 from tests.processes import Process, free_port, start_redis, wait_until
 
 

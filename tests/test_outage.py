@@ -2,7 +2,7 @@
 (`CONFIG SET maxmemory`, noeviction), paused (`CLIENT PAUSE`), error replies. New work gets
 `503 unavailable` with `Retry-After`, never a 500; workers keep heartbeating and keep
 their runs; when Redis takes writes again, work resumes by itself and nothing admitted is
-lost (shared/outage.py, shared/store.py)."""
+lost (shared/outage.py, shared/redis/store.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import redis
 from redis import exceptions as redis_exceptions
 
 from api.app import create_app
-from shared import keys, store
+from shared import keys
 from shared.errors import RedisUnavailable
 from shared.outage import Outage, supervised
+from shared.redis import store
 from shared.scripts import FinishReply, FinishStatus, Grant
 from shared.settings import Settings
 from tests.conftest import Stack, build_stack, slow_sim_fixture

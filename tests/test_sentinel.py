@@ -1,4 +1,4 @@
-"""`redis+sentinel://` URLs (`shared/store.py`, `shared/lane.py`, `shared/redis_url.py`)
+"""`redis+sentinel://` URLs (`shared/redis/store.py`, `shared/redis/lane.py`, `shared/redis/url.py`)
 against a real cluster (`tests/sentinel.py`): a master, two replicas, three Sentinels.
 
 The clients find the master through the Sentinels, pass over a Sentinel that names a
@@ -22,10 +22,11 @@ import redis
 from arq.connections import ArqRedis
 from redis.asyncio.connection import ConnectionPool
 
-from shared import keys, store
+from shared import keys
 from shared.errors import RedisUnavailable
-from shared.lane import Lane
-from shared.redis_url import SentinelURL, parse_sentinel
+from shared.redis import store
+from shared.redis.lane import Lane
+from shared.redis.url import SentinelURL, parse_sentinel
 from shared.scripts import Scripts
 from tests.processes import Process
 from tests.sentinel import (

@@ -60,8 +60,8 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.outage import supervised
+from shared.redis.store import redis_errors
 from shared.settings import Backend
-from shared.store import redis_errors
 from worker.meter import PACE_FIELDS
 from worker.state import WorkerContext
 

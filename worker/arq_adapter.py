@@ -40,10 +40,11 @@ import aiohttp
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
-from shared import keys, store
+from shared import keys
 from shared.errors import RedisUnavailable
-from shared.lane import Lane
 from shared.outage import end_if_cancelled
+from shared.redis import store
+from shared.redis.lane import Lane
 from shared.scripts import Grant, Scripts, fleet_argv
 from shared.settings import Settings
 from worker import jobs

@@ -17,8 +17,8 @@ import orjson
 from shared import keys
 from shared.budget import Budget, open_period
 from shared.outage import supervised
+from shared.redis.store import redis_errors
 from shared.scripts import FinishStatus, Grant
-from shared.store import redis_errors
 from worker.ollama import Outcome
 from worker.state import WorkerContext
 

@@ -21,8 +21,8 @@ from shared import keys, logs, telemetry
 from shared.errors import RedisUnavailable
 from shared.estimates import EWMA_WEIGHT
 from shared.jobs import ErrorCode, record_ttl_ms
+from shared.redis.store import REDIS_ERRORS
 from shared.scripts import FinishStatus, Grant
-from shared.store import REDIS_ERRORS
 from worker.adaptive import backoff
 from worker.batches import output_line
 from worker.ollama import EventWriter, Outcome, Work, backend_failure, call, stream_error_chunk

@@ -29,9 +29,9 @@ import aiohttp
 from shared import keys
 from shared.jobs import record_ttl_ms
 from shared.outage import supervised
+from shared.redis.store import redis_errors
 from shared.scripts import fleet_argv
 from shared.settings import Backend, Settings
-from shared.store import redis_errors
 from worker.adaptive import adaptive_loop
 from worker.batches import batch_loop
 from worker.state import WorkerContext

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from shared.lane import Lane
 from shared.outage import Outage
+from shared.redis.lane import Lane
 from shared.scripts import Grant, HeldRun, Scripts
 from shared.settings import Backend, Settings
 from worker.meter import Meter
@@ -55,7 +55,7 @@ class WorkerContext:
     blocking_redis: Redis = field(init=False)
     """BLPOP on the wake list, pub/sub: no read timeout."""
     lane: Lane = field(init=False)
-    """The pipelined connection of the scripts (shared/lane.py): the runs that end in one
+    """The pipelined connection of the scripts (shared/redis/lane.py): the runs that end in one
     turn of the event loop send their finish in one write."""
     scripts: Scripts = field(init=False)
     http: aiohttp.ClientSession = field(init=False)

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.outage import supervised
+from shared.redis.store import redis_errors
 from shared.scripts import HISTOGRAMS, FinishReply, FinishStatus, Grant, histogram_field
-from shared.store import redis_errors
 
 if TYPE_CHECKING:
     from worker.state import WorkerContext

@@ -26,8 +26,8 @@ import aiohttp
 from shared import keys
 from shared.errors import RedisUnavailable
 from shared.outage import supervised
+from shared.redis.store import REDIS_ERRORS, redis_errors, unavailable
 from shared.scripts import ClaimedWebhook, WebhookOutcome
-from shared.store import REDIS_ERRORS, redis_errors, unavailable
 from shared.webhooks import DELIVERED_KEEP_S, FAILED_KEEP_S, State, secret_key, signed_headers
 from worker.state import WorkerContext
 

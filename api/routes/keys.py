@@ -19,7 +19,7 @@ from api.routes.inference import body_schema
 from api.state import Gate
 from shared import keys
 from shared.budget import iso
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 router = APIRouter(tags=["keys"])
 

@@ -17,7 +17,7 @@ from api.snapshot import read_queue, read_snapshot
 from api.state import Gate
 from shared import keys
 from shared.errors import InvalidApiKey, RedisUnavailable
-from shared.store import redis_errors
+from shared.redis.store import redis_errors
 
 router = APIRouter(tags=["service"])
 

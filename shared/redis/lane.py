@@ -10,14 +10,14 @@ in the same packets: the commands of one turn of the event loop are written at i
 in one system call. hiredis packs the commands and parses the replies.
 
 Failures look like redis-py's (`ConnectionError`, `TimeoutError`, `rx.ResponseError`), so
-`shared.store.redis_errors` turns them into 503 as for any other Redis call. A command
+`shared.redis.store.redis_errors` turns them into 503 as for any other Redis call. A command
 that times out closes the connection (later replies would be out of step), failing the
 commands still waiting on it; the next command connects again. The timeout is one timer
 per connection, armed for its oldest unanswered command, not one per command
 (`asyncio.timeout` per command was 5% of a rejection's CPU).
 
 With a `redis+sentinel://` URL, every (re)connection first asks the Sentinels where the
-master is, through the same discovery as the redis-py clients (`shared.store.Sentinels`);
+master is, through the same discovery as the redis-py clients (`shared.redis.store.Sentinels`);
 the happy path costs nothing more. A lost connection (the master killed) fails the
 commands waiting on it and the next command connects to whatever master the Sentinels
 name then. A READONLY reply (the master was demoted) retires the connection: no new
@@ -45,8 +45,7 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 
-from shared.redis_url import SentinelURL, parse_sentinel
-from shared.store import (
+from shared.redis.store import (
     SOCKET_TIMEOUT_S,
     WAIT_BARRIER_CHANNEL,
     MasterDemoted,
@@ -54,6 +53,7 @@ from shared.store import (
     evalsha,
     tls_context,
 )
+from shared.redis.url import SentinelURL, parse_sentinel
 
 Address = tuple[str, int] | str  # host and port, or a unix socket path
 

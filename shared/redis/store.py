@@ -1,7 +1,7 @@
 """Redis connections, and the one place where driver errors become `RedisUnavailable`.
 
 `connect(url)` takes `redis://`, `rediss://`, `unix://` as redis-py does, and
-`redis+sentinel://…/MASTER_NAME` (`shared/redis_url.py`): the client then asks the
+`redis+sentinel://…/MASTER_NAME` (`shared/redis/url.py`): the client then asks the
 Sentinels for the master at every new connection and follows a failover by itself.
 When the master is killed, commands fail (`ConnectionError`, 503) until the Sentinels
 promote a replica, and the next connection goes to the new master. A master demoted to
@@ -13,7 +13,7 @@ the Sentinels name now (a command refused with READONLY was not run, so this is 
 error reply (OOM, READONLY, LOADING, BUSY, NOPERM…) — becomes `RedisUnavailable` with the
 reason named (`unavailable()`).
 
-Redis WAIT has one implementation, `Lane.wait_replicas` (shared/lane.py), for the
+Redis WAIT has one implementation, `Lane.wait_replicas` (shared/redis/lane.py), for the
 admissions and the ends that GPUGATE_REDIS_MIN_REPLICAS guards; `replication()` is what
 `gpugate doctor` shows of the master and its replicas.
 """
@@ -36,7 +36,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelMan
 from redis.backoff import NoBackoff
 
 from shared.errors import RedisUnavailable
-from shared.redis_url import SentinelURL, no_password_set, parse_sentinel
+from shared.redis.url import SentinelURL, no_password_set, parse_sentinel
 
 SOCKET_TIMEOUT_S = 2.0
 """A request that needs Redis fails within this bound instead of hanging while it is down."""
@@ -54,7 +54,7 @@ REDIS_ERRORS = (*DRIVER_ERRORS, redis_exceptions.RedisError)
 
 _REPLY_REASONS: tuple[tuple[type[Exception], str, str], ...] = (
     # redis-py raises a class per reply prefix and drops the prefix from the message;
-    # the lane (shared/lane.py) raises `ResponseError` with the reply as it came.
+    # the lane (shared/redis/lane.py) raises `ResponseError` with the reply as it came.
     (redis_exceptions.OutOfMemoryError, "OOM", "out of memory"),
     (redis_exceptions.ReadOnlyError, "READONLY", "read-only"),
     (redis_exceptions.BusyLoadingError, "LOADING", "loading"),
@@ -316,7 +316,7 @@ class Sentinels(Sentinel):
     """redis-py's Sentinel, with our clients for the Sentinels: their own timeouts (a
     blocking master client still gives up on a silent Sentinel) and the URL's password,
     dropped for a Sentinel that has none. The one Sentinel discovery of gpugate: the
-    redis-py clients' pools and the lane (shared/lane.py) ask through it
+    redis-py clients' pools and the lane (shared/redis/lane.py) ask through it
     (`discover_master`, which puts the Sentinel that answered first)."""
 
     def __init__(self, target: SentinelURL) -> None:
