@@ -7,8 +7,12 @@ get under load, so it takes the fewest steps: the body is validated once, straig
 its bytes, by its endpoint's model (api/bodies.py), whatever its Content-Type; the key is
 identified; `admit.lua` runs on the pipelined lane (shared/redis/lane.py). Every refusal of
 gpugate's own (400/422, 401, 409, 429, 503) is answered right here, so a refused request
-never created a job. An admitted request goes on to its route, which declares the
-decision as a dependency (`AdmittedJob`, api/dependencies.py) and only relays.
+never created a job. An admitted synchronous call is relayed right here too (api/relay.py):
+FastAPI's routing, its dependencies and its exception middlewares took a fifth of the API
+process's CPU per tiny job (py-spy, 2026-12-07) to hand it to a route that only relays.
+Its route (api/routes/inference.py) documents it; an admitted `POST /v1/jobs` goes on
+to its route, which takes the decision as a dependency (`AdmittedJob`,
+api/dependencies.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from api.errors import error_response
 from api.identity import Identity, identify
 from api.metrics import EDGE_ROUTE
 from api.paths import route_path
+from api.relay import JobRelay
 from api.sessions import session_of
 from api.state import Gate
 from shared import logs, telemetry
@@ -141,7 +146,23 @@ class AdmissionEdge:
             not_text = InvalidRequest("The body is not valid UTF-8 JSON.", status=400)
             await error_response(not_text)(scope, receive, send)
             return
+        if path in BODIES:  # a synchronous call: relayed here (the module's docstring)
+            await _relay(gate, scope[ADMITTED], scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+async def _relay(
+    gate: Gate, admitted: Admitted, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """What `sync_inference` (api/routes/inference.py) answers, and the errors it raises
+    answered as the app's handler does (api/errors.py)."""
+    scope[EDGE_ROUTE] = route_path(scope)  # the route's name in metrics and spans
+    relay = JobRelay(gate, admitted.owner, admitted.job_id, admitted.rate_limit.headers())
+    try:
+        await relay(scope, receive, send)
+    except GatewayError as error:
+        await error_response(error)(scope, receive, send)
 
 
 async def _admit(gate: Gate, who: Identity, request: JobRequest, job_id: str) -> Admitted:

@@ -1,8 +1,9 @@
 """Synchronous inference: every inference path Ollama serves (shared/endpoints.py).
 
-Each request was admitted at the edge (api/edge.py) before it got here; the route takes
-that decision as a dependency and relays its job's answer (api/relay.py). The body each
-path takes is documented from its model (api/bodies.py), which is what the edge checks.
+The edge (api/edge.py) admits each request and relays its job's answer itself
+(api/relay.py); these routes document each path, its body from the model the edge checks
+(api/bodies.py), and answer what the edge did not take as `sync_inference` would have
+(a request whose body it never saw: 422).
 """
 
 from __future__ import annotations
