@@ -340,24 +340,27 @@ async def test_each_redis_knows_its_own_run_id_through_a_promotion_and_back() ->
         await finish(on_a, grant)  # its slot free again (the fleet's cap is 1)
         await admit(on_a)
 
-        async def promote(new: Redis, master: Process) -> None:
-            """`new` takes a copy of `master`'s data, then is a master itself."""
-            await new.execute_command("REPLICAOF", "127.0.0.1", str(master.port))
-            for _ in range(1000):
-                if (await new.info("replication")).get("master_link_status") == "up":
+        async def promote(new: Redis, master: Redis, master_proc: Process) -> None:
+            """`new` takes a copy of `master`'s data (all of it: up to a marker written
+            after it became a replica), then is a master itself."""
+            await new.execute_command("REPLICAOF", "127.0.0.1", str(master_proc.port))
+            marker = new_job_id()
+            await master.set("promotion-marker", marker)
+            for _ in range(3000):
+                if await new.get("promotion-marker") == marker.encode():
                     break
                 await asyncio.sleep(0.01)
             else:
-                raise AssertionError("the replica never synced")
+                raise AssertionError("the replica never caught up")
             await new.execute_command("REPLICAOF", "NO", "ONE")
 
-        await promote(b, first)  # B has A's data, then is the master
+        await promote(b, a, first)  # B has A's data, then is the master
         assert await dispatch(on_b) == []  # fenced: A's newest grants may be missing here
         await b.set(keys.MASTER, (await b.get(keys.MASTER)).split()[0] + b" 0")  # lapsed
         (grant,) = await dispatch(on_b)
         await finish(on_b, grant)
         await admit(on_b)
-        await promote(a, second)  # A again, with B's data: B granted last
+        await promote(a, b, second)  # A again, with B's data: B granted last
         assert await dispatch(on_a) == []
     finally:
         await a.aclose()
