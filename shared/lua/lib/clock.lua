@@ -29,7 +29,8 @@ end
 -- The run id of the Redis process running the library (INFO server: 65k instructions, as
 -- much as the rest of a dispatch's fixed part), asked once: it never changes while the
 -- process lives, and a library's locals live no longer than its process (a restart, a
--- resync from a master or a FUNCTION LOAD starts them afresh).
+-- full resync from a master or a FUNCTION LOAD starts them afresh; a partial resync keeps
+-- them, and the run id with them, still this process's).
 local this_run_id = nil
 local function run_id_here()
   if this_run_id == nil then
