@@ -158,9 +158,8 @@ async def _relay(
     """What `sync_inference` (api/routes/inference.py) answers, and the errors it raises
     answered as the app's handler does (api/errors.py)."""
     scope[EDGE_ROUTE] = route_path(scope)  # the route's name in metrics and spans
-    relay = JobRelay(gate, admitted.owner, admitted.job_id, admitted.rate_limit.headers())
     try:
-        await relay(scope, receive, send)
+        await JobRelay.of(gate, admitted)(scope, receive, send)
     except GatewayError as error:
         await error_response(error)(scope, receive, send)
 

@@ -21,6 +21,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from api.admission import Admitted
 from api.events import Event, JobEvents, StreamGap
 from api.jobs import cancel_job, read_job
 from api.state import Gate
@@ -99,6 +100,11 @@ class JobRelay(Response):
         answers (its id, the rate limits); the rest is decided while it relays."""
         self.deadline = time.monotonic() + gate.settings.sync_timeout
         self.finished = False
+
+    @classmethod
+    def of(cls, gate: Gate, admitted: Admitted) -> JobRelay:
+        """The answer of an admitted synchronous call (api/edge.py relays it)."""
+        return cls(gate, admitted.owner, admitted.job_id, admitted.rate_limit.headers())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

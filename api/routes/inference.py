@@ -23,7 +23,7 @@ router = APIRouter()
 
 
 async def sync_inference(admitted: AdmittedJob, gate: GateDep) -> Response:
-    return JobRelay(gate, admitted.owner, admitted.job_id, admitted.rate_limit.headers())
+    return JobRelay.of(gate, admitted)
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
