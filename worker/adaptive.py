@@ -8,10 +8,11 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
 - More concurrency still buys throughput, with the backend saturated (every slot busy or
   work waiting): its TPOT within LOW (x1.1) of the best TPOT seen, or its tokens/s at least
   GAIN (5 %) above the best measured at any lower cap — double while nothing has pushed
-  back yet (slow start) or while TPOT has already grown, else one more; past a cap known
-  to deliver no more, twice that cap (so a plateau from 1 to 2 does not hide the rise
-  from 4), and never within PROBE_AFTER windows of a step down (each probe past the
-  knee costs its window a slower TPOT);
+  back yet (slow start) or while TPOT has already grown, else one more; from a plateau
+  (a cap no better than the ones below), past a cap known to deliver no more, the next
+  power of two (so a plateau from 1 to 2 does not hide the rise from 4), but never past
+  it from a knee (a cap that gained, the next one up not); never within PROBE_AFTER
+  windows of a step down (each probe past the knee costs its window a slower TPOT);
 - a cap measured to deliver nearly the peak tokens/s (within GAIN) below the cap: down to
   the lowest such cap; none at or below it: up to that cap (after a halving or a probe
   below, the cap goes back where it delivered, in one window);
@@ -23,7 +24,9 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
   does not throw away where the cap was);
 - with TPOT above its best at the peak: probe one lower every PROBE_AFTER windows;
 - otherwise: hold. What was measured at each cap is forgotten when a cap delivers
-  CHANGED (30 %) less or more than it did (a bigger or a smaller model).
+  CHANGED (30 %) less or more than it did (a bigger or a smaller model). The first
+  window after a step down is not kept (its runs started beside the more granted before,
+  each slower); a cap never measured is held one window more, to measure it.
 
 Both signals matter: a GPU's TPOT is flat up to its knee, but an engine batching on a CPU
 (llama-server with one thread) slows every stream from the second one on while its
@@ -141,12 +144,18 @@ def decide(
     )
     ratio = window.tpot_ms / best if best > 0 else 1.0
     tps = window.tokens_per_s
-    known, off, forget, strikes = _remember(dict(tps_at or {}), cap, tps, saturated, strikes)
+    # The first window after a step down is not a measure of the new cap: its runs started
+    # while the more granted before were still running, each slower (read as the lower
+    # cap's, it drew the cap back up above the knee).
+    settling = since_down == 0
+    measured = saturated and not settling
+    known, off, forget, strikes = _remember(dict(tps_at or {}), cap, tps, measured, strikes)
     facts = (
         f"time per output token {window.tpot_ms:.1f} ms, {ratio:.2f}x its best; "
         f"{tps:.1f} tokens/s, {window.jobs} jobs"
     )
-    if off and not forget:  # measure again before acting on it
+    if (off and not forget) or (settling and cap not in known):
+        # measure again before acting on it; a new cap is measured in the next window
         return Decision(min(cap, ceiling), best, facts, strikes=strikes, tps_at=known)
     below = {c: v for c, v in known.items() if c < cap}
     gained = saturated and bool(below) and tps >= max(below.values()) * (1 + GAIN)
@@ -171,7 +180,7 @@ def decide(
         # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
         # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
         step = cap * 2 if slow_start or ratio > HIGH else cap + 1
-        higher = _worth_probing(min(ceiling, step), ceiling, known, tps)
+        higher = _worth_probing(min(ceiling, step), ceiling, known, tps, past_flat=not gained)
         if higher is not None:
             reason = "more concurrency still buys throughput: "
             return Decision(higher, best, reason + facts, forget, strikes, known)
@@ -181,14 +190,20 @@ def decide(
     return Decision(min(cap, ceiling), best, facts, forget, strikes, known)
 
 
-def _worth_probing(higher: int, ceiling: int, known: Mapping[int, float], tps: float) -> int | None:
-    """`higher`, or past it if it is known to deliver no more than `tps`: twice that cap,
-    and so on up to the ceiling (an engine's tokens/s can be flat from 1 to 2 and rise
-    again from 4); None when every one is known to be no better."""
+def _worth_probing(
+    higher: int, ceiling: int, known: Mapping[int, float], tps: float, *, past_flat: bool
+) -> int | None:
+    """`higher`, or None if it is known to deliver no more than `tps`. With `past_flat` (a
+    cap that gained nothing over the ones below, on a plateau from the bottom), past a cap
+    known to deliver no more: the next power of two, and so on up to the ceiling (an
+    engine's tokens/s can be flat from 1 to 2 and rise again from 4; powers of two are
+    what slow start measured). A cap that gained over the ones below and whose next one
+    up delivers no more is the knee: nothing past it is probed (probing 12 and 16 from a
+    knee at 5 cost a window of triple TPOT each)."""
     while known.get(higher, math.inf) < tps * (1 + GAIN):
-        if higher >= ceiling:
+        if higher >= ceiling or not past_flat:
             return None
-        higher = min(ceiling, higher * 2)
+        higher = min(ceiling, 1 << higher.bit_length())
     return higher
 
 
@@ -240,7 +255,7 @@ async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
         halved = max(1, cap // 2)
         await redis.hset(keys.EFFECTIVE, backend.name, str(halved))  # type: ignore[misc]
         state_key = keys.ADAPTIVE + backend.name
-        await redis.hset(state_key, "pushed_back", "1")  # type: ignore[misc]
+        await redis.hset(state_key, mapping={"pushed_back": 1, "since_down": 0})  # type: ignore[misc]
         # what the caps above delivered no longer draws the cap back up to them
         measured = await redis.hkeys(state_key)  # type: ignore[misc]
         above = [f for f in measured if f.startswith(b"tps:") and int(f[4:]) > halved]
