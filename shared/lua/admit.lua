@@ -96,39 +96,42 @@ if budget ~= nil then
 end
 local job_id = A.job_id
 local score = now_exact - A.boost_ms  -- FIFO, even within one ms
-local jk = K_JOB .. job_id
-set_status(job_id, S_QUEUED, 'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
+local record = {'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', BODY,
   'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0,
   'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
-  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox)
-if A.traceparent then redis.call('HSET', jk, 'traceparent', A.traceparent) end
-if A.session then redis.call('HSET', jk, 'session', A.session) end
-if A.hook then redis.call('HSET', jk, 'hook', A.hook) end  -- its key's webhook
+  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox}
+-- the fields only some jobs have, in the same HSET
+local function also(field, value)
+  record[#record + 1] = field
+  record[#record + 1] = value
+end
+if A.traceparent then also('traceparent', A.traceparent) end
+if A.session then also('session', A.session) end
+if A.hook then also('hook', A.hook) end  -- its key's webhook
 -- a known key's limits: its budget reservation (settled by finish.lua), the record the
 -- scheduler reads its live max_running from, the tier's max_running (dispatch.lua)
-local function note_key_limits()
-  if budget_key then
-    redis.call('INCRBY', budget_key, A.budget_reserve or 0)
-    redis.call('PEXPIRE', budget_key, A.budget_ttl_ms)
-    redis.call('HSET', jk, 'budget_key', budget_key, 'budget_reserved', A.budget_reserve or 0)
-  end
-  if (A.max_running or 0) > 0 then redis.call('HSET', jk, 'max_running', A.max_running) end
-  if (A.key_record or '') ~= '' then
-    redis.call('HSET', jk, 'key_record', A.key_record)
-    redis.call('HSET', K_APIKEY_USED, A.key_record, now)
-  end
+if budget_key then
+  redis.call('INCRBY', budget_key, A.budget_reserve or 0)
+  redis.call('PEXPIRE', budget_key, A.budget_ttl_ms)
+  also('budget_key', budget_key)
+  also('budget_reserved', A.budget_reserve or 0)
 end
-note_key_limits()
-redis.call('PEXPIRE', jk, A.record_ttl_ms)
+if (A.max_running or 0) > 0 then also('max_running', A.max_running) end
+if (A.key_record or '') ~= '' then
+  also('key_record', A.key_record)
+  redis.call('HSET', K_APIKEY_USED, A.key_record, now)
+end
 local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
 if A.hold_ms > 0 then
   -- not dispatched before replicas have it (release.lua); gone if nobody releases it
-  redis.call('HSET', jk, 'held', 1)
+  also('held', 1)
   deadline = math.min(deadline or math.huge, now + A.hold_ms)
 end
+set_status(job_id, S_QUEUED, unpack(record))
+redis.call('PEXPIRE', K_JOB .. job_id, A.record_ttl_ms)
 if deadline then redis.call('ZADD', K_DEADLINES, deadline, job_id) end
 enqueue_waiting(job_id, owner, score, A.model, A.priority, owner_queued)
 if A.idempotency_key ~= '' then
