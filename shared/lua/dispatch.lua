@@ -298,7 +298,7 @@ local function grant(c, job_id, job, b)
   end
   charge(c.owner, cost, now)  -- while it waits: an owner that stops waiting is marked idle once
   c.counter = c.counter + cost
-  leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '')
+  c.drained = leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '')
   waiting_models[job.model] = nil
   local out = occupy(job_id, job, b, cost)
   out.waited_ms = now - tonumber(job.created_at)  -- the worker's queue-wait histogram
@@ -471,7 +471,8 @@ local function line_for(c)
 end
 
 -- Grants, in turn, from a band's candidates in `order` (`take`: the owner's next grant,
--- or nil when it has none a backend can take now).
+-- or nil when it has none a backend can take now; an owner whose last waiting job was
+-- granted, `drained`, is not asked again).
 local grants = {}
 local function take_turns(list, order, take)
   local stuck = {}
@@ -479,7 +480,7 @@ local function take_turns(list, order, take)
     table.sort(list, order)
     local granted = nil
     for _, c in ipairs(list) do
-      if not stuck[c.owner] then
+      if not (stuck[c.owner] or c.drained) then
         granted = take(c)
         if granted then break end
         stuck[c.owner] = true

@@ -35,7 +35,8 @@ end
 -- Take a job out of the waiting sets (it starts, is cancelled, or expires). An owner left
 -- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
 -- for the fair-share memory (heartbeat.lua), unless it waits again first. `untimed`: the
--- caller knows the job has no deadline (admit.lua's K_DEADLINES entry).
+-- caller knows the job has no deadline (admit.lua's K_DEADLINES entry). True when the
+-- owner has nothing left waiting.
 local function leave_waiting(job_id, owner, model, now, untimed)
   local oq = K_OWNER_QUEUE .. owner
   if redis.call('ZREM', oq, job_id) == 1 then
@@ -49,7 +50,9 @@ local function leave_waiting(job_id, owner, model, now, untimed)
     redis.call('ZREM', K_BACKLOG, owner)
     redis.call('HDEL', K_OWNER_PRIORITY, owner)
     redis.call('ZADD', K_VTC_IDLE, now, owner)
+    return true
   end
+  return false
 end
 
 -- Grow an owner's fair-share counter (in the backlog too, while it waits there; else its
