@@ -11,7 +11,8 @@ the card delivers no more tokens per second. The control law is Vegas-like, on T
   back yet (slow start) or while TPOT has already grown, else one more; from a plateau
   (a cap no better than the ones below), past a cap known to deliver no more, the next
   power of two (so a plateau from 1 to 2 does not hide the rise from 4), but never past
-  it from a knee (a cap that gained, the next one up not); never within PROBE_AFTER
+  it from a knee (a cap that gained, the next one up not; that one is measured again
+  when it delivered STALE (10 %) less than the knee now does); never within PROBE_AFTER
   windows of a step down (each probe past the knee costs its window a slower TPOT);
 - a cap measured to deliver nearly the peak tokens/s (within GAIN) below the cap: down to
   the lowest such cap; none at or below it: up to that cap (after a halving or a probe
@@ -33,7 +34,10 @@ Both signals matter: a GPU's TPOT is flat up to its knee, but an engine batching
 tokens/s keep rising to 16; on TPOT alone the law held such a backend at 1-2, half of its
 throughput (BENCHMARKS.md, operating point). The tokens/s of each cap are a moving mean
 of the saturated windows measured there (`tps:<cap>` in the controller's state), each by
-Little's law over the runs that started under that cap (`Window.of_runs`).
+Little's law over the runs that started under that cap (`Window.of_runs`), and when it
+was last measured (`at:<cap>`): a probe up treats a measure older than REMEASURE_S (ten
+minutes) as none, so a knee that moved up (the cap's own tokens/s unchanged) is found
+again, at the cost of one window's probe every ten minutes.
 - A 503, a 429 or an out-of-memory failure from the backend halves the cap at once (at
   most once a second: BACKOFF_MS), and forgets what the caps above delivered.
 
@@ -56,7 +60,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -72,9 +76,11 @@ log = logging.getLogger("gpugate.worker.adaptive")
 
 LOW, HIGH, TARGET = 1.1, 1.2, 1.1
 GAIN = 0.05
+STALE = 0.1
 CHANGED = 0.3
 DRIFT = 0.002
 PROBE_AFTER = 4
+REMEASURE_S = 600
 MIN_JOBS = 4
 CONTROL_S = 2.0
 FLUSH_S = 0.5
@@ -121,6 +127,8 @@ class Decision:
     """Windows in a row that the cap delivered far from what it had."""
     tps_at: Mapping[int, float] = field(default_factory=dict)
     """The tokens/s measured at each cap, this window included (what the controller keeps)."""
+    kept: bool = False
+    """This window's tokens/s were kept at its cap (the controller notes when: `at:<cap>`)."""
 
 
 def decide(
@@ -134,11 +142,13 @@ def decide(
     since_down: int = PROBE_AFTER,
     tps_at: Mapping[int, float] | None = None,
     strikes: int = 0,
+    old: Collection[int] = (),
 ) -> Decision:
     """The next effective cap of a backend at `cap` (ceiling `ceiling`) after `window`;
     `since_down`: windows since the cap last came down; `tps_at`: the tokens/s measured
     at other caps while saturated; `strikes`: the windows in a row before this one that
-    delivered far from what their cap had."""
+    delivered far from what their cap had; `old`: the caps last measured more than
+    REMEASURE_S ago (a probe up treats them as never measured)."""
     best = (
         window.tpot_ms if best_tpot_ms is None else min(best_tpot_ms * (1 + DRIFT), window.tpot_ms)
     )
@@ -157,6 +167,11 @@ def decide(
     if (off and not forget) or (settling and cap not in known):
         # measure again before acting on it; a new cap is measured in the next window
         return Decision(min(cap, ceiling), best, facts, strikes=strikes, tps_at=known)
+    kept = measured and (forget or not off)
+
+    def to(new_cap: int, reason: str = "") -> Decision:
+        return Decision(new_cap, best, reason + facts, forget, strikes, known, kept)
+
     below = {c: v for c, v in known.items() if c < cap}
     gained = saturated and bool(below) and tps >= max(below.values()) * (1 + GAIN)
     if gained:
@@ -169,25 +184,24 @@ def decide(
         # more (after a halving, or a probe below)
         better = "as much" if min(near) < cap else "more"
         reason = f"cap {min(near)} delivered {better}: "
-        return Decision(min(near), best, reason + facts, forget, strikes, known)
+        return to(min(near), reason)
     if ratio > HIGH and not gained and not below:
         # at most halved: on an engine whose TPOT grows from the second stream on, the
         # formula would send it to 1 at once
         lower = max(1, cap // 2, min(cap - 1, math.floor(cap * TARGET / ratio)))
-        return Decision(lower, best, "past the knee: " + facts, forget, strikes, known)
+        return to(lower, "past the knee: ")
     may_probe = slow_start or since_down >= PROBE_AFTER
     if saturated and cap < ceiling and may_probe and (ratio <= LOW or gained):
         # TPOT flat: one more (a GPU below its knee); else throughput still rising with a
         # slower TPOT (an engine batching on a CPU): double, as its gains come in steps
         step = cap * 2 if slow_start or ratio > HIGH else cap + 1
-        higher = _worth_probing(min(ceiling, step), ceiling, known, tps, past_flat=not gained)
+        current = {c: v for c, v in known.items() if c not in old}
+        higher = _worth_probing(min(ceiling, step), ceiling, current, tps, past_flat=not gained)
         if higher is not None:
-            reason = "more concurrency still buys throughput: "
-            return Decision(higher, best, reason + facts, forget, strikes, known)
+            return to(higher, "more concurrency still buys throughput: ")
     if saturated and ratio > HIGH and may_probe and cap > 1:
-        reason = "TPOT above its best: probing one lower: "
-        return Decision(cap - 1, best, reason + facts, forget, strikes, known)
-    return Decision(min(cap, ceiling), best, facts, forget, strikes, known)
+        return to(cap - 1, "TPOT above its best: probing one lower: ")
+    return to(min(cap, ceiling))
 
 
 def _worth_probing(
@@ -199,9 +213,14 @@ def _worth_probing(
     engine's tokens/s can be flat from 1 to 2 and rise again from 4; powers of two are
     what slow start measured). A cap that gained over the ones below and whose next one
     up delivers no more is the knee: nothing past it is probed (probing 12 and 16 from a
-    knee at 5 cost a window of triple TPOT each)."""
+    knee at 5 cost a window of triple TPOT each), unless that next cap delivered STALE
+    (10 %) less than this one does now: no card serves less with one more request
+    running, so it was measured on another state of the backend (a bigger model, another
+    tenant), and it is measured again."""
     while known.get(higher, math.inf) < tps * (1 + GAIN):
-        if higher >= ceiling or not past_flat:
+        if not past_flat:
+            return higher if known[higher] < tps * (1 - STALE) else None
+        if higher >= ceiling:
             return None
         higher = min(ceiling, 1 << higher.bit_length())
     return higher
@@ -258,7 +277,11 @@ async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
         await redis.hset(state_key, mapping={"pushed_back": 1, "since_down": 0})  # type: ignore[misc]
         # what the caps above delivered no longer draws the cap back up to them
         measured = await redis.hkeys(state_key)  # type: ignore[misc]
-        above = [f for f in measured if f.startswith(b"tps:") and int(f[4:]) > halved]
+        above = [
+            f
+            for f in measured
+            if f.startswith((b"tps:", b"at:")) and int(f.split(b":")[1]) > halved
+        ]
         if above:
             await redis.hdel(state_key, *above)  # type: ignore[misc]
     if halved != cap:
@@ -294,6 +317,9 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     pushed, since_raw = state.get("pushed_back"), state.get("since_down")
     strikes = int(state.get("strikes", "0"))
     tps_at = {int(k[4:]): float(v) for k, v in state.items() if k.startswith("tps:")}
+    measured_at = {int(k[3:]): float(v) for k, v in state.items() if k.startswith("at:")}
+    now_ms = time.time() * 1000
+    old = {c for c in tps_at if now_ms - measured_at.get(c, 0.0) > REMEASURE_S * 1000}
     ceiling = int(live) if live else backend.gpu_concurrency
     cap = min(int(cap_raw) if cap_raw else 1, ceiling)
     window = Window.of_runs(cap, *(taken.get(f"{part}:{cap}", 0.0) for part in PACE_FIELDS))
@@ -310,14 +336,17 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         since_down=int(since_raw) if since_raw else PROBE_AFTER,
         tps_at=tps_at,
         strikes=strikes,
+        old=old,
     )
     async with redis.pipeline(transaction=False) as pipe:
         fields: dict[str, float | int] = {"best_tpot_ms": decision.best_tpot_ms}
         fields["strikes"] = decision.strikes
         if decision.forget:
-            pipe.hdel(state_key, *(f"tps:{c}" for c in tps_at))
+            pipe.hdel(state_key, *(f"{part}:{c}" for c in tps_at for part in ("tps", "at")))
         for measured_cap, tps in decision.tps_at.items():
             fields[f"tps:{measured_cap}"] = tps
+        if decision.kept:
+            fields[f"at:{cap}"] = int(now_ms)
         fields["since_down"] = 0 if decision.cap < cap else int(since_raw or PROBE_AFTER) + 1
         if decision.cap < cap:
             fields["pushed_back"] = 1
