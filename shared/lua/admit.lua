@@ -96,13 +96,14 @@ if budget ~= nil then
 end
 local job_id = A.job_id
 local score = now_exact - A.boost_ms  -- FIFO, even within one ms
+local deadline_at = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
 local record = {'id', job_id, 'owner', owner, 'owner_name', A.owner_name,
   'usage_name', A.usage_name, 'endpoint', A.endpoint, 'model', A.model, 'body', BODY,
   'stream', A.stream and 1 or 0, 'sync', A.sync and 1 or 0,
   'created_at', now, 'score', score, 'priority', A.priority, 'weight', A.weight,
   'attempt', 1, 'runs', 0, 'reserved_tokens', A.reserve_tokens,
   'tpm_rate', A.tpm_per_ms, 'tpm_burst', A.tpm_burst,
-  'deadline_at', A.deadline_ms > 0 and (now + A.deadline_ms) or '', 'inbox', A.inbox}
+  'deadline_at', deadline_at or '', 'inbox', A.inbox}
 -- the fields only some jobs have, in the same HSET
 local function also(field, value)
   record[#record + 1] = field
@@ -124,7 +125,7 @@ if (A.key_record or '') ~= '' then
   also('key_record', A.key_record)
   redis.call('HSET', K_APIKEY_USED, A.key_record, now)
 end
-local deadline = A.deadline_ms > 0 and (now + A.deadline_ms) or nil
+local deadline = deadline_at
 if A.hold_ms > 0 then
   -- not dispatched before replicas have it (release.lua); gone if nobody releases it
   also('held', 1)
