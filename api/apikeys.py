@@ -296,7 +296,7 @@ class KeyStore:
         all_runs = [r for runs in runs_of for r in runs]
         live: set[str] = set()
         if all_runs:
-            scores = await self.redis.zmscore(keys.RUNNING, all_runs)
+            scores = await self.redis.zmscore(keys.LEASES, all_runs)
             live = {r for r, s in zip(all_runs, scores, strict=True) if s is not None}
         out = []
         for (_, budget), window, runs, used in zip(owners, windows, runs_of, used_of, strict=True):

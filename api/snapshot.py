@@ -187,7 +187,7 @@ async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
             pipe.zrange(keys.WORKERS, 0, -1, withscores=True)
             pipe.hgetall(keys.STATS)
             pipe.hmget(keys.MODEL_STATS, [keys.MEAN_COST, keys.MEAN_JOB_MS])
-            pipe.zrange(keys.RUNNING, 0, -1, withscores=True)
+            pipe.zrange(keys.LEASES, 0, -1)
             pipe.hgetall(keys.MODEL_LOADS)
             pipe.hgetall(keys.USAGE)
             for name in HISTOGRAMS:
@@ -195,12 +195,12 @@ async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
             now, workers, stats, means, running, loads, usage, *hists = await pipe.execute()
         now_ms = now[0] * 1000 + now[1] // 1000
         live = [(w.decode(), int(s)) for w, s in workers if now_ms - s <= settings.worker_stale_ms]
-        runs = [(*keys.split_run(run), started) for run, started in running]
+        runs = [keys.split_run(run) for run in running]
         async with redis.pipeline(transaction=False) as pipe:
             for worker_id, _ in live:
                 pipe.hget(keys.worker(worker_id), "info")
-            for job_id, _attempt, _started in runs:
-                pipe.hmget(keys.job(job_id), ["worker", "backend"])
+            for job_id, _attempt in runs:
+                pipe.hmget(keys.job(job_id), ["worker", "backend", "started_at"])
             infos = await pipe.execute()
     worker_infos = infos[: len(live)]
     run_fields = infos[len(live) :]
@@ -216,11 +216,11 @@ async def read_snapshot(redis: Redis, settings: Settings) -> Snapshot:
             {
                 "job_id": job_id,
                 "attempt": attempt,
-                "started_at": started / 1000,
+                "started_at": float(fields[2] or 0) / 1000,
                 "worker": (fields[0] or b"").decode(),
                 "backend": (fields[1] or b"").decode(),
             }
-            for (job_id, attempt, started), fields in zip(runs, run_fields, strict=True)
+            for (job_id, attempt), fields in zip(runs, run_fields, strict=True)
         ],
         model_loads={
             tuple(k.rsplit("|", 1)): v  # type: ignore[misc]

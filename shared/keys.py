@@ -6,9 +6,9 @@ between the sets below are in `shared/lua/`, each called through `shared/scripts
 A job waits in its owner's queue (`OWNER_QUEUE`), and the owner waits in `BACKLOG`,
 ordered by its fair-share counter. `QUEUED` holds every waiting job of the fleet (what
 `GPUGATE_MAX_QUEUE_DEPTH` counts). The dispatch script moves a job from waiting to
-running on one backend: its run enters `RUNNING` and that backend's `BACKEND_RUNNING`
-(whose size never exceeds the backend's cap), and `LEASES`, renewed by the worker's
-heartbeat, so a dead worker's runs come back within the lease.
+running on one backend: its run enters that backend's `BACKEND_RUNNING` (whose size never
+exceeds the backend's cap) and `LEASES`, the fleet's runs, each with a lease renewed by
+its worker's heartbeat, so a dead worker's runs come back within the lease.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ OWNER_PRIORITY = PREFIX + "priority"  # HASH owner -> tier priority, while it ha
 WAITING_MODELS = PREFIX + "waiting-models"  # HASH model -> jobs waiting for it
 
 # running: GPU slots, leases, the fleet
-RUNNING = PREFIX + "running"  # ZSET run id -> start ms, every run holding a GPU slot
-LEASES = PREFIX + "leases"  # ZSET run id -> lease expiry ms, every run a worker holds
+LEASES = PREFIX + "leases"  # ZSET run id -> lease expiry ms, every run holding a GPU slot
 DEADLINES = PREFIX + "deadlines"  # ZSET id -> ms after which a still-queued job is cancelled
 BACKEND_RUNNING = PREFIX + "running:"  # + backend: ZSET run id -> start ms on that backend
 BACKEND_CAP = PREFIX + "cap:"  # + backend: STRING live cap set by an operator (absent: config)

@@ -60,7 +60,6 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_VTC_IDLE", keys.VTC_IDLE),
     ("K_OWNER_PRIORITY", keys.OWNER_PRIORITY),
     ("K_WAITING_MODELS", keys.WAITING_MODELS),
-    ("K_RUNNING", keys.RUNNING),
     ("K_LEASES", keys.LEASES),
     ("K_DEADLINES", keys.DEADLINES),
     ("K_BACKEND_RUNNING", keys.BACKEND_RUNNING),
@@ -634,6 +633,11 @@ class Scripts:
     async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
         raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})
         return TokenReply(bool(raw["allowed"]), float(raw["tokens"]), int(raw["next_token_ms"]))
+
+    async def fold_means(self, *, weight: float, samples: Sequence[tuple[str, float]]) -> None:
+        """Move the fleet's moving means by each (field, value) in order (means.lua)."""
+        flat = [x for sample in samples for x in sample]
+        await self._run("means", {"weight": weight, "samples": flat})
 
     async def meter_take(self, *, backend: str, min_jobs: int) -> dict[str, float]:
         """`backend`'s measurement window, taken (emptied), once `min_jobs` jobs ended in

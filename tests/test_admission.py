@@ -61,7 +61,7 @@ def test_sixty_concurrent_requests_never_exceed_the_gpu_cap(
     assert stats["requests"] == len(served)
     wait_until(lambda: all_jobs_ended(rdb), timeout=10, what="every admitted job to end")
     assert rdb.zcard(keys.QUEUED) == 0
-    assert rdb.zcard(keys.RUNNING) == 0
+    assert rdb.zcard(keys.LEASES) == 0
     rdb.close()
 
 

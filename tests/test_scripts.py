@@ -195,7 +195,7 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     assert await dispatch(scripts) == []
     done = await finish(scripts, grants[0])
     assert done.status is FinishStatus.SUCCEEDED and done.ended
-    assert await redis.zcard(keys.RUNNING) == 0
+    assert await redis.zcard(keys.LEASES) == 0
     assert await redis.keys("arq:*") == []
     tally = Tally()  # the counters, as the worker adds them (worker/tally.py)
     tally.dispatched(grants[0])
@@ -231,20 +231,27 @@ async def test_finish_of_a_stale_run_records_nothing(scripts: Scripts, redis: Re
     assert await redis.hget(keys.job(grant.job_id), "status") == b"running"
 
 
-async def test_finish_keeps_the_moving_means_of_cost_and_time(
+async def test_the_tally_keeps_the_moving_means_of_cost_and_time(
     scripts: Scripts, redis: Redis
 ) -> None:
     """Cost (input + 2 x output tokens) moves with whatever was served, time only with a
-    success; EWMA weight 0.2."""
+    success; EWMA weight 0.2; the worker's tally folds its runs in, in their order, as if
+    each finish had (shared/lua/means.lua)."""
     runs = [
         {"duration_ms": 12.0, "input_tokens": 3, "output_tokens": 5},
         {"duration_ms": 22.0, "input_tokens": 1, "output_tokens": 2},
         {"duration_ms": 50.0, "input_tokens": 2, "output_tokens": 0, "status": "failed"},
     ]
-    for run in runs:
+    tally = Tally()
+    for i, run in enumerate(runs):
         await admit(scripts)
         (grant,) = await dispatch(scripts)
-        await finish(scripts, grant, **run)
+        reply = await finish(scripts, grant, **run)
+        usage = {k: v for k, v in run.items() if k != "status"}
+        tally.finished(grant, reply, error_code="", **usage)
+        if i == 0:  # one flush after the first run, one for the others
+            await tally.flush(redis)
+    await tally.flush(redis)
     stats = await redis.hmget(keys.MODEL_STATS, keys.MEAN_COST, keys.MEAN_JOB_MS)
     # cost: 13, then 13 + 0.2 (5 - 13) = 11.4, then 11.4 + 0.2 (2 - 11.4) = 9.52
     assert [float(v) for v in stats] == pytest.approx([9.52, 14.0])
@@ -306,7 +313,7 @@ async def test_heartbeat_reasserts_a_run_the_promoted_replica_lacks(
 ) -> None:
     await admit(scripts)
     (grant,) = await dispatch(scripts)
-    for key in (keys.LEASES, keys.RUNNING, keys.backend_running("gpu-a")):
+    for key in (keys.LEASES, keys.backend_running("gpu-a")):
         await redis.zrem(key, grant.run_id)  # as if the grant never replicated
     reply = await heartbeat(scripts, [HeldRun(grant.run_id, grant.backend)])
     assert reply.lost == []

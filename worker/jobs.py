@@ -193,6 +193,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
             duration_ms=held.duration_ms,
             input_tokens=outcome.usage.input_tokens,
             output_tokens=outcome.usage.output_tokens,
+            model_load_ms=outcome.model_load_ms,
         )
         if settings.redis_min_replicas > 0:  # the end survives a failover too
             with contextlib.suppress(*REDIS_ERRORS):

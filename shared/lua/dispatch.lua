@@ -59,7 +59,7 @@ for i = 1, #owners, 2 do
   local head = redis.call('ZRANGE', K_OWNER_QUEUE .. owner, 0, 0, 'WITHSCORES')
   if head[2] then
     local c = {owner = owner, counter = tonumber(owners[i + 1]), head = tonumber(head[2]),
-      priority = tonumber(redis.call('HGET', K_OWNER_PRIORITY, owner)) or 0}
+      head_id = head[1], priority = tonumber(redis.call('HGET', K_OWNER_PRIORITY, owner)) or 0}
     table.insert(candidates, c)
     local g = group_head[c.priority]
     if g == nil or c.head < g then group_head[c.priority] = c.head end
@@ -262,7 +262,6 @@ end
 -- `owner_name` and `traceparent`).
 local function occupy(job_id, job, b, cost, fields)
   local run_id = run_of(job_id, job.attempt)
-  redis.call('ZADD', K_RUNNING, now, run_id)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
   local cold = not loaded(b, job.model)  -- the run pays the model's load there
@@ -296,9 +295,13 @@ local function grant(c, job_id, job, b)
     vtc_floor = c.counter
     redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
   end
-  charge(c.owner, cost, now)  -- while it waits: an owner that stops waiting is marked idle once
+  c.drained = leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '', c.priority)
+  if c.drained then  -- out of the backlog, marked idle from now (leave_waiting)
+    redis.call('ZINCRBY', K_VTC, cost, c.owner)
+  else
+    charge(c.owner, cost, now)
+  end
   c.counter = c.counter + cost
-  c.drained = leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '')
   waiting_models[job.model] = nil
   local out = occupy(job_id, job, b, cost)
   out.waited_ms = now - tonumber(job.created_at)  -- the worker's queue-wait histogram
@@ -311,7 +314,7 @@ local function runs_of_owner(owner)
   local key = K_OWNER_RUNNING .. owner
   local n = 0
   for _, run in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    if redis.call('ZSCORE', K_RUNNING, run) then n = n + 1 else redis.call('ZREM', key, run) end
+    if redis.call('ZSCORE', K_LEASES, run) then n = n + 1 else redis.call('ZREM', key, run) end
   end
   return n
 end
@@ -333,29 +336,45 @@ local function track_run(owner, run_id, job)
   redis.call('PEXPIRE', key, OWNER_RUNNING_TTL_MS)
 end
 
--- The first job of owner `c` that a backend can take now, granted; nil if none.
+-- Job `job_id` of owner `c`, granted if a backend can take it now; `true` as the second
+-- value when none of the owner's jobs may start now (its max_running).
+local function try_job(c, job_id)
+  local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
+    'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
+    'key_record', 'usage_name', 'session', 'body', 'owner_name', 'traceparent')
+  local deadline = tonumber(job.deadline_at)
+  if job.held then  -- admitted, but not yet on the replicas (release.lua)
+  elseif job.status ~= S_QUEUED then
+    leave_waiting(job_id, c.owner, job.model or '', now)  -- a stray entry: mend it
+  elseif deadline and now >= deadline then
+    cancel_queued(job_id, c.owner, job.model, E_DEADLINE_EXCEEDED,
+      'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
+  else
+    local limit = running_limit(job)
+    if limit and runs_of_owner(c.owner) >= limit then return nil, true end  -- the others wait
+    local b = place(job)
+    if b then
+      local granted = grant(c, job_id, job, b)
+      track_run(c.owner, granted.run_id, job)
+      return granted
+    end
+  end
+  return nil
+end
+
+-- The first job of owner `c` that a backend can take now, granted; nil if none. Its head
+-- (read with the candidates) first: the others are read only when the head cannot start.
 local function grant_for(c)
-  local ids = redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)
-  for _, job_id in ipairs(ids) do
-    local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
-      'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
-      'key_record', 'usage_name', 'session', 'body', 'owner_name', 'traceparent')
-    local deadline = tonumber(job.deadline_at)
-    if job.held then  -- admitted, but not yet on the replicas (release.lua)
-    elseif job.status ~= S_QUEUED then
-      leave_waiting(job_id, c.owner, job.model or '', now)  -- a stray entry: mend it
-    elseif deadline and now >= deadline then
-      cancel_queued(job_id, c.owner, job.model, E_DEADLINE_EXCEEDED,
-        'The job was still queued when its deadline passed.', now, A.result_ttl_ms)
-    else
-      local limit = running_limit(job)
-      if limit and runs_of_owner(c.owner) >= limit then return nil end  -- the others wait
-      local b = place(job)
-      if b then
-        local granted = grant(c, job_id, job, b)
-        track_run(c.owner, granted.run_id, job)
-        return granted
-      end
+  local head_id = c.head_id
+  c.head_id = nil  -- after this call, the head may have moved
+  if head_id then
+    local granted, stop = try_job(c, head_id)
+    if granted or stop then return granted end
+  end
+  for _, job_id in ipairs(redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)) do
+    if job_id ~= head_id then
+      local granted, stop = try_job(c, job_id)
+      if granted or stop then return granted end
     end
   end
   return nil

@@ -1,7 +1,8 @@
 -- uses: clock, buckets, fairshare, job
 -- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
 -- Ollama served (fair-share counter, tpm bucket, budget), and record the outcome. (Usage,
--- the end's count and the histograms are the worker's tally: worker/tally.py.)
+-- the end's count, the histograms and the moving means of cost and time are the worker's
+-- tally: worker/tally.py.)
 -- `retry`: the backend failed before any byte reached the client: the job is queued
 -- again avoiding that backend (failed instead once it ran max_attempts times).
 -- A job cancelled while running stays `cancelled`; a run that is no longer the job's
@@ -111,30 +112,5 @@ do
     redis.call('HSET', K_BACKEND_FAILURES, backend, 0)
   end
 end
--- The fleet's moving means (K_MODEL_STATS): a job's cost (the provisional charge of
--- dispatch.lua) for whatever was served, and a success's time, the fleet's and its
--- model's (wait estimates).
-local function ewma(mean, value)
-  mean = tonumber(mean)
-  return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
-end
-local costed, timed = served > 0 or A.duration_ms > 0, status == S_SUCCEEDED
--- a job's service time, without a model load (a load is weighed apart: dispatch.lua)
-local service_ms = math.max(0, A.duration_ms - A.model_load_ms)
-if costed or timed then
-  local model = job.model or ''
-  local means = redis.call('HMGET', K_MODEL_STATS, MEAN_COST, MEAN_JOB_MS, model)
-  local update = {}
-  if costed then
-    table.insert(update, MEAN_COST)
-    table.insert(update, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
-  end
-  if timed then
-    table.insert(update, MEAN_JOB_MS)
-    table.insert(update, ewma(means[2], service_ms))
-    table.insert(update, model)
-    table.insert(update, ewma(means[3], service_ms))
-  end
-  redis.call('HSET', K_MODEL_STATS, unpack(update))
-end
+-- (The fleet's moving means of cost and time: the worker's tally, means.lua.)
 return reply(status, opened)

@@ -33,7 +33,6 @@ for _, held in ipairs(A.held) do
     local ours = tonumber(job.attempt) == attempt and job.worker == worker
     if ours and job.status == S_RUNNING then
       redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
-      redis.call('ZADD', K_RUNNING, now, run_id)
       redis.call('ZADD', K_BACKEND_RUNNING .. held.backend, now, run_id)
     elseif not ours or job.status == S_QUEUED or job.status == S_RUNNING then
       table.insert(lost, run_id)  -- the job moved on without this run

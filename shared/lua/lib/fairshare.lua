@@ -25,7 +25,8 @@ local function enqueue_waiting(job_id, owner, score, model, priority, owner_queu
       redis.call('ZADD', K_VTC, counter, owner)
     end
     redis.call('ZADD', K_BACKLOG, counter, owner)
-    redis.call('HSET', K_OWNER_PRIORITY, owner, priority)
+    -- the default tier's priority (0) is the absence of an entry
+    if priority ~= 0 then redis.call('HSET', K_OWNER_PRIORITY, owner, priority) end
   end
   redis.call('ZADD', oq, score, job_id)
   redis.call('ZADD', K_QUEUED, score, job_id)
@@ -35,9 +36,10 @@ end
 -- Take a job out of the waiting sets (it starts, is cancelled, or expires). An owner left
 -- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
 -- for the fair-share memory (heartbeat.lua), unless it waits again first. `untimed`: the
--- caller knows the job has no deadline (admit.lua's K_DEADLINES entry). True when the
--- owner has nothing left waiting.
-local function leave_waiting(job_id, owner, model, now, untimed)
+-- caller knows the job has no deadline (admit.lua's K_DEADLINES entry); `priority`: the
+-- owner's, when the caller read it (0: no entry to delete). True when the owner has nothing
+-- left waiting.
+local function leave_waiting(job_id, owner, model, now, untimed, priority)
   local oq = K_OWNER_QUEUE .. owner
   if redis.call('ZREM', oq, job_id) == 1 then
     if redis.call('HINCRBY', K_WAITING_MODELS, model, -1) <= 0 then
@@ -48,7 +50,7 @@ local function leave_waiting(job_id, owner, model, now, untimed)
   if not untimed then redis.call('ZREM', K_DEADLINES, job_id) end
   if redis.call('ZCARD', oq) == 0 then
     redis.call('ZREM', K_BACKLOG, owner)
-    redis.call('HDEL', K_OWNER_PRIORITY, owner)
+    if priority ~= 0 then redis.call('HDEL', K_OWNER_PRIORITY, owner) end
     redis.call('ZADD', K_VTC_IDLE, now, owner)
     return true
   end

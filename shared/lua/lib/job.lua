@@ -5,8 +5,7 @@
 -- A run gives its GPU slot back; `wake`: an idle worker should take it (the run's own
 -- worker asks for work itself once it ends, unless it is stopping).
 local function free_run(run_id, backend, wake)
-  redis.call('ZREM', K_LEASES, run_id)
-  local removed = redis.call('ZREM', K_RUNNING, run_id)
+  local removed = redis.call('ZREM', K_LEASES, run_id)
   if backend and backend ~= '' then redis.call('ZREM', K_BACKEND_RUNNING .. backend, run_id) end
   if wake and removed == 1 and redis.call('ZCARD', K_QUEUED) > 0 then wake_one() end
   return removed
