@@ -4,6 +4,7 @@ locally (`/v1/queue`, `/admin/status`, `/metrics`, `/ready`)."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from shared.estimates import Backlog
 from shared.redis.store import redis_errors
 from shared.settings import Settings
 
-_PER_BACKEND = 3
+_PER_BACKEND = 1
 _FIXED = 3
 
 
@@ -23,11 +24,9 @@ def queue_backlog(pipe: Pipeline, settings: Settings) -> None:
     """Add the backlog reads to `pipe`; `backlog_from` reads their replies."""
     pipe.zcard(keys.QUEUED)
     pipe.hget(keys.MODEL_STATS, keys.MEAN_JOB_MS)
-    pipe.hgetall(keys.EFFECTIVE)
+    pipe.hgetall(keys.FLEET)
     for b in settings.backends:
-        pipe.get(keys.backend_cap(b.name))
         pipe.zcard(keys.backend_running(b.name))
-        pipe.exists(keys.backend_down(b.name))
 
 
 def backlog_replies(settings: Settings) -> int:
@@ -45,15 +44,22 @@ class _Caps:
 
 
 def _caps(replies: list[Any], settings: Settings) -> list[_Caps]:
-    effective = {k.decode(): int(v) for k, v in (replies[2] or {}).items()}
+    state = {k.decode(): v for k, v in (replies[2] or {}).items()}
+    now_ms = time.time() * 1000
     out = []
     for i, b in enumerate(settings.backends):
-        start = _FIXED + _PER_BACKEND * i
-        cap, running, down = replies[start : start + _PER_BACKEND]
+        running = replies[_FIXED + _PER_BACKEND * i]
+        cap = state.get(keys.cap_field(b.name))
         ceiling = int(cap) if cap else b.gpu_concurrency
-        found = effective.get(b.name)
+        found = state.get(keys.effective_field(b.name))
+        down_until = state.get(keys.down_field(b.name))
         out.append(
-            _Caps(ceiling, min(ceiling, found) if found else ceiling, int(running), not down)
+            _Caps(
+                ceiling,
+                min(ceiling, int(found)) if found else ceiling,
+                int(running),
+                healthy=not down_until or now_ms >= float(down_until),
+            )
         )
     return out
 

@@ -200,7 +200,7 @@ async def concurrency(
         if reset or cap is not None:
             name = backend_named(settings, backend)
             if reset:
-                await redis.delete(keys.backend_cap(name))
+                await redis.hdel(keys.FLEET, keys.cap_field(name))  # type: ignore[misc]
             else:
                 await set_cap(redis, name, cap or 1)
         queue = await read_queue(redis, settings)

@@ -28,7 +28,7 @@ async def set_cap(redis: Redis, backend: str, cap: int) -> None:
     """Every worker sees the new cap at its next grant; idle workers are woken now."""
     with redis_errors():
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.backend_cap(backend), cap)
+            pipe.hset(keys.FLEET, keys.cap_field(backend), str(cap))
             pipe.lpush(keys.WAKE, *([1] * min(cap, keys.WAKE_MAX)))
             pipe.ltrim(keys.WAKE, 0, keys.WAKE_MAX - 1)
             await pipe.execute()

@@ -34,17 +34,18 @@ WAITING_MODELS = PREFIX + "waiting-models"  # HASH model -> jobs waiting for it
 LEASES = PREFIX + "leases"  # ZSET run id -> lease expiry ms, every run holding a GPU slot
 DEADLINES = PREFIX + "deadlines"  # ZSET id -> ms after which a still-queued job is cancelled
 BACKEND_RUNNING = PREFIX + "running:"  # + backend: ZSET run id -> start ms on that backend
-BACKEND_CAP = PREFIX + "cap:"  # + backend: STRING live cap set by an operator (absent: config)
-BACKEND_DOWN = PREFIX + "down:"  # + backend: STRING while its breaker is open, PX
+FLEET = PREFIX + "fleet"  # HASH the backends' state dispatch reads, in one HGETALL: fields
+# cap:<backend>, the live cap an operator set (absent: config); effective:<backend>, what
+# adaptive concurrency found (adaptive backends only); down:<backend>, until when (ms) its
+# breaker is open; models:<backend>, present once BACKEND_MODELS lists what it serves;
+# switched:<backend>, "<ms> <model>" of its last grant that loaded a model
 BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
-BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of models it serves (absent: any)
+BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of the models it serves (FLEET models:)
 SESSION = PREFIX + "session:"  # + session digest: STRING the backend of its last job, PX
-EFFECTIVE = PREFIX + "effective"  # HASH backend -> effective cap, for adaptive backends only
 METER = PREFIX + "meter:"  # + backend: HASH what its jobs did since the controller last read
 ADAPTIVE = PREFIX + "adaptive:"  # + backend: HASH the controller's state (worker/adaptive.py)
 BACKOFF = PREFIX + "backoff:"  # + backend: STRING, PX: its cap was just halved (503, OOM)
 BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
-SWITCHED = PREFIX + "switched"  # HASH backend -> "ms model" of its last grant that loaded a model
 MASTER = PREFIX + "granted-on"  # STRING "<run id> <ms>": the Redis master the grants were
 # made on, and until when no slot is granted after a failover (dispatch.lua)
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
@@ -166,16 +167,28 @@ def idempotency(owner: str, key_digest: str) -> str:
     return f"{IDEMPOTENCY}{owner}:{key_digest}"
 
 
-def backend_cap(backend: str) -> str:
-    return BACKEND_CAP + backend
+def cap_field(backend: str) -> str:
+    """Of FLEET: the live cap an operator set for `backend`."""
+    return "cap:" + backend
+
+
+def effective_field(backend: str) -> str:
+    """Of FLEET: `backend`'s effective cap (worker/adaptive.py)."""
+    return "effective:" + backend
+
+
+def down_field(backend: str) -> str:
+    """Of FLEET: until when (ms) `backend`'s breaker is open."""
+    return "down:" + backend
+
+
+def models_field(backend: str) -> str:
+    """Of FLEET: present once BACKEND_MODELS lists what `backend` serves."""
+    return "models:" + backend
 
 
 def backend_running(backend: str) -> str:
     return BACKEND_RUNNING + backend
-
-
-def backend_down(backend: str) -> str:
-    return BACKEND_DOWN + backend
 
 
 def backend_models(backend: str) -> str:

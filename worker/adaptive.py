@@ -257,9 +257,9 @@ async def configure(ctx: WorkerContext) -> None:
         async with ctx.redis.pipeline(transaction=False) as pipe:
             for backend in settings.backends:
                 if settings.adaptive_on(backend):
-                    pipe.hsetnx(keys.EFFECTIVE, backend.name, "1")
+                    pipe.hsetnx(keys.FLEET, keys.effective_field(backend.name), "1")
                 else:
-                    pipe.hdel(keys.EFFECTIVE, backend.name)
+                    pipe.hdel(keys.FLEET, keys.effective_field(backend.name))
             await pipe.execute()
 
 
@@ -269,10 +269,10 @@ async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
     with redis_errors():
         if not await redis.set(keys.BACKOFF + backend.name, 1, nx=True, px=BACKOFF_MS):
             return  # halved within the last second already
-        raw = await redis.hget(keys.EFFECTIVE, backend.name)  # type: ignore[misc]
+        raw = await redis.hget(keys.FLEET, keys.effective_field(backend.name))  # type: ignore[misc]
         cap = int(raw) if raw else await _ceiling(redis, backend)
         halved = max(1, cap // 2)
-        await redis.hset(keys.EFFECTIVE, backend.name, str(halved))  # type: ignore[misc]
+        await redis.hset(keys.FLEET, keys.effective_field(backend.name), str(halved))  # type: ignore[misc]
         state_key = keys.ADAPTIVE + backend.name
         await redis.hset(state_key, mapping={"pushed_back": 1, "since_down": 0})  # type: ignore[misc]
         # what the caps above delivered no longer draws the cap back up to them
@@ -291,7 +291,7 @@ async def backoff(ctx: WorkerContext, backend: Backend, why: str) -> None:
 
 
 async def _ceiling(redis: Redis, backend: Backend) -> int:
-    live = await redis.get(keys.backend_cap(backend.name))
+    live = await redis.hget(keys.FLEET, keys.cap_field(backend.name))  # type: ignore[misc]
     return int(live) if live else backend.gpu_concurrency
 
 
@@ -307,8 +307,8 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
     state_key = keys.ADAPTIVE + name
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(state_key)
-        pipe.hget(keys.EFFECTIVE, name)
-        pipe.get(keys.backend_cap(name))
+        pipe.hget(keys.FLEET, keys.effective_field(name))
+        pipe.hget(keys.FLEET, keys.cap_field(name))
         pipe.zcard(keys.backend_running(name))
         pipe.zcard(keys.QUEUED)
         raw_state, cap_raw, live, running, queued = await pipe.execute()
@@ -351,7 +351,7 @@ async def control_once(ctx: WorkerContext, backend: Backend) -> None:
         if decision.cap < cap:
             fields["pushed_back"] = 1
         pipe.hset(state_key, mapping=fields)
-        pipe.hset(keys.EFFECTIVE, name, str(decision.cap))
+        pipe.hset(keys.FLEET, keys.effective_field(name), str(decision.cap))
         await pipe.execute()
     if decision.cap != cap:
         log.warning(

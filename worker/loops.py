@@ -200,10 +200,12 @@ async def _turn(ctx: WorkerContext, what: str, backend: Backend, every_s: float)
 
 async def refresh_backend(ctx: WorkerContext, backend: Backend) -> None:
     redis = ctx.redis
-    down = keys.backend_down(backend.name)
-    if await redis.exists(down) and await _answers(ctx, backend):
+    down = keys.down_field(backend.name)
+    down_until = await redis.hget(keys.FLEET, down)  # type: ignore[misc]
+    is_down = down_until is not None and time.time() * 1000 < float(down_until)
+    if is_down and await _answers(ctx, backend):
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.delete(down)
+            pipe.hdel(keys.FLEET, down)
             pipe.hset(keys.BACKEND_FAILURES, backend.name, "0")
             closed, _ = await pipe.execute()
         if closed:
@@ -227,6 +229,7 @@ async def set_models(ctx: WorkerContext, backend: Backend, names: set[str]) -> N
     async with ctx.redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.backend_models(backend.name))
         pipe.sadd(keys.backend_models(backend.name), *names)
+        pipe.hset(keys.FLEET, keys.models_field(backend.name), "1")
         await pipe.execute()
 
 
@@ -266,6 +269,7 @@ async def configure_models(ctx: WorkerContext) -> None:
             if backend.models is not None:
                 pipe.delete(keys.backend_models(backend.name))
                 pipe.sadd(keys.backend_models(backend.name), *backend.models)
+                pipe.hset(keys.FLEET, keys.models_field(backend.name), "1")
         await pipe.execute()
 
 

@@ -27,7 +27,7 @@ local function answer(outcome, job_id, rank, extra)
   }
   if ESTIMATED[outcome] then
     local cap, running, serving_cap = 0, 0, 0
-    for _, b in ipairs(read_backends(ARGV, 3)) do
+    for _, b in ipairs(read_backends(ARGV, 3, now, fleet_state())) do
       cap = cap + b.cap
       running = running + b.running
       if b.up and serves(b, A.model) and runs_endpoint(b, A.endpoint) then
@@ -61,9 +61,11 @@ if A.idempotency_key ~= '' then
   end
 end
 if live_workers(now, A.worker_stale_ms) == 0 then return answer('no_worker', '', -1) end
+local breakers = {}
+for i = 3, #ARGV, 3 do table.insert(breakers, 'down:' .. ARGV[i]) end
 local any_up = false
-for i = 3, #ARGV, 3 do
-  any_up = any_up or redis.call('EXISTS', K_BACKEND_DOWN .. ARGV[i]) == 0
+for _, down_until in ipairs(redis.call('HMGET', K_FLEET, unpack(breakers))) do
+  any_up = any_up or is_up(down_until, now)
 end
 if not any_up then return answer('backend_down', '', -1) end
 -- the key's token budget for the period (shared/budget.py): spent up, or short of what

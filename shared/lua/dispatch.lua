@@ -41,7 +41,7 @@ if known ~= master then
 end
 if now < fenced_until then return '[]' end
 
-local backends = read_backends(ARGV, 2)
+local backends = read_backends(ARGV, 2, now, fleet_state())
 local free_total = 0
 for _, b in ipairs(backends) do
   if b.up then free_total = free_total + b.free end
@@ -89,9 +89,8 @@ end
 local residents = {}
 local function resident(b)
   if residents[b.name] == nil then
-    local last = redis.call('HGET', K_SWITCHED, b.name)
     local at, switched_to = nil, nil
-    if last then at, switched_to = string.match(last, '^(%d+) (.*)$') end
+    if b.switched then at, switched_to = string.match(b.switched, '^(%d+) (.*)$') end
     at = tonumber(at)
     local set = {}
     local seen = redis.call('ZRANGE', K_BACKEND_LOADED .. b.name, 0, -1, 'WITHSCORES')
@@ -210,9 +209,8 @@ local function choose_backend(model, endpoint, avoid, waited_ms)
   if waited_ms < load_ms(switch, model) then return nil end
   local settled = {}
   for _, b in ipairs(open) do
-    local last = redis.call('HGET', K_SWITCHED, b.name)
     local at, resident = nil, nil
-    if last then at, resident = string.match(last, '^(%d+) (.*)$') end
+    if b.switched then at, resident = string.match(b.switched, '^(%d+) (.*)$') end
     if not at or now - tonumber(at) >= A.switch_hold_loads * load_ms(b, resident) then
       table.insert(settled, b)
     end
@@ -265,12 +263,11 @@ local function occupy(job_id, job, b, cost, fields)
   redis.call('ZADD', K_BACKEND_RUNNING .. b.name, now, run_id)
   redis.call('ZADD', K_LEASES, now + A.lease_ms, run_id)
   local cold = not loaded(b, job.model)  -- the run pays the model's load there
-  redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
-  if cold then
-    redis.call('HSET', K_SWITCHED, b.name, now .. ' ' .. job.model)
+  if cold then  -- (a model that is loaded there stays so: no need to say it again)
+    redis.call('ZADD', K_BACKEND_LOADED .. b.name, now, job.model)
+    b.switched = now .. ' ' .. job.model
+    redis.call('HSET', K_FLEET, 'switched:' .. b.name, b.switched)
     residents[b.name] = {[job.model] = true}
-  else
-    resident(b)[job.model] = true
   end
   set_status(job_id, S_RUNNING, 'started_at', now,
     'worker', A.worker, 'backend', b.name, 'runs', tonumber(job.runs) + 1,

@@ -102,9 +102,9 @@ local opened = false
 do
   if A.error_code == E_BACKEND_ERROR or A.error_code == E_TIMEOUT then
     local in_row = redis.call('HINCRBY', K_BACKEND_FAILURES, backend, 1)
-    local down_key = K_BACKEND_DOWN .. backend
-    if in_row >= A.breaker_threshold and redis.call('EXISTS', down_key) == 0 then
-      redis.call('SET', down_key, now, 'PX', A.breaker_cooldown_ms)
+    local breaker = 'down:' .. backend
+    if in_row >= A.breaker_threshold and is_up(redis.call('HGET', K_FLEET, breaker), now) then
+      redis.call('HSET', K_FLEET, breaker, now + A.breaker_cooldown_ms)
       redis.call('HINCRBY', K_STATS, 'breaker_opened', 1)
       opened = true
     end
