@@ -38,7 +38,9 @@ FLEET = PREFIX + "fleet"  # HASH the backends' state dispatch reads, in one HGET
 # cap:<backend>, the live cap an operator set (absent: config); effective:<backend>, what
 # adaptive concurrency found (adaptive backends only); down:<backend>, until when (ms) its
 # breaker is open; models:<backend>, present once BACKEND_MODELS lists what it serves;
-# switched:<backend>, "<ms> <model>" of its last grant that loaded a model
+# switched:<backend>, "<ms> <model>" of its last grant that loaded a model; MASTER_FIELD
+MASTER_FIELD = "granted-on"  # of FLEET: "<run id> <ms>", the Redis master the grants were
+# made on, and until when no slot is granted after a failover (dispatch.lua)
 BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
 BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of the models it serves (FLEET models:)
 SESSION = PREFIX + "session:"  # + session digest: STRING the backend of its last job, PX
@@ -46,8 +48,6 @@ METER = PREFIX + "meter:"  # + backend: HASH what its jobs did since the control
 ADAPTIVE = PREFIX + "adaptive:"  # + backend: HASH the controller's state (worker/adaptive.py)
 BACKOFF = PREFIX + "backoff:"  # + backend: STRING, PX: its cap was just halved (503, OOM)
 BACKEND_LOADED = PREFIX + "loaded:"  # + backend: ZSET model -> ms last seen loaded there
-MASTER = PREFIX + "granted-on"  # STRING "<run id> <ms>": the Redis master the grants were
-# made on, and until when no slot is granted after a failover (dispatch.lua)
 WAKE = PREFIX + "wake"  # LIST: one entry wakes one idle worker (admission, freed slots)
 WAKE_MAX = 16  # entries the wake list holds at most (the scripts' wake_one, a cap change)
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub, job id: its holder stops it

@@ -70,7 +70,6 @@ _KEYS: tuple[tuple[str, str], ...] = (
     ("K_SESSION", keys.SESSION),
     ("K_METER", keys.METER),
     ("K_WAKE", keys.WAKE),
-    ("K_MASTER", keys.MASTER),
     ("K_CANCEL_CHANNEL", keys.CANCEL_CHANNEL),
     ("K_WORKERS", keys.WORKERS),
     ("K_WORKER", keys.WORKER),
@@ -154,6 +153,7 @@ _NAMED: tuple[tuple[str, str | int], ...] = (
     ("WAKE_MAX", keys.WAKE_MAX),
     ("MEAN_JOB_MS", keys.MEAN_JOB_MS),
     ("MEAN_COST", keys.MEAN_COST),
+    ("MASTER_FIELD", keys.MASTER_FIELD),
 )
 _LITERALS: dict[str, str] = {name: _literal(value) for name, value in _NAMED}
 """What each name stands for in the scripts: the keys, the job's statuses, run ends and

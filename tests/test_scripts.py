@@ -324,12 +324,13 @@ async def test_no_slot_is_granted_on_a_new_master_until_workers_reasserted(
     scripts: Scripts, redis: Redis
 ) -> None:
     await admit(scripts)
-    await redis.set(keys.MASTER, "the-run-id-of-a-master-that-died")
+    await redis.hset(keys.FLEET, keys.MASTER_FIELD, "the-run-id-of-a-master-that-died")
     assert await dispatch(scripts) == []
-    run_id, until_ms = (await redis.get(keys.MASTER)).decode().split()
+    run_id, until_ms = (await redis.hget(keys.FLEET, keys.MASTER_FIELD)).decode().split()
     seconds, micros = await redis.time()
     assert 0 < int(until_ms) - (seconds * 1000 + micros // 1000) <= 2_000  # fenced for 2 s
-    await redis.set(keys.MASTER, f"{run_id} 0")  # the fence lapsed: the heartbeats came in
+    # the fence lapsed: the heartbeats came in
+    await redis.hset(keys.FLEET, keys.MASTER_FIELD, f"{run_id} 0")
     assert len(await dispatch(scripts)) == 1
 
 
@@ -363,7 +364,8 @@ async def test_each_redis_knows_its_own_run_id_through_a_promotion_and_back() ->
 
         await promote(b, a, first)  # B has A's data, then is the master
         assert await dispatch(on_b) == []  # fenced: A's newest grants may be missing here
-        await b.set(keys.MASTER, (await b.get(keys.MASTER)).split()[0] + b" 0")  # lapsed
+        fence = (await b.hget(keys.FLEET, keys.MASTER_FIELD)).split()[0] + b" 0"
+        await b.hset(keys.FLEET, keys.MASTER_FIELD, fence)  # lapsed
         (grant,) = await dispatch(on_b)
         await finish(on_b, grant)
         await admit(on_b)

@@ -31,35 +31,40 @@ local now = now_ms()
 -- After a failover (or a restart from the append-only file) this Redis may lack the
 -- newest grants: the workers re-assert the runs they hold with their next heartbeat
 -- (heartbeat.lua), and until they had the time to, no slot is granted.
--- K_MASTER: the run id of the Redis that last dispatched, and until when it is fenced.
+-- K_FLEET's MASTER_FIELD: the run id of the Redis that last dispatched, and until when
+-- it is fenced.
+local state = fleet_state()
 local master = run_id_here()
-local known, fenced_until = string.match(redis.call('GET', K_MASTER) or '', '^(%S+) ?(%d*)$')
+local known, fenced_until = string.match(state[MASTER_FIELD] or '', '^(%S+) ?(%d*)$')
 fenced_until = tonumber(fenced_until) or 0
 if known ~= master then
   if known then fenced_until = now + A.fence_ms end
-  redis.call('SET', K_MASTER, master .. ' ' .. fenced_until)
+  redis.call('HSET', K_FLEET, MASTER_FIELD, master .. ' ' .. fenced_until)
 end
 if now < fenced_until then return '[]' end
 
-local backends = read_backends(ARGV, 2, now, fleet_state())
+local backends = read_backends(ARGV, 2, now, state)
 local free_total = 0
 for _, b in ipairs(backends) do
   if b.up then free_total = free_total + b.free end
 end
 if free_total == 0 or A.want <= 0 then return '[]' end
 
-local owners = {}
-for _, raw in ipairs(redis.call('ZRANGE', K_BACKLOG, 0, A.max_owners - 1, 'WITHSCORES')) do
-  table.insert(owners, raw)
+local owners = redis.call('ZRANGE', K_BACKLOG, 0, A.max_owners - 1, 'WITHSCORES')
+local priorities = {}  -- the owners waiting at a tier priority other than 0
+if #owners > 0 then
+  local raw = redis.call('HGETALL', K_OWNER_PRIORITY)
+  for i = 1, #raw, 2 do priorities[raw[i]] = tonumber(raw[i + 1]) end
 end
 local candidates = {}
 local group_head = {}
 for i = 1, #owners, 2 do
   local owner = owners[i]
-  local head = redis.call('ZRANGE', K_OWNER_QUEUE .. owner, 0, 0, 'WITHSCORES')
+  -- its head, and whether it is the owner's only job waiting (`alone`)
+  local head = redis.call('ZRANGE', K_OWNER_QUEUE .. owner, 0, 1, 'WITHSCORES')
   if head[2] then
     local c = {owner = owner, counter = tonumber(owners[i + 1]), head = tonumber(head[2]),
-      head_id = head[1], priority = tonumber(redis.call('HGET', K_OWNER_PRIORITY, owner)) or 0}
+      head_id = head[1], alone = head[3] == nil, priority = priorities[owner] or 0}
     table.insert(candidates, c)
     local g = group_head[c.priority]
     if g == nil or c.head < g then group_head[c.priority] = c.head end
@@ -285,14 +290,15 @@ local function occupy(job_id, job, b, cost, fields)
   return out
 end
 
-local function grant(c, job_id, job, b)
+local function grant(c, job_id, job, b, alone)
   local weight = tonumber(job.weight) or 1
   local cost = A.provisional_cost / weight
   if c.counter > vtc_floor then
     vtc_floor = c.counter
     redis.call('HSET', K_STATS, 'vtc_floor', tostring(vtc_floor))
   end
-  c.drained = leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '', c.priority)
+  c.drained = leave_waiting(job_id, c.owner, job.model, now, job.deadline_at == '', c.priority,
+    alone)
   if c.drained then  -- out of the backlog, marked idle from now (leave_waiting)
     redis.call('ZINCRBY', K_VTC, cost, c.owner)
   else
@@ -335,7 +341,7 @@ end
 
 -- Job `job_id` of owner `c`, granted if a backend can take it now; `true` as the second
 -- value when none of the owner's jobs may start now (its max_running).
-local function try_job(c, job_id)
+local function try_job(c, job_id, alone)
   local job = read_job(job_id, 'status', 'attempt', 'model', 'avoid', 'created_at',
     'deadline_at', 'endpoint', 'stream', 'weight', 'runs', 'held', 'max_running',
     'key_record', 'usage_name', 'session', 'body', 'owner_name', 'traceparent')
@@ -351,7 +357,7 @@ local function try_job(c, job_id)
     if limit and runs_of_owner(c.owner) >= limit then return nil, true end  -- the others wait
     local b = place(job)
     if b then
-      local granted = grant(c, job_id, job, b)
+      local granted = grant(c, job_id, job, b, alone)
       track_run(c.owner, granted.run_id, job)
       return granted
     end
@@ -362,10 +368,10 @@ end
 -- The first job of owner `c` that a backend can take now, granted; nil if none. Its head
 -- (read with the candidates) first: the others are read only when the head cannot start.
 local function grant_for(c)
-  local head_id = c.head_id
-  c.head_id = nil  -- after this call, the head may have moved
+  local head_id, alone = c.head_id, c.alone
+  c.head_id, c.alone = nil, nil  -- after this call, the head may have moved
   if head_id then
-    local granted, stop = try_job(c, head_id)
+    local granted, stop = try_job(c, head_id, alone)
     if granted or stop then return granted end
   end
   for _, job_id in ipairs(redis.call('ZRANGE', K_OWNER_QUEUE .. c.owner, 0, A.scan_per_owner - 1)) do

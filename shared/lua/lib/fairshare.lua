@@ -37,9 +37,9 @@ end
 -- with nothing waiting is idle from `now`: its counter is forgotten once it has been idle
 -- for the fair-share memory (heartbeat.lua), unless it waits again first. `untimed`: the
 -- caller knows the job has no deadline (admit.lua's K_DEADLINES entry); `priority`: the
--- owner's, when the caller read it (0: no entry to delete). True when the owner has nothing
--- left waiting.
-local function leave_waiting(job_id, owner, model, now, untimed, priority)
+-- owner's, when the caller read it (0: no entry to delete); `alone`: the caller knows the
+-- job was the owner's only one waiting. True when the owner has nothing left waiting.
+local function leave_waiting(job_id, owner, model, now, untimed, priority, alone)
   local oq = K_OWNER_QUEUE .. owner
   if redis.call('ZREM', oq, job_id) == 1 then
     if redis.call('HINCRBY', K_WAITING_MODELS, model, -1) <= 0 then
@@ -48,7 +48,7 @@ local function leave_waiting(job_id, owner, model, now, untimed, priority)
   end
   redis.call('ZREM', K_QUEUED, job_id)
   if not untimed then redis.call('ZREM', K_DEADLINES, job_id) end
-  if redis.call('ZCARD', oq) == 0 then
+  if alone or redis.call('ZCARD', oq) == 0 then
     redis.call('ZREM', K_BACKLOG, owner)
     if priority ~= 0 then redis.call('HDEL', K_OWNER_PRIORITY, owner) end
     redis.call('ZADD', K_VTC_IDLE, now, owner)
