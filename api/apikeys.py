@@ -11,7 +11,7 @@ again after the call that made it.
 Every API process keeps the records in memory (`Keyring.managed`, swapped whole) and
 polls the version counter every `POLL_S`: a change made through any process holds on all
 of them within a second, and identifying a caller costs admission no round trip. The
-scheduler reads a key's live `max_running` from its record itself (dispatch.lua).
+scheduler reads a key's live `max_running` from its record itself (lib/schedule.lua).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A batch is validated when it is created: every line must be a JSON object with a
 `custom_id`, `"method": "POST"`, the batch's `endpoint` as `url`, and a `body` that
 endpoint takes (api/bodies.py) for a model the key may use. An invalid file makes a
 `failed` batch whose `errors.data` names each line at fault (the first 100); a valid one
-has its lines written where dispatch.lua's batch band finds them, then is opened (one
+has its lines written where the scheduler's batch band finds them, then is opened (one
 script, shared/lua/batch_create.lua), and runs on what interactive work leaves.
 """
 

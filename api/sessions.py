@@ -1,7 +1,7 @@
 """A request's session (SPEC "The operating point"): its `X-Session-Id`, else, on the chat
 APIs, its model, system prompt and first user message — what stays the same from one
 turn of a conversation to the next. Dispatch keeps a session's jobs on the backend that
-ran its last one while that backend frees a slot soon (dispatch.lua), so the backend's
+ran its last one while that backend frees a slot soon (lib/schedule.lua), so the backend's
 prompt cache for the conversation's common prefix is used again.
 
 The session is a digest (never the text of a prompt): at most one per request, in the

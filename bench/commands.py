@@ -17,6 +17,7 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,13 +26,23 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.report import write_section
-from gpugate.testing.stack import start_redis
+from gpugate.testing.stack import start_redis, start_sim, start_stack
 from shared import keys
 from shared.jobs import new_job_id
-from shared.scripts import FinishReply, FinishStatus, Grant, Scripts
+from shared.scripts import Ask, FinishReply, FinishStatus, Grant, Scripts
 from worker.tally import FLUSH_S, Tally
 
 FLEET = ("gpu-a", 1, "ollama")
+ASK = Ask(
+    worker="w1",
+    want=1,
+    lease_ms=10_000,
+    affinity_wait_ms=30_000,
+    provisional_cost=1,
+    result_ttl_ms=60_000,
+    fence_ms=2_000,
+    backends=FLEET,
+)
 USAGE = {"input_tokens": 3, "output_tokens": 5}
 JOBS = 30
 WARM = 3
@@ -90,16 +101,7 @@ async def _admit(scripts: Scripts, owner: str) -> None:
 
 
 async def _dispatch(scripts: Scripts) -> Grant:
-    (grant,) = await scripts.dispatch(
-        worker="w1",
-        want=1,
-        lease_ms=10_000,
-        affinity_wait_ms=30_000,
-        provisional_cost=1,
-        result_ttl_ms=60_000,
-        fence_ms=2_000,
-        backends=FLEET,
-    )
+    (grant,) = await scripts.dispatch(ASK)
     return grant
 
 
@@ -206,6 +208,48 @@ async def instructions() -> dict[str, float]:
         proc.stop()
 
 
+SEQUENTIAL = 60
+"""Synchronous tiny jobs one after the other through a live stack (`live`)."""
+
+
+def live() -> tuple[dict[str, float], float]:
+    """A live stack (one API, one worker, the simulator answering one token): what Redis
+    received while SEQUENTIAL synchronous jobs ran one after the other, per job: the script
+    calls by function, and every command (those the scripts ran included, and the
+    processes' own: BLPOP, XREAD, the heartbeats, the tally's flush)."""
+    sim = start_sim("--tokens", "1", "--token-delay", "0")
+    stack = start_stack(sim.url, worker_concurrency=4, burst=1000, rate_limit="1000/second")
+    seen: list[list[str]] = []
+    try:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        with stack.client() as client, stack.redis() as redis:
+            for _ in range(5):  # warm: the library loaded, the clients connected
+                client.post("/api/generate", json=body).raise_for_status()
+            with redis.monitor() as monitor:
+                done = threading.Event()
+
+                def watch() -> None:
+                    while not done.is_set():
+                        seen.append(monitor.next_command()["command"].split(" ", 3)[:3])
+
+                watcher = threading.Thread(target=watch, daemon=True)
+                watcher.start()
+                for _ in range(SEQUENTIAL):
+                    client.post("/api/generate", json=body).raise_for_status()
+                done.set()
+                redis.ping()  # one last command for the watcher to return on
+                watcher.join(timeout=10)
+    finally:
+        stack.stop()
+        sim.stop()
+    calls: dict[str, float] = {}
+    for command in seen:
+        if command[0].upper() == "FCALL":
+            name = command[1].rsplit("_", 1)[0]
+            calls[name] = calls.get(name, 0) + 1 / SEQUENTIAL
+    return dict(sorted(calls.items())), len(seen) / SEQUENTIAL
+
+
 def _totals(dump: Path) -> int:
     """The instructions a callgrind dump counted (its `totals:` line)."""
     for line in dump.read_text().splitlines():
@@ -223,6 +267,8 @@ def main() -> None:
         for name, value in per.items()
     )
     total = f"{sum(cost.values()):,.0f}" if cost else ""
+    calls, commands = live()
+    by_function = ", ".join(f"{name} {n:.2f}" for name, n in calls.items())
     body = (
         f"Redis commands of one tiny synchronous job ({JOBS} jobs of {OWNERS} keys, one "
         "backend, each script alone; INFO commandstats), and the instructions redis-server "
@@ -234,7 +280,12 @@ def main() -> None:
         f"{JOBS} jobs, as at {JOBS / FLUSH_S:.0f} jobs a second; a lone job's flush is "
         "one round trip of eight commands (not a script: no instructions counted).\n\n"
         "| part | commands per job | redis-server instructions per job |\n|---|---|---|\n"
-        f"{rows}\n| **per job** | **{sum(per.values()):.2f}** | **{total}** |\n"
+        f"{rows}\n| **per job** | **{sum(per.values()):.2f}** | **{total}** |\n\n"
+        f"Through a live stack (one API, one worker, the simulator answering one token), "
+        f"{SEQUENTIAL} synchronous jobs one after the other, everything Redis received "
+        f"(MONITOR), per job: script calls {by_function}; {commands:.1f} commands in all "
+        "(the scripts' included, and the processes' own: BLPOP, XREAD, the heartbeats, the "
+        "tally's flush, the API's poll of the keys' version).\n"
     )
     print(body)
     write_section("commands", "python -m bench commands", body)

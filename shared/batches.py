@@ -1,7 +1,7 @@
 """The batch: OpenAI's Batch object over gpugate's queue (SPEC "Batches and webhooks").
 
 A batch is a Redis HASH at `gpugate:batch:<id>` of plain strings; its lines wait in lists of
-their own (`shared/keys.py` BATCH_*), outside the interactive queue, and `dispatch.lua`
+their own (`shared/keys.py` BATCH_*), outside the interactive queue, and the scheduler (`lib/schedule.lua`)
 starts one only on a slot no waiting interactive job can take. Its lifecycle:
 
     validating ──▶ in_progress ──(no line waits or runs)──▶ completed

@@ -17,7 +17,7 @@ PRIOR_LOAD_S = 5.0
 
 SWITCH_HOLD_LOADS = 5
 """A backend switched to another model keeps it at least this many of that load's times
-before a model loaded nowhere may switch it again (dispatch.lua): each switch then pays
+before a model loaded nowhere may switch it again (lib/schedule.lua): each switch then pays
 for its load, and three models on two backends do not thrash."""
 
 EWMA_WEIGHT = 0.2

@@ -21,7 +21,7 @@ EVENTS = PREFIX + "events:"  # + id: STREAM of head / chunk / end events for wai
 INBOX = PREFIX + "inbox:"  # + API process: STREAM of the ends of its waiting sync calls
 IDEMPOTENCY = PREFIX + "idem:"  # + owner + ":" + sha256(key): STRING "job id digest"
 
-# waiting: the fair-share order (shared/lua/dispatch.lua)
+# waiting: the fair-share order (shared/lua/lib/schedule.lua)
 QUEUED = PREFIX + "queued"  # ZSET id -> start score (admission ms minus priority boost)
 OWNER_QUEUE = PREFIX + "q:"  # + owner: ZSET that owner's waiting ids -> start score
 BACKLOG = PREFIX + "backlog"  # ZSET owner -> fair-share counter, owners with jobs waiting
@@ -40,7 +40,7 @@ FLEET = PREFIX + "fleet"  # HASH the backends' state dispatch reads, in one HGET
 # breaker is open; models:<backend>, present once BACKEND_MODELS lists what it serves;
 # switched:<backend>, "<ms> <model>" of its last grant that loaded a model; MASTER_FIELD
 MASTER_FIELD = "granted-on"  # of FLEET: "<run id> <ms>", the Redis master the grants were
-# made on, and until when no slot is granted after a failover (dispatch.lua)
+# made on, and until when no slot is granted after a failover (lib/schedule.lua)
 BACKEND_FAILURES = PREFIX + "failures"  # HASH backend -> failures in a row
 BACKEND_MODELS = PREFIX + "models:"  # + backend: SET of the models it serves (FLEET models:)
 SESSION = PREFIX + "session:"  # + session digest: STRING the backend of its last job, PX

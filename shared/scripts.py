@@ -161,7 +161,7 @@ error codes (shared/jobs.py), the batches' statuses, the wake list's bound, the 
 mean fields."""
 _NAMES = re.compile(r"\b(" + "|".join(sorted(_LITERALS, key=len, reverse=True)) + r")\b")
 
-_LIBRARY = ("clock", "buckets", "fleet", "fairshare", "webhook", "batch", "job")
+_LIBRARY = ("clock", "buckets", "fleet", "fairshare", "webhook", "batch", "job", "schedule")
 """The modules of `lua/lib/`, in the order they are included (each after what it needs)."""
 
 
@@ -286,6 +286,8 @@ class FinishReply:
     breaker_opened: bool
     ended: bool = False
     """The run ended its job (not a batch line's): the worker counts the end (its tally)."""
+    grants: list[Grant] = field(default_factory=list)
+    """What the scheduler granted the worker when it asked in the same call (`ask`)."""
 
 
 class CancelVerdict(StrEnum):
@@ -305,7 +307,7 @@ class CancelReply:
 
 @dataclass(frozen=True)
 class Grant:
-    """A GPU slot granted to a worker for one run (dispatch.lua)."""
+    """A GPU slot granted to a worker for one run (lib/schedule.lua)."""
 
     run_id: str
     job_id: str
@@ -324,7 +326,7 @@ class Grant:
     started_at_ms: int = 0
     cold: bool = False
     """The model was not loaded on the backend when the run was granted: its load time
-    (even none) is what a load costs there (finish.lua, dispatch.lua `load_ms`)."""
+    (even none) is what a load costs there (finish.lua, lib/schedule.lua `load_ms`)."""
     batch: str = ""
     """A batch's line (lib/batch.lua): its end is a line of the batch's output or error
     file, which the worker writes (`batch_line`)."""
@@ -336,6 +338,36 @@ class Grant:
     cap: int = 0
     """The backend's cap when the run was granted (its effective cap when adaptive): the
     adaptive controller learns a cap's pace only from the runs that started under it."""
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A worker asks the scheduler for up to `want` runs (lib/schedule.lua): with
+    dispatch.lua, or with the end of a run (finish.lua). `backends`: the fleet
+    (`fleet_argv`); `session_ttl_ms`: how long a session keeps its backend (0: sessions
+    are not kept); `session_wait_ms`: how long its job may wait there for a slot."""
+
+    worker: str
+    want: int
+    lease_ms: int
+    affinity_wait_ms: int
+    provisional_cost: float
+    result_ttl_ms: int
+    fence_ms: int
+    backends: tuple[str | int, ...]
+    max_owners: int = 256
+    scan_per_owner: int = 16
+    session_ttl_ms: int = 0
+    session_wait_ms: int = 0
+    load_prior_ms: int = int(PRIOR_LOAD_S * 1000)
+    job_prior_ms: int = int(PRIOR_JOB_S * 1000)
+    switch_hold_loads: float = SWITCH_HOLD_LOADS
+
+    def args(self) -> dict[str, Any]:
+        """The script's arguments (the fleet goes after them, in ARGV)."""
+        out = dict(vars(self))
+        del out["backends"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -472,30 +504,8 @@ class Scripts:
         raw["outcome"] = AdmitOutcome(raw["outcome"])
         return AdmitReply(**raw)
 
-    async def dispatch(
-        self,
-        *,
-        worker: str,
-        want: int,
-        lease_ms: int,
-        affinity_wait_ms: int,
-        provisional_cost: float,
-        result_ttl_ms: int,
-        fence_ms: int,
-        max_owners: int = 256,
-        scan_per_owner: int = 16,
-        session_ttl_ms: int = 0,
-        session_wait_ms: int = 0,
-        load_prior_ms: int = int(PRIOR_LOAD_S * 1000),
-        job_prior_ms: int = int(PRIOR_JOB_S * 1000),
-        switch_hold_loads: float = SWITCH_HOLD_LOADS,
-        backends: Sequence[str | int],
-    ) -> list[Grant]:
-        """`session_ttl_ms`: how long a session keeps its backend (0: sessions are not
-        kept); `session_wait_ms`: how long its job may wait there for a slot."""
-        args = dict(locals())
-        del args["self"], args["backends"]
-        raw = await self._run("dispatch", args, *backends)
+    async def dispatch(self, ask: Ask) -> list[Grant]:
+        raw = await self._run("dispatch", ask.args(), *ask.backends)
         return [Grant(**g) for g in _list(raw)]
 
     async def finish(
@@ -523,13 +533,21 @@ class Scripts:
         result_ttl_ms: int,
         record_ttl_ms: int,
         batch_line: str = "",
+        ask: Ask | None = None,
     ) -> FinishReply:
-        """`batch_line`: a batch line's output or error file line (lib/batch.lua)."""
+        """`batch_line`: a batch line's output or error file line (lib/batch.lua); `ask`:
+        the worker asks for work in the same call (its grants come with the reply)."""
         args = dict(locals())
-        del args["self"]
-        raw = await self._run("finish", args)
+        del args["self"], args["ask"]
+        tail: tuple[str | int, ...] = ()
+        if ask is not None:
+            args["ask"], tail = ask.args(), ask.backends
+        raw = await self._run("finish", args, *tail)
         return FinishReply(
-            FinishStatus(raw["status"]), bool(raw["breaker_opened"]), bool(raw["ended"])
+            FinishStatus(raw["status"]),
+            bool(raw["breaker_opened"]),
+            bool(raw["ended"]),
+            [Grant(**g) for g in _list(raw.get("grants"))],
         )
 
     async def cancel(
@@ -630,11 +648,6 @@ class Scripts:
     async def take_token(self, *, name: str, rate_per_ms: float, burst: int) -> TokenReply:
         raw = await self._run("bucket", {"name": name, "rate_per_ms": rate_per_ms, "burst": burst})
         return TokenReply(bool(raw["allowed"]), float(raw["tokens"]), int(raw["next_token_ms"]))
-
-    async def fold_means(self, *, weight: float, samples: Sequence[tuple[str, float]]) -> None:
-        """Move the fleet's moving means by each (field, value) in order (means.lua)."""
-        flat = [x for sample in samples for x in sample]
-        await self._run("means", {"weight": weight, "samples": flat})
 
     async def meter_take(self, *, backend: str, min_jobs: int) -> dict[str, float]:
         """`backend`'s measurement window, taken (emptied), once `min_jobs` jobs ended in

@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     adaptive: bool = False
     """Adaptive concurrency on every backend that does not say otherwise."""
     session_ttl: float = Field(600, ge=0, le=86400)
-    """Seconds a session keeps its backend (api/sessions.py, dispatch.lua)."""
+    """Seconds a session keeps its backend (api/sessions.py, lib/schedule.lua)."""
     session_wait: float = Field(1, ge=0, le=3600)
     """Seconds a session's job may wait for its backend's slot before another takes it."""
     max_batch_file_bytes: int = Field(67_108_864, ge=1)

@@ -17,7 +17,7 @@ The spans of one request, one trace across the API and the worker processes:
         └── chat <model>         client span to the backend (GenAI semantic conventions)
 
 The context crosses Redis in the job record's `traceparent` field (W3C format), which
-admit.lua writes only when the API traces; dispatch.lua hands it to the worker with the
+admit.lua writes only when the API traces; the scheduler hands it to the worker with the
 grant (shared/scripts.py `Grant`). Instrumented by hand (api/tracing.py,
 worker/tracing.py): a generic ASGI or HTTP-client instrumentation would sit on the path of
 every request, on or off.

@@ -20,6 +20,7 @@ from shared.jobs import new_job_id
 from shared.scripts import (
     SCRIPTS,
     AdmitOutcome,
+    Ask,
     CancelVerdict,
     FinishStatus,
     Grant,
@@ -100,7 +101,11 @@ async def admit(scripts: Scripts, owner: str = "key:a", **overrides: Any) -> Any
 
 
 async def dispatch(scripts: Scripts, want: int = 1) -> list[Grant]:
-    return await scripts.dispatch(
+    return await scripts.dispatch(ask(want))
+
+
+def ask(want: int = 1) -> Ask:
+    return Ask(
         worker="w1",
         want=want,
         lease_ms=10_000,
@@ -209,6 +214,29 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
 
 
+async def test_a_run_that_ends_asks_for_the_place_it_frees_in_the_same_call(
+    scripts: Scripts, redis: Redis
+) -> None:
+    """finish.lua with an `ask`: the end recorded, then the scheduler's grants for the
+    worker in the same call (the slot this run freed included); nothing when nothing waits,
+    and a stale run's end asks all the same."""
+    first, second, third = await admit(scripts), await admit(scripts), await admit(scripts)
+    (grant,) = await dispatch(scripts, want=4)  # the cap of gpu-a is 1
+    done = await finish(scripts, grant, ask=ask(want=4))
+    assert done.status is FinishStatus.SUCCEEDED and done.ended
+    assert await redis.hget(keys.job(first.job_id), "status") == b"succeeded"
+    assert [g.job_id for g in done.grants] == [second.job_id]
+    assert await redis.hget(keys.job(second.job_id), "status") == b"running"
+    assert await redis.zrange(keys.LEASES, 0, -1) == [done.grants[0].run_id.encode()]
+    await redis.hset(keys.job(second.job_id), "attempt", 2)  # the job moved on
+    stale = await finish(scripts, done.grants[0], ask=ask(want=1))
+    assert stale.status is FinishStatus.STALE
+    assert [g.job_id for g in stale.grants] == [third.job_id]
+    last = await finish(scripts, stale.grants[0], ask=ask(want=1))
+    assert last.status is FinishStatus.SUCCEEDED and last.grants == []
+    assert await redis.zcard(keys.LEASES) == 0
+
+
 async def test_jobs_admitted_in_one_millisecond_start_in_their_order(scripts: Scripts) -> None:
     """Admissions a few microseconds apart (several per millisecond here) keep their order:
     a start score at millisecond resolution tied them, and ties went by the random id."""
@@ -231,27 +259,20 @@ async def test_finish_of_a_stale_run_records_nothing(scripts: Scripts, redis: Re
     assert await redis.hget(keys.job(grant.job_id), "status") == b"running"
 
 
-async def test_the_tally_keeps_the_moving_means_of_cost_and_time(
+async def test_finish_keeps_the_moving_means_of_cost_and_time(
     scripts: Scripts, redis: Redis
 ) -> None:
     """Cost (input + 2 x output tokens) moves with whatever was served, time only with a
-    success; EWMA weight 0.2; the worker's tally folds its runs in, in their order, as if
-    each finish had (shared/lua/means.lua)."""
+    success; EWMA weight 0.2."""
     runs = [
         {"duration_ms": 12.0, "input_tokens": 3, "output_tokens": 5},
         {"duration_ms": 22.0, "input_tokens": 1, "output_tokens": 2},
         {"duration_ms": 50.0, "input_tokens": 2, "output_tokens": 0, "status": "failed"},
     ]
-    tally = Tally()
-    for i, run in enumerate(runs):
+    for run in runs:
         await admit(scripts)
         (grant,) = await dispatch(scripts)
-        reply = await finish(scripts, grant, **run)
-        usage = {k: v for k, v in run.items() if k != "status"}
-        tally.finished(grant, reply, error_code="", **usage)
-        if i == 0:  # one flush after the first run, one for the others
-            await tally.flush(redis)
-    await tally.flush(redis)
+        await finish(scripts, grant, **run)
     stats = await redis.hmget(keys.MODEL_STATS, keys.MEAN_COST, keys.MEAN_JOB_MS)
     # cost: 13, then 13 + 0.2 (5 - 13) = 11.4, then 11.4 + 0.2 (2 - 11.4) = 9.52
     assert [float(v) for v in stats] == pytest.approx([9.52, 14.0])

@@ -51,7 +51,7 @@ Fleet-wide: every worker adds what its runs did to the backend's meter in Redis,
 cap each run was granted under (a flush every FLUSH_S); the worker whose turn it is (a
 short SET NX lease per backend) takes a window of at least MIN_JOBS jobs (meter_take.lua)
 every CONTROL_S and decides once MIN_JOBS of them started under today's cap; the
-effective cap is one field of `gpugate:effective`, which dispatch.lua reads with the caps
+effective cap is a field of `gpugate:fleet`, which the scheduler reads with the caps
 (lib/fleet.lua `read_backends`): several workers and API processes agree on one cap.
 """
 

@@ -11,13 +11,16 @@ What is replaced, and why:
 
 - *Which run starts.* arq reads the head of its ZSET and claims ids one by one
   (WATCH/MULTI per id, ~5 commands each), in score order only. Here the scheduler
-  (shared/lua/dispatch.lua) grants this worker as many runs as it has free places, over
-  every waiting job of the fleet (priority, fair share, a backend with a free slot and
-  the model), and claims the slots in the same script: one round trip for the whole
-  batch. `_poll_iteration` asks it, then starts arq's `run_job` for each grant.
+  (shared/lua/lib/schedule.lua) grants this worker as many runs as it has free places,
+  over every waiting job of the fleet (priority, fair share, a backend with a free slot
+  and the model), and claims the slots in the same script: one round trip for the whole
+  batch. `_poll_iteration` asks it (dispatch.lua), then starts arq's `run_job` for each
+  grant.
 - *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
   list (BLPOP `gpugate:wake`): admission pushes one entry (at most 16 wait there), so one
-  idle worker wakes, not all; a worker whose run ended asks again at once.
+  idle worker wakes, not all. A run that ends asks for work in the same call that
+  records its end (finish.lua `ask`, worker/jobs.py `record`): what it is granted waits
+  in `pending` until the ended run's place is free, and the loop does not ask again.
 - *arq's per-job reads and writes.* arq's `run_job` reads the job record back and
   counts a try (a MULTI/EXEC), then writes the end (another): the grant already carries
   the work and attempts are ours (shared/jobs.py). `run_job` here calls the job function
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -45,10 +49,10 @@ from shared.errors import RedisUnavailable
 from shared.outage import end_if_cancelled
 from shared.redis import store
 from shared.redis.lane import Lane
-from shared.scripts import Grant, Scripts, fleet_argv
+from shared.scripts import Grant, Scripts
 from shared.settings import Settings
 from worker import jobs
-from worker.loops import heartbeat_interval_s, start_loops, stop_loops
+from worker.loops import start_loops, stop_loops
 from worker.state import WorkerContext
 
 log = logging.getLogger("gpugate.worker")
@@ -58,12 +62,6 @@ IDLE_WAIT_S = 1.0
 REDIS_RETRY_S = 0.5
 ARQ_TIMEOUT_S = 7 * 86400
 """arq's own job timeout: a backstop only; job runs are bounded by GPUGATE_JOB_TIMEOUT."""
-
-
-def fence_ms(settings: Settings) -> int:
-    """How long no slot is granted after a failover: two heartbeats of every worker (they
-    re-assert the runs they hold), and a margin for their clients to find the new master."""
-    return int(2 * heartbeat_interval_s(settings) * 1000) + 1000
 
 
 def arq_serialize(obj: dict[str, Any]) -> bytes:
@@ -121,11 +119,18 @@ class GateWorker(Worker):
         for run_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[run_id]
-        free = self.max_jobs - self.job_counter
+        await self._start_pending()
+        free = min(self.max_jobs - self.job_counter - len(ctx.pending), ctx.places())
         granted: list[Grant] = []
         if free > 0 and self.allow_pick_jobs and not ctx.draining:
-            granted = await self._dispatch(free)
+            ctx.asking += free
+            try:
+                granted = await ctx.scripts.dispatch(await ctx.ask(free))
+            finally:
+                ctx.asking -= free
         for grant in granted:
+            ctx.hold(grant)
+            ctx.tally.dispatched(grant)
             await self._start(grant)
         with contextlib.suppress(*store.REDIS_ERRORS):
             await self.heart_beat()  # arq's health-check key
@@ -133,47 +138,35 @@ class GateWorker(Worker):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.wake.wait(), IDLE_WAIT_S)
 
-    async def _dispatch(self, want: int) -> list[Grant]:
-        ctx, settings = self.context, self.context.settings
-        return await ctx.scripts.dispatch(
-            worker=ctx.worker_id,
-            want=want,
-            lease_ms=settings.lease_ms,
-            affinity_wait_ms=int(settings.affinity_wait * 1000),
-            session_ttl_ms=int(settings.session_ttl * 1000),
-            session_wait_ms=int(settings.session_wait * 1000),
-            provisional_cost=await self._mean_cost(),
-            result_ttl_ms=settings.result_ttl * 1000,
-            fence_ms=fence_ms(settings),
-            backends=fleet_argv(settings.backends),
-        )
-
-    _cost: tuple[float, float] = (0.0, 1.0)
-
-    async def _mean_cost(self) -> float:
-        """The fleet's mean job cost (fair-share units), re-read at most once a second."""
-        at, cost = self._cost
-        if time.monotonic() - at > 1.0:
-            with contextlib.suppress(*store.REDIS_ERRORS):
-                raw = await self.context.redis.hget(keys.MODEL_STATS, keys.MEAN_COST)  # type: ignore[misc]
-                cost = float(raw) if raw else 1.0
-            self._cost = (time.monotonic(), cost)
-        return cost
+    async def _start_pending(self) -> None:
+        """Start the runs granted with the end of others (worker/jobs.py `record`) as their
+        places free up; a stopping worker hands them back (their leases expire now)."""
+        ctx = self.context
+        while ctx.pending and (ctx.draining or self.job_counter < self.max_jobs):
+            grant = ctx.pending.pop(0)
+            if ctx.draining:
+                ctx.release(grant.run_id)
+                await jobs.expire_lease(ctx, grant.run_id)
+            else:
+                await self._start(grant)
 
     async def _start(self, grant: Grant) -> None:
-        """What arq's `start_jobs` does once it has claimed a job: the claim itself was
-        dispatch.lua's."""
-        self.context.hold(grant)
-        self.context.tally.dispatched(grant)
+        """What arq's `start_jobs` does once it has claimed a job (the claim itself was the
+        scheduler's; the run is held already)."""
         await self.sem.acquire()  # never waits: there was a free place
         self.job_counter += 1
         task = self.loop.create_task(self.run_job(grant.run_id, int(time.time() * 1000)))
-        task.add_done_callback(self._run_ended)
+        task.add_done_callback(functools.partial(self._run_ended, grant.run_id))
         self.tasks[grant.run_id] = task
 
-    def _run_ended(self, _: asyncio.Task[None]) -> None:
+    def _run_ended(self, run_id: str, _: asyncio.Task[None]) -> None:
+        """A run's place is free: the loop asks for work again, unless the run's finish
+        asked for it already (then it starts what that was granted, if anything)."""
         self._release_sem_dec_counter_on_complete()
-        self.context.wake.set()
+        ctx = self.context
+        if run_id not in ctx.offered or ctx.pending:
+            ctx.wake.set()
+        ctx.offered.discard(run_id)
 
     async def run_job(self, job_id: str, score: int) -> None:
         """Run a granted run. arq's own `run_job` would read the run's arq record back,
@@ -233,6 +226,8 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext = ctx["gate"]
+    for grant in context.pending:  # granted with a run's end, never started
+        await jobs.expire_lease(context, grant.run_id)
     await stop_loops(context)
     with contextlib.suppress(*store.REDIS_ERRORS):
         await context.tally.flush(context.redis)  # the counts of its last runs

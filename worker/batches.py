@@ -2,7 +2,7 @@
 of the batch's output or error file; and the batch loop, which ends batches (expiry,
 cancellation) and keeps their budget period current.
 
-The scheduler starts batch lines (dispatch.lua's batch band) and finish.lua writes each
+The scheduler starts batch lines (the scheduler's batch band) and finish.lua writes each
 line's end once; this loop only moves what never started and ends what is done.
 """
 

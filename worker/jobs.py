@@ -151,7 +151,11 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     batch_line = output_line(grant, outcome) if grant.batch else ""
     result = "" if grant.batch else outcome.result
     while not held.lost:
+        # the place this run frees (and any other free one) asked for in the same call
+        want = 0 if ctx.draining else ctx.places() + 1
+        ctx.asking += want
         try:
+            ask = await ctx.ask(want) if want > 0 else None
             reply = await ctx.scripts.finish(
                 job_id=grant.job_id,
                 attempt=grant.attempt,
@@ -175,6 +179,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 result_ttl_ms=settings.result_ttl * 1000,
                 record_ttl_ms=record_ttl_ms(settings.result_ttl),
                 batch_line=batch_line,
+                ask=ask,
             )
         except RedisUnavailable as exc:
             if not warned and time.monotonic() - started > settings.lease_ttl * 3:
@@ -186,6 +191,14 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 )
             await asyncio.sleep(REDIS_RETRY_S)
             continue
+        finally:
+            ctx.asking -= want
+        if ask is not None:
+            ctx.offered.add(grant.run_id)
+            for granted in reply.grants:
+                ctx.hold(granted)
+                ctx.tally.dispatched(granted)
+                ctx.pending.append(granted)
         ctx.tally.finished(
             grant,
             reply,
@@ -193,7 +206,6 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
             duration_ms=held.duration_ms,
             input_tokens=outcome.usage.input_tokens,
             output_tokens=outcome.usage.output_tokens,
-            model_load_ms=outcome.model_load_ms,
         )
         if settings.redis_min_replicas > 0:  # the end survives a failover too
             with contextlib.suppress(*REDIS_ERRORS):

@@ -31,10 +31,10 @@ from shared.jobs import record_ttl_ms
 from shared.outage import supervised
 from shared.redis.store import redis_errors
 from shared.scripts import fleet_argv
-from shared.settings import Backend, Settings
+from shared.settings import Backend
 from worker.adaptive import adaptive_loop
 from worker.batches import batch_loop
-from worker.state import WorkerContext
+from worker.state import WorkerContext, heartbeat_interval_s
 from worker.tally import tally_loop
 from worker.webhooks import webhook_loop
 
@@ -69,11 +69,6 @@ async def stop_loops(ctx: WorkerContext) -> None:
     for task in ctx.tasks:
         task.cancel()
     await asyncio.gather(*ctx.tasks, return_exceptions=True)
-
-
-def heartbeat_interval_s(settings: Settings) -> float:
-    """Renew well before the lease lapses; reap promptly."""
-    return min(1.0, settings.lease_ttl / 4)
 
 
 async def heartbeat_once(ctx: WorkerContext, started_at: float) -> None:

@@ -4,6 +4,7 @@ This is the typed context every job function and loop of the worker receives."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -15,14 +16,27 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from shared import keys
 from shared.outage import Outage
 from shared.redis.lane import Lane
-from shared.scripts import Grant, HeldRun, Scripts
+from shared.redis.store import REDIS_ERRORS
+from shared.scripts import Ask, Grant, HeldRun, Scripts, fleet_argv
 from shared.settings import Backend, Settings
 from worker.meter import Meter
 from worker.tally import Tally
 
 log = logging.getLogger("gpugate.worker")
+
+
+def heartbeat_interval_s(settings: Settings) -> float:
+    """Renew well before the lease lapses; reap promptly."""
+    return min(1.0, settings.lease_ttl / 4)
+
+
+def fence_ms(settings: Settings) -> int:
+    """How long no slot is granted after a failover: two heartbeats of every worker (they
+    re-assert the runs they hold), and a margin for their clients to find the new master."""
+    return int(2 * heartbeat_interval_s(settings) * 1000) + 1000
 
 
 @dataclass
@@ -63,6 +77,14 @@ class WorkerContext:
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     )
     held: dict[str, Held] = field(default_factory=dict)
+    """The runs this worker holds: running, or granted and not yet started (`pending`)."""
+    pending: list[Grant] = field(default_factory=list)
+    """Runs granted with the end of another (finish.lua `ask`), held, that the worker's
+    loop starts once the places of the ended runs are free (worker/arq_adapter.py)."""
+    asking: int = 0
+    """Places asked for by scheduler calls in flight (dispatch, or a finish's `ask`)."""
+    offered: set[str] = field(default_factory=set)
+    """Ended runs whose finish asked for their place: the loop need not ask again."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the worker should ask for work now (a token on the wake list, a run of
     ours ended, a lease was reaped)."""
@@ -89,8 +111,40 @@ class WorkerContext:
         return held
 
     def release(self, run_id: str) -> None:
+        """The run is over here (its place is free once arq's task for it has ended)."""
         self.held.pop(run_id, None)
-        self.wake.set()
+
+    def places(self) -> int:
+        """How many more runs this worker may be granted now."""
+        return self.settings.worker_concurrency - len(self.held) - self.asking
+
+    _cost: tuple[float, float] = (0.0, 1.0)
+
+    async def ask(self, want: int) -> Ask:
+        """What this worker asks the scheduler for: up to `want` runs."""
+        settings = self.settings
+        return Ask(
+            worker=self.worker_id,
+            want=want,
+            lease_ms=settings.lease_ms,
+            affinity_wait_ms=int(settings.affinity_wait * 1000),
+            session_ttl_ms=int(settings.session_ttl * 1000),
+            session_wait_ms=int(settings.session_wait * 1000),
+            provisional_cost=await self._mean_cost(),
+            result_ttl_ms=settings.result_ttl * 1000,
+            fence_ms=fence_ms(settings),
+            backends=fleet_argv(settings.backends),
+        )
+
+    async def _mean_cost(self) -> float:
+        """The fleet's mean job cost (fair-share units), re-read at most once a second."""
+        at, cost = self._cost
+        if time.monotonic() - at > 1.0:
+            with contextlib.suppress(*REDIS_ERRORS):
+                raw = await self.redis.hget(keys.MODEL_STATS, keys.MEAN_COST)  # type: ignore[misc]
+                cost = float(raw) if raw else 1.0
+            self._cost = (time.monotonic(), cost)
+        return cost
 
     def held_runs(self) -> list[HeldRun]:
         return [HeldRun(h.grant.run_id, h.grant.backend) for h in self.held.values()]

@@ -1,12 +1,10 @@
 """The fleet's counters a worker's runs add to: usage per key, jobs by outcome, errors by
-code, the queue-wait and job-duration histograms, and the samples of the fleet's moving
-means (a job's cost, a success's service time: shared/lua/means.lua). Kept here and added
-to Redis every FLUSH_S (one pipeline, and one script call for the means), not by the
-scripts once per job: at load one flush carries the counts of hundreds of jobs, where
-finish.lua and dispatch.lua spent ten commands a job on them (issue 21). What reads them
-(`/admin/usage`, `/metrics`, `/admin/status`, the wait estimates) sees a run at most
-FLUSH_S after it ended. A worker killed outright loses its last FLUSH_S of counts; what
-must be exact is not here: budgets, token buckets and fair-share counters (finish.lua).
+code, and the queue-wait and job-duration histograms. Kept here and added to Redis in one
+pipeline every FLUSH_S, not by the scripts once per job: at load one flush carries the
+counts of hundreds of jobs, where finish.lua and dispatch.lua spent eight commands a job on
+them (issue 21). What reads them (`/admin/usage`, `/metrics`, `/admin/status`) sees a run
+at most FLUSH_S after it ended. A worker killed outright loses its last FLUSH_S of counts;
+what must be exact is not here: budgets, token buckets and fair-share counters (finish.lua).
 """
 
 from __future__ import annotations
@@ -17,17 +15,9 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.estimates import EWMA_WEIGHT
 from shared.outage import supervised
 from shared.redis.store import redis_errors
-from shared.scripts import (
-    HISTOGRAMS,
-    FinishReply,
-    FinishStatus,
-    Grant,
-    Scripts,
-    histogram_field,
-)
+from shared.scripts import HISTOGRAMS, FinishReply, FinishStatus, Grant, histogram_field
 
 if TYPE_CHECKING:
     from worker.state import WorkerContext
@@ -43,8 +33,6 @@ class Tally:
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str], int | float] = {}
-        self._samples: list[tuple[str, float]] = []
-        """The moving means' samples, (field, value), in the order the runs ended."""
 
     def dispatched(self, grant: Grant) -> None:
         """The job of `grant` left the queue (a batch line never waited in it)."""
@@ -60,7 +48,6 @@ class Tally:
         duration_ms: float,
         input_tokens: int,
         output_tokens: int,
-        model_load_ms: float = 0,
     ) -> None:
         """finish.lua recorded the run of `grant` (`reply`); a stale run counts nothing."""
         if reply.status is FinishStatus.STALE:
@@ -70,12 +57,6 @@ class Tally:
             self._add(keys.USAGE, f"{name}|input_tokens", input_tokens)
             self._add(keys.USAGE, f"{name}|output_tokens", output_tokens)
             self._add(keys.USAGE, f"{name}|gpu_ms", float(duration_ms))
-            self._samples.append((keys.MEAN_COST, input_tokens + 2 * output_tokens))
-        if reply.status is FinishStatus.SUCCEEDED:
-            # a job's service time, without a model load (dispatch.lua weighs a load apart)
-            service_ms = max(0.0, duration_ms - model_load_ms)
-            self._samples.append((keys.MEAN_JOB_MS, service_ms))
-            self._samples.append((grant.model, service_ms))
         if reply.ended:
             self._add(keys.STATS, f"jobs_{reply.status}", 1)
         if error_code:
@@ -94,29 +75,22 @@ class Tally:
         self._add(key, "sum", float(value))
 
     async def flush(self, redis: Redis) -> None:
-        """Add the counts and fold the samples into Redis; what Redis could not take is
-        kept for the next flush."""
+        """Add the counts to Redis; kept for the next flush if Redis cannot take them."""
         counts, self._counts = self._counts, {}
-        samples, self._samples = self._samples, []
+        if not counts:
+            return
         try:
             with redis_errors():
-                if counts:
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for (key, name), amount in counts.items():
-                            if isinstance(amount, float):  # gpu_ms and sums: always floats
-                                pipe.hincrbyfloat(key, name, amount)
-                            else:
-                                pipe.hincrby(key, name, amount)
-                        await pipe.execute()
-                counts = {}
-                if samples:
-                    await Scripts(redis.execute_command).fold_means(
-                        weight=EWMA_WEIGHT, samples=samples
-                    )
+                async with redis.pipeline(transaction=False) as pipe:
+                    for (key, name), amount in counts.items():
+                        if isinstance(amount, float):  # gpu_ms and sums: always floats
+                            pipe.hincrbyfloat(key, name, amount)
+                        else:
+                            pipe.hincrby(key, name, amount)
+                    await pipe.execute()
         except BaseException:
             for (key, name), amount in counts.items():
                 self._add(key, name, amount)
-            self._samples[:0] = samples
             raise
 
 

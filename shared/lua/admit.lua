@@ -115,7 +115,7 @@ if A.traceparent then also('traceparent', A.traceparent) end
 if A.session then also('session', A.session) end
 if A.hook then also('hook', A.hook) end  -- its key's webhook
 -- a known key's limits: its budget reservation (settled by finish.lua), the record the
--- scheduler reads its live max_running from, the tier's max_running (dispatch.lua)
+-- scheduler reads its live max_running from, the tier's max_running (lib/schedule.lua)
 if budget_key then
   redis.call('INCRBY', budget_key, A.budget_reserve or 0)
   redis.call('PEXPIRE', budget_key, A.budget_ttl_ms)

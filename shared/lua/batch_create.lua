@@ -2,7 +2,7 @@
 -- A batch, as api/batches.py validated it (shared/scripts.py `batch_create`): `failed`
 -- with the file's errors, or `in_progress` with its lines waiting (the API wrote them,
 -- numbered 1..total, into its lines and per-model lists first), its owner in the batch
--- band of dispatch.lua, and idle workers woken to run them.
+-- band of the scheduler (lib/schedule.lua), and idle workers woken to run them.
 local A = cjson.decode(ARGV[1])
 local now = now_ms()
 local now_s = math.floor(now / 1000)

@@ -1,8 +1,7 @@
--- uses: clock, buckets, fairshare, job
+-- uses: clock, buckets, fairshare, job, schedule
 -- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
 -- Ollama served (fair-share counter, tpm bucket, budget), and record the outcome. (Usage,
--- the end's count, the histograms and the moving means of cost and time are the worker's
--- tally: worker/tally.py.)
+-- the end's count and the histograms are the worker's tally: worker/tally.py.)
 -- `retry`: the backend failed before any byte reached the client: the job is queued
 -- again avoiding that backend (failed instead once it ran max_attempts times).
 -- A job cancelled while running stays `cancelled`; a run that is no longer the job's
@@ -10,6 +9,9 @@
 -- Any backend answer resets its failure count; `breaker_threshold` failures in a row
 -- (unreachable, 5xx after retries, hung) take it out of dispatch for `breaker_cooldown_ms`
 -- or until a worker's probe sees it answer.
+-- `ask`: the worker asks for work in the same call (the place this run frees, and any
+-- other it has): the scheduler's grants come back with the outcome (lib/schedule.lua; the
+-- fleet in ARGV from 2 on, as dispatch.lua's).
 local A = cjson.decode(ARGV[1])
 local now = now_ms()
 local job_id = A.job_id
@@ -23,7 +25,9 @@ free_run(run_id, backend, A.wake)
 
 local ended = false  -- this run ended its job (not a batch line's): the worker counts it
 local function reply(status, opened)
-  return cjson.encode({status = status, breaker_opened = opened, ended = ended})
+  local out = {status = status, breaker_opened = opened, ended = ended}
+  if A.ask then out.grants = schedule(A.ask, ARGV, 2, now) end
+  return cjson.encode(out)
 end
 if tonumber(job.attempt) ~= A.attempt then return reply(RUN_STALE, false) end
 
@@ -66,7 +70,7 @@ if A.model_load_ms > 0 then
 end
 if A.cold and A.status ~= RUN_RETRY then
   -- what a load costs there (none, for a backend that loads at once): dispatch weighs
-  -- it against waiting (dispatch.lua load_ms)
+  -- it against waiting (lib/schedule.lua load_ms)
   -- (`*|model`: the last one seen anywhere, the guess for a backend that never loaded it)
   local where = backend .. '|' .. (job.model or '')
   local mean = tonumber(redis.call('HGET', K_LOAD_MS, where))
@@ -112,5 +116,30 @@ do
     redis.call('HSET', K_BACKEND_FAILURES, backend, 0)
   end
 end
--- (The fleet's moving means of cost and time: the worker's tally, means.lua.)
+-- The fleet's moving means (K_MODEL_STATS): a job's cost (the provisional charge of
+-- the scheduler) for whatever was served, and a success's time, the fleet's and its
+-- model's (wait estimates).
+local function ewma(mean, value)
+  mean = tonumber(mean)
+  return tostring(mean and (mean + A.ewma_weight * (value - mean)) or value)
+end
+local costed, timed = served > 0 or A.duration_ms > 0, status == S_SUCCEEDED
+-- a job's service time, without a model load (a load is weighed apart: lib/schedule.lua)
+local service_ms = math.max(0, A.duration_ms - A.model_load_ms)
+if costed or timed then
+  local model = job.model or ''
+  local means = redis.call('HMGET', K_MODEL_STATS, MEAN_COST, MEAN_JOB_MS, model)
+  local update = {}
+  if costed then
+    table.insert(update, MEAN_COST)
+    table.insert(update, ewma(means[1], A.input_tokens + 2 * A.output_tokens))
+  end
+  if timed then
+    table.insert(update, MEAN_JOB_MS)
+    table.insert(update, ewma(means[2], service_ms))
+    table.insert(update, model)
+    table.insert(update, ewma(means[3], service_ms))
+  end
+  redis.call('HSET', K_MODEL_STATS, unpack(update))
+end
 return reply(status, opened)

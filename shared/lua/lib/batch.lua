@@ -1,5 +1,5 @@
 -- Batches (OpenAI's Batch API, api/batches.py): a batch's lines wait in its own lists, not
--- in the interactive queue; dispatch.lua starts one only on a slot no waiting interactive
+-- in the interactive queue; the scheduler starts one only on a slot no waiting interactive
 -- job can take. A line that starts becomes a job record (`batch`, `line`, `custom_id`)
 -- that runs and ends like any job; its end is written once into the batch's output or
 -- error lines (keyed by custom_id), and the batch ends when no line waits or runs.

@@ -68,7 +68,7 @@ local function charge(owner, amount, now)
 end
 
 -- Batch lines have a fair-share counter of their own, among the owners with batch lines
--- waiting (dispatch.lua's batch band): an owner that joins starts level with the lowest.
+-- waiting (the scheduler's batch band): an owner that joins starts level with the lowest.
 local function charge_batch(owner, amount)
   if amount ~= 0 then redis.call('ZADD', K_BATCH_BACKLOG, 'XX', 'INCR', amount, owner) end
 end
