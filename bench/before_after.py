@@ -1,9 +1,10 @@
 """Tiny jobs through gpugate at two revisions, in one run: `python -m bench before-after`.
 
 This machine is shared and noisy, so a change to the hot path is judged on ratios taken
-in one run: the simulator direct, gpugate as it is, and gpugate at BEFORE (its API and
-worker run from `git archive BEFORE`), each loaded by wrk in interleaved rounds (the order
-rotates), with the CPU each component used per job. The cases and the load are those of
+in one run: the simulator direct, gpugate as it is, and gpugate at an earlier revision
+(`python -m bench.before_after --before REV`, default BEFORE; its API and worker run from
+`git archive REV`), each loaded by wrk in interleaved rounds (the order rotates), with
+the CPU each component used per job. The cases and the load are those of
 `python -m bench throughput` (tiny jobs, 32 connections, GPU cap 32).
 """
 
@@ -24,10 +25,10 @@ ROUNDS = 5
 COMPONENTS = ("api", "worker", "redis")
 
 
-def run(plan: Plan) -> str:
-    tree = tree_at(BEFORE)
+def run(plan: Plan, before_rev: str = BEFORE) -> str:
+    tree = tree_at(before_rev)
     if tree is None:
-        raise SystemExit(f"bench before-after needs a git checkout that has {BEFORE}")
+        raise SystemExit(f"bench before-after needs a git checkout that has {before_rev}")
     sim = throughput.start_model_sim(throughput.TINY_TOKENS)
     procs: list[Process] = [sim]
     try:
@@ -38,7 +39,7 @@ def run(plan: Plan) -> str:
         targets = [
             Target("direct", [sim.url], "Bearer bench-before-after", {"sim": [sim.pid]}),
             throughput.target("gpugate today", today, sim),
-            throughput.target(f"gpugate at {BEFORE}", before, sim),
+            throughput.target(f"gpugate at {before_rev}", before, sim),
         ]
         cases = [
             Case("tiny", t, route, TINY_CONNECTIONS, route.path)
@@ -59,10 +60,10 @@ def run(plan: Plan) -> str:
                 scripts[name] = rdb.info("commandstats")
     finally:
         stop_all(procs)
-    return report(cases, plan) + "\n" + script_table(cases, scripts)
+    return report(cases, plan, before_rev) + "\n" + script_table(cases, scripts)
 
 
-def report(cases: list[Case], plan: Plan) -> str:
+def report(cases: list[Case], plan: Plan, before_rev: str) -> str:
     direct = {c.route.label: throughput.median_rate(c) for c in cases if c.target.name == "direct"}
     rows = []
     for case in cases:
@@ -85,7 +86,7 @@ def report(cases: list[Case], plan: Plan) -> str:
     return (
         f"Tiny jobs (5 tokens at zero time per token), `wrk -c{TINY_CONNECTIONS}`, "
         f"{plan.tiny_s} s a run, {plan.rounds} interleaved rounds; gpugate today and at "
-        f"`{BEFORE}` (one API, one worker, a private redis-server each, the same "
+        f"`{before_rev}` (one API, one worker, a private redis-server each, the same "
         f"simulator); a figure is the median of the rounds. Direct: {direct_text}.\n\n"
         + head
         + "\n".join(rows)
@@ -117,12 +118,15 @@ def script_table(cases: list[Case], stats: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = is_quick(arguments("before_after", __doc__).parse_args(argv or []), "before_after")
+    parser = arguments("before_after", __doc__)
+    parser.add_argument("--before", default=BEFORE, help=f"the earlier revision ({BEFORE})")
+    args = parser.parse_args(argv or [])
+    quick = is_quick(args, "before_after")
     started = time.monotonic()
     plan = Plan(
         rounds=1 if quick else ROUNDS, tiny_s=1 if quick else 3, stream_s=0, warmup_s=1, backlog=0
     )
-    text = run(plan)
+    text = run(plan, args.before)
     print(text, flush=True)
     publish(
         "before-after",

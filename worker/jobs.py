@@ -151,9 +151,11 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     batch_line = output_line(grant, outcome) if grant.batch else ""
     result = "" if grant.batch else outcome.result
     while not held.lost:
-        # the place this run frees (and any other free one) asked for in the same call
+        # the place this run frees (and any other free one) asked for in the same call; the
+        # others are promised to this call (its own is its run's, held until it ends)
         want = 0 if ctx.draining else ctx.places() + 1
-        ctx.asking += want
+        promised = max(0, want - 1)
+        ctx.asking += promised
         try:
             ask = await ctx.ask(want) if want > 0 else None
             reply = await ctx.scripts.finish(
@@ -192,7 +194,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
             await asyncio.sleep(REDIS_RETRY_S)
             continue
         finally:
-            ctx.asking -= want
+            ctx.asking -= promised
         if ask is not None:
             ctx.offered.add(grant.run_id)
             for granted in reply.grants:

@@ -56,6 +56,8 @@ from shared.redis.store import (
 from shared.redis.url import SentinelURL, parse_sentinel
 
 Address = tuple[str, int] | str  # host and port, or a unix socket path
+CLOSE_WAIT_S = 1.0
+"""How long `aclose` waits for its sockets to close."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -72,6 +74,8 @@ class _Protocol(asyncio.Protocol):
         self.lost: Exception | None = None
         self.address: Address = ""
         self.named_by: Redis | None = None  # the Sentinel that gave `address`
+        self.closed = asyncio.get_running_loop().create_future()
+        """Done once the connection is closed (its socket with it)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -86,6 +90,8 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()  # retired, and the last reply is in
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         if not isinstance(self.lost, rx.TimeoutError):
             self.lost = rx.ConnectionError(
                 f"Redis connection lost: {exc or 'closed by the server'}"
@@ -237,11 +243,16 @@ class Lane:
 
     async def aclose(self) -> None:
         """Close the connections (the Sentinels' too), cancel the WAIT runner and wait
-        until it has stopped: nothing is left pending."""
+        until it has stopped and the sockets are closed: nothing is left pending (a
+        transport closes its socket in a later turn of the loop, which may be the loop's
+        last)."""
         runner = self._round_runner
+        open_ = [p for p in (self._protocol, self._waiter) if p is not None and p.transport]
         self._close()
         if runner is not None:
             await asyncio.gather(runner, return_exceptions=True)
+        if open_:
+            await asyncio.wait([p.closed for p in open_], timeout=CLOSE_WAIT_S)
         if self.sentinel is not None:
             await self._sentinels.aclose()
 
@@ -322,11 +333,14 @@ class Lane:
             setup.append(("AUTH", user, opts["password"]) if user else ("AUTH", opts["password"]))
         if opts.get("db"):
             setup.append(("SELECT", opts["db"]))
-        for command in setup:
-            reply = await protocol.send(command)
-            if isinstance(reply, rx.ResponseError):
-                protocol.close()
-                raise rx.ConnectionError(f"Redis refused {command[0]}: {reply}")
+        try:
+            for command in setup:
+                reply = await protocol.send(command)
+                if isinstance(reply, rx.ResponseError):
+                    raise rx.ConnectionError(f"Redis refused {command[0]}: {reply}")
+        except BaseException:  # refused, lost, or the caller's timeout: nothing left open
+            protocol.close()
+            raise
         return protocol
 
     # --- Redis WAIT, on a connection of its own ----------------------------------------
