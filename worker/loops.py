@@ -119,8 +119,10 @@ async def waker_loop(ctx: WorkerContext) -> None:
     """Take one wake-up from the list while this worker could start a run."""
 
     async def wait_for_wakes() -> float:
+        ctx.room.clear()  # before the look at `held`: a release after it sets it again
         if ctx.draining or len(ctx.held) >= ctx.settings.worker_concurrency:
-            await _room(ctx)
+            with contextlib.suppress(TimeoutError):  # until a run is let go, or a second
+                await asyncio.wait_for(ctx.room.wait(), WAKE_BLOCK_S)
             return 0.0
         with redis_errors():
             popped = await ctx.blocking_redis.blpop([keys.WAKE], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
@@ -129,14 +131,6 @@ async def waker_loop(ctx: WorkerContext) -> None:
         return 0.0
 
     await supervised("waker", wait_for_wakes, ctx.redis_outage, log, retry_s=RETRY_S)
-
-
-async def _room(ctx: WorkerContext) -> None:
-    """Until a run of ours ends (or a second passes)."""
-    ctx.wake.clear()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(ctx.wake.wait(), WAKE_BLOCK_S)
-    ctx.wake.set()  # the worker's own loop must see it too
 
 
 async def cancel_loop(ctx: WorkerContext) -> None:

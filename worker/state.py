@@ -85,6 +85,8 @@ class WorkerContext:
     """Places asked for by scheduler calls in flight (dispatch, or a finish's `ask`)."""
     offered: set[str] = field(default_factory=set)
     """Ended runs whose finish asked for their place: the loop need not ask again."""
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a held run is let go: a full worker may have a free place again."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the worker should ask for work now (a token on the wake list, a run of
     ours ended, a lease was reaped)."""
@@ -113,6 +115,7 @@ class WorkerContext:
     def release(self, run_id: str) -> None:
         """The run is over here (its place is free once arq's task for it has ended)."""
         self.held.pop(run_id, None)
+        self.room.set()
 
     def places(self) -> int:
         """How many more runs this worker may be granted now."""
