@@ -286,8 +286,9 @@ class FinishReply:
     breaker_opened: bool
     ended: bool = False
     """The run ended its job (not a batch line's): the worker counts the end (its tally)."""
-    grants: list[Grant] = field(default_factory=list)
-    """What the scheduler granted the worker when it asked in the same call (`ask`)."""
+    waiting: bool = True
+    """A job or a batch line waits for a slot: the place this run frees is worth asking
+    the scheduler for (else an admission wakes an idle worker)."""
 
 
 class CancelVerdict(StrEnum):
@@ -342,10 +343,10 @@ class Grant:
 
 @dataclass(frozen=True)
 class Ask:
-    """A worker asks the scheduler for up to `want` runs (lib/schedule.lua): with
-    dispatch.lua, or with the end of a run (finish.lua). `backends`: the fleet
-    (`fleet_argv`); `session_ttl_ms`: how long a session keeps its backend (0: sessions
-    are not kept); `session_wait_ms`: how long its job may wait there for a slot."""
+    """A worker asks the scheduler for up to `want` runs (dispatch.lua, lib/schedule.lua).
+    `backends`: the fleet (`fleet_argv`); `session_ttl_ms`: how long a session keeps its
+    backend (0: sessions are not kept); `session_wait_ms`: how long its job may wait there
+    for a slot."""
 
     worker: str
     want: int
@@ -533,21 +534,16 @@ class Scripts:
         result_ttl_ms: int,
         record_ttl_ms: int,
         batch_line: str = "",
-        ask: Ask | None = None,
     ) -> FinishReply:
-        """`batch_line`: a batch line's output or error file line (lib/batch.lua); `ask`:
-        the worker asks for work in the same call (its grants come with the reply)."""
+        """`batch_line`: a batch line's output or error file line (lib/batch.lua)."""
         args = dict(locals())
-        del args["self"], args["ask"]
-        tail: tuple[str | int, ...] = ()
-        if ask is not None:
-            args["ask"], tail = ask.args(), ask.backends
-        raw = await self._run("finish", args, *tail)
+        del args["self"]
+        raw = await self._run("finish", args)
         return FinishReply(
             FinishStatus(raw["status"]),
             bool(raw["breaker_opened"]),
             bool(raw["ended"]),
-            [Grant(**g) for g in _list(raw.get("grants"))],
+            bool(raw["waiting"]),
         )
 
     async def cancel(

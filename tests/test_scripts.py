@@ -214,27 +214,21 @@ async def test_dispatch_grants_the_free_slot_and_finish_gives_it_back(
     assert [g.job_id for g in await dispatch(scripts)] == [second.job_id]
 
 
-async def test_a_run_that_ends_asks_for_the_place_it_frees_in_the_same_call(
+async def test_a_runs_end_says_whether_anything_waits_for_a_slot(
     scripts: Scripts, redis: Redis
 ) -> None:
-    """finish.lua with an `ask`: the end recorded, then the scheduler's grants for the
-    worker in the same call (the slot this run freed included); nothing when nothing waits,
-    and a stale run's end asks all the same."""
-    first, second, third = await admit(scripts), await admit(scripts), await admit(scripts)
-    (grant,) = await dispatch(scripts, want=4)  # the cap of gpu-a is 1
-    done = await finish(scripts, grant, ask=ask(want=4))
-    assert done.status is FinishStatus.SUCCEEDED and done.ended
-    assert await redis.hget(keys.job(first.job_id), "status") == b"succeeded"
-    assert [g.job_id for g in done.grants] == [second.job_id]
-    assert await redis.hget(keys.job(second.job_id), "status") == b"running"
-    assert await redis.zrange(keys.LEASES, 0, -1) == [done.grants[0].run_id.encode()]
-    await redis.hset(keys.job(second.job_id), "attempt", 2)  # the job moved on
-    stale = await finish(scripts, done.grants[0], ask=ask(want=1))
-    assert stale.status is FinishStatus.STALE
-    assert [g.job_id for g in stale.grants] == [third.job_id]
-    last = await finish(scripts, stale.grants[0], ask=ask(want=1))
-    assert last.status is FinishStatus.SUCCEEDED and last.grants == []
-    assert await redis.zcard(keys.LEASES) == 0
+    """finish.lua's `waiting`: the worker asks the scheduler for the place a run frees
+    only while a job (or a batch line) waits; else the next admission wakes it."""
+    await admit(scripts), await admit(scripts)
+    (first,) = await dispatch(scripts, want=4)  # the cap of gpu-a is 1
+    assert (await finish(scripts, first)).waiting  # the second job waits
+    (second,) = await dispatch(scripts)
+    done = await finish(scripts, second)
+    assert done.status is FinishStatus.SUCCEEDED and not done.waiting
+    await redis.zadd(keys.BATCH_BACKLOG, {"key:b": 0})  # a batch owner with lines waiting
+    await admit(scripts)
+    (third,) = await dispatch(scripts)
+    assert (await finish(scripts, third)).waiting
 
 
 async def test_jobs_admitted_in_one_millisecond_start_in_their_order(scripts: Scripts) -> None:

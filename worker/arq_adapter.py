@@ -18,9 +18,9 @@ What is replaced, and why:
   grant.
 - *When to look.* arq polls every `poll_delay`. Here an idle worker blocks on the wake
   list (BLPOP `gpugate:wake`): admission pushes one entry (at most 16 wait there), so one
-  idle worker wakes, not all. A run that ends asks for work in the same call that
-  records its end (finish.lua `ask`, worker/jobs.py `record`): what it is granted waits
-  in `pending` until the ended run's place is free, and the loop does not ask again.
+  idle worker wakes, not all. A worker whose run ended asks again at once, unless the
+  run's finish saw nothing waiting (finish.lua's `waiting`): then the next admission
+  wakes it, and no call asks the scheduler for nothing.
 - *arq's per-job reads and writes.* arq's `run_job` reads the job record back and
   counts a try (a MULTI/EXEC), then writes the end (another): the grant already carries
   the work and attempts are ours (shared/jobs.py). `run_job` here calls the job function
@@ -119,15 +119,10 @@ class GateWorker(Worker):
         for run_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[run_id]
-        await self._start_pending()
-        free = min(self.max_jobs - self.job_counter - len(ctx.pending), ctx.places())
+        free = self.max_jobs - self.job_counter
         granted: list[Grant] = []
         if free > 0 and self.allow_pick_jobs and not ctx.draining:
-            ctx.asking += free
-            try:
-                granted = await ctx.scripts.dispatch(await ctx.ask(free))
-            finally:
-                ctx.asking -= free
+            granted = await ctx.scripts.dispatch(await ctx.ask(free))
         for grant in granted:
             ctx.hold(grant)
             ctx.tally.dispatched(grant)
@@ -137,18 +132,6 @@ class GateWorker(Worker):
         if len(granted) < free or free <= 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.wake.wait(), IDLE_WAIT_S)
-
-    async def _start_pending(self) -> None:
-        """Start the runs granted with the end of others (worker/jobs.py `record`) as their
-        places free up; a stopping worker hands them back (their leases expire now)."""
-        ctx = self.context
-        while ctx.pending and (ctx.draining or self.job_counter < self.max_jobs):
-            grant = ctx.pending.pop(0)
-            if ctx.draining:
-                ctx.release(grant.run_id)
-                await jobs.expire_lease(ctx, grant.run_id)
-            else:
-                await self._start(grant)
 
     async def _start(self, grant: Grant) -> None:
         """What arq's `start_jobs` does once it has claimed a job (the claim itself was the
@@ -160,13 +143,13 @@ class GateWorker(Worker):
         self.tasks[grant.run_id] = task
 
     def _run_ended(self, run_id: str, _: asyncio.Task[None]) -> None:
-        """A run's place is free: the loop asks for work again, unless the run's finish
-        asked for it already (then it starts what that was granted, if anything)."""
+        """A run's place is free: the loop asks the scheduler for work, unless the run's
+        finish saw nothing waiting (an admission wakes an idle worker)."""
         self._release_sem_dec_counter_on_complete()
-        ctx = self.context
-        if run_id not in ctx.offered or ctx.pending:
-            ctx.wake.set()
-        ctx.offered.discard(run_id)
+        if run_id in self.context.quiet:
+            self.context.quiet.discard(run_id)
+        else:
+            self.context.wake.set()
 
     async def run_job(self, job_id: str, score: int) -> None:
         """Run a granted run. arq's own `run_job` would read the run's arq record back,
@@ -226,8 +209,6 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext = ctx["gate"]
-    for grant in context.pending:  # granted with a run's end, never started
-        await jobs.expire_lease(context, grant.run_id)
     await stop_loops(context)
     with contextlib.suppress(*store.REDIS_ERRORS):
         await context.tally.flush(context.redis)  # the counts of its last runs

@@ -151,13 +151,7 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
     batch_line = output_line(grant, outcome) if grant.batch else ""
     result = "" if grant.batch else outcome.result
     while not held.lost:
-        # the place this run frees (and any other free one) asked for in the same call; the
-        # others are promised to this call (its own is its run's, held until it ends)
-        want = 0 if ctx.draining else ctx.places() + 1
-        promised = max(0, want - 1)
-        ctx.asking += promised
         try:
-            ask = await ctx.ask(want) if want > 0 else None
             reply = await ctx.scripts.finish(
                 job_id=grant.job_id,
                 attempt=grant.attempt,
@@ -181,7 +175,6 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 result_ttl_ms=settings.result_ttl * 1000,
                 record_ttl_ms=record_ttl_ms(settings.result_ttl),
                 batch_line=batch_line,
-                ask=ask,
             )
         except RedisUnavailable as exc:
             if not warned and time.monotonic() - started > settings.lease_ttl * 3:
@@ -193,14 +186,8 @@ async def record(ctx: WorkerContext, held: Held, outcome: Outcome) -> None:
                 )
             await asyncio.sleep(REDIS_RETRY_S)
             continue
-        finally:
-            ctx.asking -= promised
-        if ask is not None:
-            ctx.offered.add(grant.run_id)
-            for granted in reply.grants:
-                ctx.hold(granted)
-                ctx.tally.dispatched(granted)
-                ctx.pending.append(granted)
+        if not reply.waiting:
+            ctx.quiet.add(grant.run_id)
         ctx.tally.finished(
             grant,
             reply,

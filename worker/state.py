@@ -77,14 +77,10 @@ class WorkerContext:
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     )
     held: dict[str, Held] = field(default_factory=dict)
-    """The runs this worker holds: running, or granted and not yet started (`pending`)."""
-    pending: list[Grant] = field(default_factory=list)
-    """Runs granted with the end of another (finish.lua `ask`), held, that the worker's
-    loop starts once the places of the ended runs are free (worker/arq_adapter.py)."""
-    asking: int = 0
-    """Places asked for by scheduler calls in flight (dispatch, or a finish's `ask`)."""
-    offered: set[str] = field(default_factory=set)
-    """Ended runs whose finish asked for their place: the loop need not ask again."""
+    """The runs this worker holds (granted, running, not yet recorded)."""
+    quiet: set[str] = field(default_factory=set)
+    """Ended runs whose finish saw nothing waiting: the loop need not ask the scheduler for
+    their places (an admission wakes an idle worker through the wake list)."""
     room: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a held run is let go: a full worker may have a free place again."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,10 +112,6 @@ class WorkerContext:
         """The run is over here (its place is free once arq's task for it has ended)."""
         self.held.pop(run_id, None)
         self.room.set()
-
-    def places(self) -> int:
-        """How many more runs this worker may be granted now."""
-        return self.settings.worker_concurrency - len(self.held) - self.asking
 
     _cost: tuple[float, float] = (0.0, 1.0)
 

@@ -1,4 +1,4 @@
--- uses: clock, buckets, fairshare, job, schedule
+-- uses: clock, buckets, fairshare, job
 -- A run ended on its worker (shared/scripts.py `finish`): give its slot back, charge what
 -- Ollama served (fair-share counter, tpm bucket, budget), and record the outcome. (Usage,
 -- the end's count and the histograms are the worker's tally: worker/tally.py.)
@@ -9,9 +9,8 @@
 -- Any backend answer resets its failure count; `breaker_threshold` failures in a row
 -- (unreachable, 5xx after retries, hung) take it out of dispatch for `breaker_cooldown_ms`
 -- or until a worker's probe sees it answer.
--- `ask`: the worker asks for work in the same call (the place this run frees, and any
--- other it has): the scheduler's grants come back with the outcome (lib/schedule.lua; the
--- fleet in ARGV from 2 on, as dispatch.lua's).
+-- `waiting` in the reply: whether any job or batch line waits for a slot (else the
+-- worker need not ask the scheduler for the place this run frees: an admission wakes it).
 local A = cjson.decode(ARGV[1])
 local now = now_ms()
 local job_id = A.job_id
@@ -25,9 +24,9 @@ free_run(run_id, backend, A.wake)
 
 local ended = false  -- this run ended its job (not a batch line's): the worker counts it
 local function reply(status, opened)
-  local out = {status = status, breaker_opened = opened, ended = ended}
-  if A.ask then out.grants = schedule(A.ask, ARGV, 2, now) end
-  return cjson.encode(out)
+  local waiting = redis.call('EXISTS', K_QUEUED, K_BATCH_BACKLOG) > 0
+  return cjson.encode({status = status, breaker_opened = opened, ended = ended,
+    waiting = waiting})
 end
 if tonumber(job.attempt) ~= A.attempt then return reply(RUN_STALE, false) end
 

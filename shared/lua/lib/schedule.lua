@@ -1,5 +1,5 @@
 -- The scheduler: grant up to `want` GPU slots to a worker, over every waiting job of the
--- fleet, in one decision (shared/scripts.py `dispatch`, and `finish` with an `ask`).
+-- fleet, in one decision (shared/scripts.py `dispatch`).
 -- needs: clock, fleet, fairshare, batch, job
 --
 -- Which job: the owners with jobs waiting form groups by tier priority; the group whose
@@ -27,8 +27,6 @@
 -- between owners.
 -- `A`: the worker's ask (shared/scripts.py `Ask`); the fleet in `argv` from `first` on
 -- (lib/fleet.lua `read_backends`); `now`: the calling script's clock. Returns the grants.
--- Called by dispatch.lua, and by finish.lua for the worker whose run ended (the place
--- it frees, asked for in the same call).
 local function schedule(A, argv, first, now)
   -- After a failover (or a restart from the append-only file) this Redis may lack the
   -- newest grants: the workers re-assert the runs they hold with their next heartbeat
