@@ -94,6 +94,8 @@ class WorkerContext:
     """What this worker's runs did per backend, until its next flush (worker/meter.py)."""
     tally: Tally = field(default_factory=Tally)
     """The fleet's counters this worker's runs add to, until its next flush (worker/tally.py)."""
+    _cost: tuple[float, float] = field(default=(0.0, 1.0), init=False)
+    """The fleet's mean job cost, and when it was read (monotonic s): `_mean_cost`."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     """The worker's background loops (worker/loops.py)."""
 
@@ -112,8 +114,6 @@ class WorkerContext:
         """The run is over here (its place is free once arq's task for it has ended)."""
         self.held.pop(run_id, None)
         self.room.set()
-
-    _cost: tuple[float, float] = (0.0, 1.0)
 
     async def ask(self, want: int) -> Ask:
         """What this worker asks the scheduler for: up to `want` runs."""
